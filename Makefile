@@ -1,0 +1,48 @@
+# llmgrpc: the two commands a newcomer needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch stays an unpinned dependency of the package; this pin takes the CPU build for
+# development machines without a GPU. Override with TORCH=torch (CUDA) where you have one.
+TORCH  ?= torch==2.13.0
+# llama-cpp-python builds from source (minutes); pip keeps the built wheel in its cache,
+# so later installs of the same version reuse it. CMAKE_ARGS=-DGGML_CUDA=on builds for CUDA.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+BUF    := protos/node_modules/.bin/buf
+HOST   ?= 127.0.0.1
+PORT   ?= 50051
+
+.PHONY: install serve test lint generate check-generated clean
+
+install: $(VENV)/.installed $(BUF)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[transformers,dev]"
+	touch $@
+
+# buf, the protobuf linter the contract tests run (protos/package.json pins it).
+$(BUF): protos/package.json
+	cd protos && npm install --no-audit --no-fund --silent
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/llmgrpc serve --host $(HOST) --port $(PORT) --launch tiny-llama-3.1
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(BUF) lint protos
+	$(VENV)/bin/ruff check .
+
+# Rewrite clients/v1 from protos/llmgrpc/v1 (never edit the generated files by hand).
+generate: $(VENV)/.installed
+	rm -rf clients/v1
+	$(PY) protos/generate.py
+
+clean:
+	rm -rf $(VENV) protos/node_modules build *.egg-info

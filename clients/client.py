@@ -1,0 +1,99 @@
+"""A thin, typed Python client over the generated stubs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
+
+
+class Client:
+    """Calls one llmgrpc server. Use as a context manager, or call close().
+
+    >>> with Client("127.0.0.1:50051") as client:
+    ...     model = client.launch("tiny-llama-3.1")
+    ...     for piece in client.generate(model.model_uid, "Hello", max_tokens=16):
+    ...         print(piece.text, end="")
+    """
+
+    def __init__(self, endpoint: str, channel: grpc.Channel | None = None):
+        self.channel = channel or grpc.insecure_channel(endpoint)
+        self.models = models_pb2_grpc.ModelServiceStub(self.channel)
+        self.generation = generate_pb2_grpc.GenerateServiceStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def list_specs(self, **filters: str) -> list[models_pb2.ModelFamily]:
+        """Families of the registry; filters: model_name, model_format, model_engine, size_in_billions, quantization."""
+        return list(self.models.ListSpecs(models_pb2.ListSpecsRequest(**filters)).families)
+
+    def launch(
+        self,
+        model_name: str,
+        *,
+        model_engine: str = "",
+        model_format: str = "",
+        size_in_billions: str = "",
+        quantization: str = "",
+        model_uid: str = "",
+        model_path: str = "",
+        device: str = "",
+        engine_options: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> models_pb2.ModelDescription:
+        """Launch a model and wait until it is READY."""
+        request = models_pb2.LaunchModelRequest(
+            model_name=model_name,
+            model_engine=model_engine,
+            model_format=model_format,
+            size_in_billions=size_in_billions,
+            quantization=quantization,
+            model_uid=model_uid,
+            model_path=model_path,
+            device=device,
+        )
+        if engine_options:
+            options = struct_pb2.Struct()
+            options.update(dict(engine_options))
+            request.engine_options.CopyFrom(options)
+        return self.models.LaunchModel(request, timeout=timeout).model
+
+    def list_models(self) -> list[models_pb2.ModelDescription]:
+        return list(self.models.ListModels(models_pb2.ListModelsRequest()).models)
+
+    def get_model(self, model_uid: str) -> models_pb2.ModelDescription:
+        return self.models.GetModel(models_pb2.GetModelRequest(model_uid=model_uid)).model
+
+    def terminate(self, model_uid: str) -> models_pb2.ModelDescription:
+        return self.models.TerminateModel(models_pb2.TerminateModelRequest(model_uid=model_uid)).model
+
+    def generate(
+        self,
+        model_uid: str,
+        prompt: str | list[int],
+        *,
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        **sampling: Any,
+    ) -> Iterator[generate_pb2.GenerateResponse]:
+        """Stream a completion. sampling: the GenerateRequest fields (max_tokens, temperature, ...).
+
+        Stop iterating (or call .cancel() on the returned iterator) to cancel the request.
+        """
+        request = generate_pb2.GenerateRequest(model_uid=model_uid, **sampling)
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.prompt_token_ids.extend(prompt)
+        return self.generation.Generate(request, timeout=timeout, metadata=metadata)

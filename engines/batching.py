@@ -1,0 +1,280 @@
+"""Continuous batching: one thread decodes every live sequence of a model together.
+
+An engine supplies a ``ModelRunner`` (forward passes over its own KV state); the
+``ContinuousBatcher`` owns everything else: admitting requests between steps,
+tokenizing, sampling each sequence with its own parameters and seed, settling text,
+stop rules, and aborting a request at the next step after its caller goes away. All
+runner calls happen on the batcher's one thread, so runners need no locking.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, GenerationRequest, Usage
+from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, Unavailable
+from llmgrpc.engines.sampling import Sampler
+from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner(abc.ABC):
+    """Forward passes of one model for the batcher, each sequence keyed by an int id.
+
+    Called from the batcher's thread only. Logits come back as float32 numpy rows.
+    """
+
+    context_length: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt, with the model's beginning-of-text token."""
+
+    @abc.abstractmethod
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Text of generated token ids, special tokens left out."""
+
+    @abc.abstractmethod
+    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        """Start new sequences from their prompts; logits of each prompt's last token."""
+
+    @abc.abstractmethod
+    def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
+        """One step for every live sequence: feed each its last token, rows in key order."""
+
+    @abc.abstractmethod
+    def release(self, sequence_id: int) -> None:
+        """Forget a sequence and free its KV state."""
+
+
+@dataclass
+class _Sequence:
+    id: int
+    request: GenerationRequest
+    deliver: Callable[[Chunk | BaseException], None]
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    sampler: Sampler | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopStringMatcher | None = None
+    unreleased_ids: list[int] = field(default_factory=list)
+
+
+class ContinuousBatcher:
+    """Serves generate() calls on one runner, decoding all live sequences together."""
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int):
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.peak_batch_size = 0
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: deque[_Sequence] = deque()
+        self._aborted: set[int] = set()
+        self._active: dict[int, _Sequence] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def running_requests(self) -> int:
+        with self._lock:
+            return len(self._active) + len(self._pending)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+
+        def deliver(item: Chunk | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                pass
+
+        sequence = _Sequence(id=next(self._ids), request=request, deliver=deliver)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the engine is shutting down")
+            self._pending.append(sequence)
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                with self._lock:
+                    self._aborted.add(sequence.id)
+                    self._wake.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # The batcher thread.
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._closed or self._pending or self._active or self._aborted):
+                    self._wake.wait()
+                if self._closed:
+                    doomed = list(self._active.values()) + list(self._pending)
+                    break
+                aborted, self._aborted = self._aborted, set()
+                if aborted:
+                    self._pending = deque(s for s in self._pending if s.id not in aborted)
+                room = self.max_batch_size - len(self._active)
+                joiners = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            for sequence_id in aborted:
+                if self._active.pop(sequence_id, None) is not None:
+                    self.runner.release(sequence_id)
+            try:
+                self._step(joiners)
+            except Exception as error:  # a broken forward pass fails its requests, not the worker
+                log.exception("decode step failed")
+                for sequence in list(self._active.values()) + joiners:
+                    sequence.deliver(error)
+                    self._forget(sequence)
+        for sequence in doomed:
+            sequence.deliver(Unavailable("the engine was shut down"))
+
+    def _step(self, joiners: list[_Sequence]) -> None:
+        if self._active:
+            batch = list(self._active.values())
+            self.peak_batch_size = max(self.peak_batch_size, len(batch))
+            logits = self.runner.decode({s.id: s.output_ids[-1] for s in batch})
+            for sequence, row in zip(batch, logits, strict=True):
+                self._advance(sequence, row)
+        admitted = [s for s in joiners if self._admit(s)]
+        if admitted:
+            logits = self.runner.prefill([(s.id, s.prompt_ids) for s in admitted])
+            for sequence, row in zip(admitted, logits, strict=True):
+                self._active[sequence.id] = sequence
+                self._advance(sequence, row)
+
+    def _admit(self, sequence: _Sequence) -> bool:
+        """Tokenize and check a new request; tell its caller and return False if it is invalid."""
+        request, runner = sequence.request, self.runner
+        try:
+            if request.prompt_token_ids is not None:
+                prompt_ids = list(request.prompt_token_ids)
+                out_of_range = [t for t in prompt_ids if not 0 <= t < runner.vocab_size]
+                if out_of_range:
+                    raise InvalidArgument(
+                        f"prompt_token_ids has ids outside the vocabulary [0, {runner.vocab_size}): "
+                        f"{out_of_range[:5]}"
+                    )
+            else:
+                prompt_ids = runner.tokenize(request.prompt or "")
+            if not prompt_ids:
+                raise InvalidArgument("the prompt is empty: give prompt or prompt_token_ids")
+            if len(prompt_ids) >= runner.context_length:
+                raise InvalidArgument(
+                    f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
+                    f"{runner.context_length}: shorten the prompt to at most {runner.context_length - 1} "
+                    "tokens to leave room for generated ones"
+                )
+        except LlmgrpcError as error:
+            sequence.deliver(error)
+            return False
+        sequence.prompt_ids = prompt_ids
+        sequence.sampler = Sampler(request.sampling, prompt_ids)
+        sequence.detokenizer = IncrementalDetokenizer(runner.detokenize)
+        sequence.stops = StopStringMatcher(request.sampling.stop)
+        return True
+
+    def _advance(self, sequence: _Sequence, logits: np.ndarray) -> None:
+        """Sample one token for sequence, release its settled text, finish it if it is done."""
+        params = sequence.request.sampling
+        assert sequence.sampler and sequence.detokenizer and sequence.stops
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.runner.eos_token_ids
+        early = len(sequence.output_ids) < params.min_tokens
+        token = sequence.sampler.sample(logits, banned=stop_ids if early else ())
+        sequence.output_ids.append(token)
+        sequence.unreleased_ids.append(token)
+
+        finish: FinishReason | None = None
+        text = ""
+        nothing_more = False  # the output ends here without a stop string cutting it
+        if token in stop_ids:
+            finish, nothing_more = FinishReason.STOP, True
+        else:
+            text, stopped = sequence.stops.feed(sequence.detokenizer.push(token))
+            if stopped:
+                finish = FinishReason.STOP
+            elif len(sequence.output_ids) >= params.max_tokens or (
+                len(sequence.prompt_ids) + len(sequence.output_ids) >= self.runner.context_length
+            ):
+                finish, nothing_more = FinishReason.LENGTH, True
+        if nothing_more:
+            # Release what was held back for an incomplete character or a possible stop string.
+            tail, stopped = sequence.stops.feed(sequence.detokenizer.flush())
+            text += tail if stopped else tail + sequence.stops.flush()
+        if finish is None and not text:
+            return  # nothing settled yet: the token goes out with the next text
+        chunk = Chunk(token_ids=sequence.unreleased_ids, text=text, finish_reason=finish)
+        sequence.unreleased_ids = []
+        if finish is not None:
+            chunk.usage = Usage(len(sequence.prompt_ids), len(sequence.output_ids))
+            self._forget(sequence)
+        sequence.deliver(chunk)
+
+    def _forget(self, sequence: _Sequence) -> None:
+        if self._active.pop(sequence.id, None) is not None:
+            self.runner.release(sequence.id)
+
+
+class BatchedEngine(Engine):
+    """An engine whose generation is a ModelRunner under a ContinuousBatcher.
+
+    Subclasses implement ``load`` and build themselves with ``cls(runner, ...)``.
+    """
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int, device: str):
+        self.runner = runner
+        self.device = device
+        self.batcher = ContinuousBatcher(runner, max_batch_size)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        return self.batcher.generate(request)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            context_length=self.runner.context_length,
+            device=self.device,
+            running_requests=self.batcher.running_requests,
+            peak_batch_size=self.batcher.peak_batch_size,
+            gpu_memory_bytes=self.gpu_memory_bytes(),
+        )
+
+    def gpu_memory_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.batcher.close()

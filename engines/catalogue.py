@@ -1,0 +1,121 @@
+"""Which engines exist, what they need, and why one cannot run: without importing any.
+
+The server uses this table to list engines and to validate launches; a worker uses it to
+import the one engine it runs. Availability is checked by ``llmgrpc.engines.probe``,
+run in each engine's own Python environment.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from llmgrpc.engines.base import Engine
+from llmgrpc.engines.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """One engine: its registry spelling, its module and what it needs to run."""
+
+    name: str
+    key: str
+    module: str
+    extra: str
+    required_modules: tuple[str, ...]
+    formats: tuple[str, ...]
+    # engine_options the engine takes: name -> (JSON type, what it does).
+    options: tuple[tuple[str, type, str], ...] = ()
+    needs_cuda: bool = False
+    # Set while an engine's adapter is not yet written: launching it is refused with this.
+    not_built: str = ""
+
+    def load_class(self) -> type[Engine]:
+        """Import the engine's module (heavy: only worker processes call this)."""
+        return importlib.import_module(self.module).ENGINE
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install 'llmgrpc[{self.extra}]'"
+
+
+ENGINES: tuple[EngineInfo, ...] = (
+    EngineInfo(
+        name="Transformers",
+        key="transformers",
+        module="llmgrpc.engines.transformers_engine",
+        extra="transformers",
+        required_modules=("torch", "transformers", "tokenizers", "safetensors"),
+        formats=("pytorch",),
+        options=(
+            ("dtype", str, "auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16"),
+            ("n_threads", int, "CPU threads for torch (default: all cores)"),
+            ("context_length", int, "longest prompt plus output, at most the model's own"),
+            ("attn_implementation", str, "sdpa (default) or eager"),
+        ),
+    ),
+    EngineInfo(
+        name="llama.cpp",
+        key="llama.cpp",
+        module="llmgrpc.engines.llamacpp_engine",
+        extra="llamacpp",
+        required_modules=("llama_cpp", "gguf"),
+        formats=("ggufv2",),
+        options=(
+            ("n_threads", int, "CPU threads for decoding (default: all cores)"),
+            ("context_length", int, "context size in tokens, shared by all sequences"),
+            ("n_gpu_layers", int, "layers offloaded to the GPU with a CUDA build (-1: all)"),
+        ),
+        not_built="the llama.cpp engine adapter is not built yet in this version of llmgrpc",
+    ),
+    EngineInfo(
+        name="vLLM",
+        key="vllm",
+        module="llmgrpc.engines.vllm_engine",
+        extra="vllm",
+        required_modules=("vllm",),
+        formats=("pytorch",),
+        needs_cuda=True,
+        not_built="the vLLM engine adapter is not built yet in this version of llmgrpc",
+    ),
+    EngineInfo(
+        name="SGLang",
+        key="sglang",
+        module="llmgrpc.engines.sglang_engine",
+        extra="sglang",
+        required_modules=("sglang",),
+        formats=("pytorch",),
+        needs_cuda=True,
+        not_built="the SGLang engine adapter is not built yet in this version of llmgrpc",
+    ),
+)
+
+_BY_KEY = {info.key: info for info in ENGINES}
+
+
+def validate_engine_options(info: EngineInfo, options: dict) -> None:
+    """Refuse engine_options the engine does not take, or of the wrong JSON type."""
+    known = {name: (kind, help_text) for name, kind, help_text in info.options}
+    valid = "; ".join(f"{name} ({kind.__name__}: {help_text})" for name, (kind, help_text) in known.items())
+    for name, value in options.items():
+        if name not in known:
+            raise InvalidArgument(
+                f"engine_options.{name} is not an option of {info.name}; valid options: {valid or 'none'}"
+            )
+        kind = known[name][0]
+        # JSON (and so protobuf Struct) numbers are floats: accept whole ones for int options.
+        if kind is int and isinstance(value, float) and value.is_integer():
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+            raise InvalidArgument(
+                f"engine_options.{name} must be a {kind.__name__}, got {value!r}; valid options: {valid}"
+            )
+
+
+def engine_info(name: str) -> EngineInfo:
+    """The engine called name, matched case-insensitively ("transformers", "LLAMA.CPP")."""
+    info = _BY_KEY.get(name.strip().lower())
+    if info is None:
+        valid = ", ".join(info.name for info in ENGINES)
+        raise InvalidArgument(f"unknown engine {name!r}; valid engines: {valid}")
+    return info

@@ -1,0 +1,59 @@
+"""Report, as JSON on stdout, which engines can run in this Python environment.
+
+The server runs ``python -m llmgrpc.engines.probe`` with each engine's interpreter, so
+that it never imports an engine library itself. Output:
+``{"engines": {"Transformers": null, "vLLM": "needs a CUDA GPU ..."}, "cuda_devices":
+[{"index": 0, "name": "...", "free_bytes": ..., "total_bytes": ...}], "python": "..."}``
+where a null reason means the engine can run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from typing import Any
+
+from llmgrpc.engines.catalogue import ENGINES, EngineInfo
+
+
+def cuda_devices() -> list[dict[str, Any]]:
+    """The CUDA devices torch sees here, with their free memory; empty without torch or GPU."""
+    if importlib.util.find_spec("torch") is None:
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        devices.append(
+            {"index": index, "name": torch.cuda.get_device_name(index), "free_bytes": free, "total_bytes": total}
+        )
+    return devices
+
+
+def unavailable_reason(info: EngineInfo, has_cuda: bool) -> str | None:
+    """Why info's engine cannot run in this environment, or None when it can."""
+    missing = [module for module in info.required_modules if importlib.util.find_spec(module) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed in {sys.executable}: {info.install_hint}"
+    if info.needs_cuda and not has_cuda:
+        return f"{info.name} needs a CUDA GPU and none is visible to {sys.executable}"
+    if info.not_built:
+        return info.not_built
+    return None
+
+
+def probe() -> dict[str, Any]:
+    devices = cuda_devices()
+    return {
+        "python": sys.executable,
+        "engines": {info.name: unavailable_reason(info, bool(devices)) for info in ENGINES},
+        "cuda_devices": devices,
+    }
+
+
+if __name__ == "__main__":
+    json.dump(probe(), sys.stdout)

@@ -1,0 +1,78 @@
+"""Choosing the next token from a row of logits, per sequence, with its own seed.
+
+Shared by every engine that hands the batcher raw logits, so the same parameters mean
+the same thing on each. Order of operations, as in Hugging Face transformers and vLLM:
+penalties, banned tokens, then greedy argmax or temperature, top-k, softmax, min-p,
+top-p and a draw from the sequence's own generator.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+
+from llmgrpc.engines.base import SamplingParams
+
+
+class Sampler:
+    """Samples the tokens of one sequence; deterministic for a given seed and logits."""
+
+    def __init__(self, params: SamplingParams, prompt_token_ids: Iterable[int]):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self._seen = set(prompt_token_ids)  # prompt and output, for the repetition penalty
+        self._output_counts: Counter[int] = Counter()
+
+    def sample(self, logits: np.ndarray, banned: Iterable[int] = ()) -> int:
+        """The next token for a 1-D row of logits; tokens in banned are never chosen."""
+        params = self.params
+        logits = np.array(logits, dtype=np.float32)
+        self._apply_penalties(logits)
+        banned = [token for token in banned if 0 <= token < logits.shape[0]]
+        if banned:
+            logits[banned] = -np.inf
+        if params.greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = self._draw(logits)
+        self._seen.add(token)
+        self._output_counts[token] += 1
+        return token
+
+    def _apply_penalties(self, logits: np.ndarray) -> None:
+        params = self.params
+        if params.repetition_penalty != 1.0 and self._seen:
+            seen = np.fromiter(self._seen, dtype=np.int64)
+            seen = seen[seen < logits.shape[0]]
+            values = logits[seen]
+            logits[seen] = np.where(
+                values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+            )
+        if (params.presence_penalty or params.frequency_penalty) and self._output_counts:
+            tokens = np.fromiter(self._output_counts.keys(), dtype=np.int64)
+            counts = np.fromiter(self._output_counts.values(), dtype=np.float32)
+            keep = tokens < logits.shape[0]
+            logits[tokens[keep]] -= params.presence_penalty + params.frequency_penalty * counts[keep]
+
+    def _draw(self, logits: np.ndarray) -> int:
+        params = self.params
+        logits = logits / params.temperature
+        vocab = logits.shape[0]
+        if 0 < params.top_k < vocab:
+            kth_largest = np.partition(logits, vocab - params.top_k)[vocab - params.top_k]
+            logits[logits < kth_largest] = -np.inf
+        probs = np.exp(logits - np.max(logits))
+        if params.min_p > 0.0:
+            probs[probs < params.min_p * probs.max()] = 0.0
+        if params.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            sorted_probs = probs[order]
+            cumulative = np.cumsum(sorted_probs)
+            # Keep a token while the mass before it is below top_p: at least the top one.
+            outside = (cumulative - sorted_probs) >= params.top_p * cumulative[-1]
+            probs[order[outside]] = 0.0
+        cumulative = np.cumsum(probs, dtype=np.float64)
+        point = self.rng.random() * cumulative[-1]
+        return int(min(np.searchsorted(cumulative, point, side="right"), vocab - 1))

@@ -1,0 +1,66 @@
+"""Where a model's weights come from: a local path, the built-in generator, or a hub.
+
+Runs in the worker process, before the engine loads: the server itself never touches
+weight files. Hub downloads go through the hubs' own client libraries, into their own
+caches, so weights a user already downloaded are found and reused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmgrpc.engines import tiny_model
+from llmgrpc.engines.base import LoadPlan, ProgressReport
+from llmgrpc.engines.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
+
+# A pytorch spec needs its configuration, tokenizer and safetensors weights; never pickles.
+PYTORCH_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
+
+
+def resolve(plan: LoadPlan, report: ProgressReport) -> str:
+    """A local path holding the plan's weights, generating or downloading them first if needed."""
+    spec = plan.spec
+    if plan.model_path:
+        path = Path(plan.model_path).expanduser()
+        if not path.exists():
+            raise FailedPrecondition(f"model_path {plan.model_path!r} does not exist on the server")
+        return str(path)
+    if spec.generator == tiny_model.NAME:
+        target = Path(plan.cache_dir) / tiny_model.NAME / spec.model_format
+        if spec.model_format != "pytorch":
+            raise FailedPrecondition(f"{tiny_model.NAME} has no {spec.model_format} weights to generate")
+        report("generating", 0, 0)
+        return str(tiny_model.ensure(target))
+    return download_from_huggingface(plan, report)
+
+
+def download_from_huggingface(plan: LoadPlan, report: ProgressReport) -> str:
+    spec = plan.spec
+    hub = next((h for h in spec.hubs if h["name"] == "huggingface"), None)
+    if hub is None:
+        raise FailedPrecondition(f"{spec.model_id} lists no Hugging Face hub; give model_path instead")
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hub_errors
+    except ImportError as missing:
+        raise FailedPrecondition(
+            f"downloading needs huggingface_hub ({missing}); pip install huggingface_hub, or give model_path"
+        ) from None
+    report("downloading", 0, 0)
+    try:
+        if spec.model_format.startswith("gguf"):
+            filename = spec.model_file_name_template.format(quantization=spec.quantization)
+            return huggingface_hub.hf_hub_download(hub["model_id"], filename)
+        return huggingface_hub.snapshot_download(hub["model_id"], allow_patterns=PYTORCH_FILES)
+    except hub_errors.GatedRepoError as error:
+        raise PermissionDenied(
+            f"{hub['model_id']} is gated on Hugging Face: accept its licence and set HF_TOKEN ({error})"
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise NotFound(f"{hub['model_id']} was not found on Hugging Face (or needs HF_TOKEN)") from None
+    except hub_errors.LocalEntryNotFoundError as error:
+        raise FailedPrecondition(
+            f"{hub['model_id']} is not in the local cache and downloads are off or failed: {error}"
+        ) from None
+    except (OSError, hub_errors.HfHubHTTPError) as error:
+        raise Unavailable(f"could not download {hub['model_id']} from Hugging Face: {error}") from None

@@ -1,0 +1,1 @@
+"""The llmgrpc server: gRPC services, the model registry and the engine manager."""

@@ -1,0 +1,222 @@
+"""The model registry: families of specs, as data, in the shape Xinference uses.
+
+Each ``*.json`` file under ``families/`` (and under the operator's ``families_dir``) is
+one family: name, description, context length, languages, abilities and specs; each
+spec a format, a size, its quantizations, a model id, the hubs that host it and the
+engines that serve it. Adding a family is adding a file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmgrpc.engines.base import SpecRef
+from llmgrpc.engines.catalogue import engine_info
+from llmgrpc.engines.errors import InvalidArgument, NotFound
+from llmgrpc.v1 import models_pb2
+
+BUILTIN_FAMILIES = Path(__file__).parent / "families"
+
+
+@dataclass(frozen=True)
+class ModelHub:
+    name: str
+    display_name: str
+    model_id: str
+    url: str
+
+    def to_pb(self) -> models_pb2.ModelHub:
+        return models_pb2.ModelHub(
+            name=self.name, display_name=self.display_name, model_id=self.model_id, url=self.url
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_format: str
+    size_in_billions: str
+    quantizations: tuple[str, ...]
+    engines: tuple[str, ...]
+    model_id: str
+    hubs: tuple[ModelHub, ...] = ()
+    model_file_name_template: str = ""
+    generator: str = ""  # set for models llmgrpc generates itself instead of downloading
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelSpec:
+        return cls(
+            model_format=data["model_format"],
+            size_in_billions=str(data["model_size_in_billions"]),
+            quantizations=tuple(data["quantizations"]),
+            engines=tuple(engine_info(name).name for name in data["model_engines"]),
+            model_id=data["model_id"],
+            hubs=tuple(ModelHub(**hub) for hub in data.get("model_hubs", [])),
+            model_file_name_template=data.get("model_file_name_template", ""),
+            generator=data.get("generator", ""),
+        )
+
+    @property
+    def size_billions(self) -> float:
+        """The size as a number ("0_5" is 0.5 billion)."""
+        return float(self.size_in_billions.replace("_", "."))
+
+    def ref(self, model_name: str, quantization: str) -> SpecRef:
+        return SpecRef(
+            model_name=model_name,
+            model_format=self.model_format,
+            size_in_billions=self.size_in_billions,
+            quantization=quantization,
+            model_id=self.model_id,
+            hubs=[{"name": h.name, "model_id": h.model_id, "url": h.url} for h in self.hubs],
+            model_file_name_template=self.model_file_name_template,
+            generator=self.generator,
+        )
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    model_name: str
+    description: str
+    context_length: int
+    languages: tuple[str, ...]
+    abilities: tuple[str, ...]
+    specs: tuple[ModelSpec, ...]
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelFamily:
+        return cls(
+            model_name=data["model_name"],
+            description=data["model_description"],
+            context_length=int(data["context_length"]),
+            languages=tuple(data["model_lang"]),
+            abilities=tuple(data["model_ability"]),
+            specs=tuple(ModelSpec.from_json(spec) for spec in data["model_specs"]),
+        )
+
+
+@dataclass(frozen=True)
+class SpecQuery:
+    """The words of a ListSpecs filter or a launch; empty means any."""
+
+    model_name: str = ""
+    model_engine: str = ""
+    model_format: str = ""
+    size_in_billions: str = ""
+    quantization: str = ""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One family, spec, quantization and engine: what a launch runs."""
+
+    family: ModelFamily
+    spec: ModelSpec
+    quantization: str
+    engine: str
+
+
+@dataclass
+class Registry:
+    families: dict[str, ModelFamily] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, extra_dirs: Iterable[Path] = ()) -> Registry:
+        registry = cls()
+        for folder in (BUILTIN_FAMILIES, *extra_dirs):
+            for path in sorted(Path(folder).glob("*.json")):
+                family = ModelFamily.from_json(json.loads(path.read_text()))
+                registry.families[family.model_name] = family
+        return registry
+
+    def family(self, model_name: str) -> ModelFamily:
+        family = self.families.get(model_name)
+        if family is None:
+            raise NotFound(f"no model family named {model_name!r}; known families: {', '.join(self.families)}")
+        return family
+
+    def search(self, query: SpecQuery) -> list[tuple[ModelFamily, list[ModelSpec]]]:
+        """Families matching the query, each with only its matching specs."""
+        engine = engine_info(query.model_engine).name if query.model_engine else ""
+        families = [self.family(query.model_name)] if query.model_name else list(self.families.values())
+        found = []
+        for family in families:
+            specs = [
+                spec
+                for spec in family.specs
+                if (not query.model_format or spec.model_format == query.model_format)
+                and (not query.size_in_billions or spec.size_in_billions == query.size_in_billions)
+                and (not query.quantization or _has_quantization(spec, query.quantization))
+                and (not engine or engine in spec.engines)
+            ]
+            if specs:
+                found.append((family, specs))
+        return found
+
+    def select(self, query: SpecQuery, first_available_engine) -> Selection:
+        """The spec a launch means, or an error that names what is valid.
+
+        Empty fields pick the first match, in registry order; an empty engine picks the
+        spec's first engine for which first_available_engine(engines) returns a name.
+        """
+        family = self.family(query.model_name)
+        specs = list(family.specs)
+        for attribute, wanted in (("model_format", query.model_format), ("size_in_billions", query.size_in_billions)):
+            if wanted:
+                matching = [spec for spec in specs if getattr(spec, attribute) == wanted]
+                if not matching:
+                    valid = _unique(getattr(spec, attribute) for spec in specs)
+                    raise InvalidArgument(
+                        f"{query.model_name} has no spec with {attribute} {wanted!r}"
+                        f"{_given(query, attribute)}; valid: {', '.join(valid)}"
+                    )
+                specs = matching
+        if query.quantization:
+            matching = [spec for spec in specs if _has_quantization(spec, query.quantization)]
+            if not matching:
+                valid = _unique(q for spec in specs for q in spec.quantizations)
+                raise InvalidArgument(
+                    f"{query.model_name}{_given(query, 'quantization')} has no quantization "
+                    f"{query.quantization!r}; valid: {', '.join(valid)}"
+                )
+            specs = matching
+        if query.model_engine:
+            engine = engine_info(query.model_engine).name
+            matching = [spec for spec in specs if engine in spec.engines]
+            if not matching:
+                valid = _unique(e for spec in specs for e in spec.engines)
+                raise InvalidArgument(
+                    f"engine {engine} does not serve {query.model_name}{_given(query, 'model_engine')}; "
+                    f"engines that do: {', '.join(valid)}"
+                )
+            spec = matching[0]
+        else:
+            spec = specs[0]
+            engine = first_available_engine(spec.engines)
+        quantization = query.quantization or spec.quantizations[0]
+        quantization = next(q for q in spec.quantizations if q.lower() == quantization.lower())
+        return Selection(family=family, spec=spec, quantization=quantization, engine=engine)
+
+
+def _has_quantization(spec: ModelSpec, quantization: str) -> bool:
+    return quantization.lower() in (q.lower() for q in spec.quantizations)
+
+
+def _unique(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def _given(query: SpecQuery, skip: str) -> str:
+    """The other words of the query, to say which combination was asked for."""
+    words = [
+        f"{name} {value}"
+        for name, value in (
+            ("model_format", query.model_format),
+            ("size_in_billions", query.size_in_billions),
+            ("quantization", query.quantization),
+        )
+        if value and name != skip
+    ]
+    return f" ({', '.join(words)})" if words else ""

@@ -1,0 +1,156 @@
+"""The server's side of one worker process: start it, load, stream, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from llmgrpc.engines.base import LoadPlan
+from llmgrpc.engines.errors import Unavailable
+from llmgrpc.server.status import from_rpc_error
+from llmgrpc.server.worker import REQUEST_ID_METADATA, SERVICE, decode_json, encode_json
+from llmgrpc.v1 import generate_pb2
+
+# Reconnect fast: the worker binds its socket moments after it starts.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 250),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "the worker process is running"
+    if returncode < 0:
+        return f"the worker process was killed by signal {signal.Signals(-returncode).name}"
+    return f"the worker process exited with code {returncode}"
+
+
+class WorkerProcess:
+    """One worker process and the gRPC channel to it over a Unix socket."""
+
+    def __init__(self, plan: LoadPlan, python: str, visible_gpu: str | None = None):
+        self.plan = plan
+        self.python = python
+        self.visible_gpu = visible_gpu
+        self._folder = Path(tempfile.mkdtemp(prefix="llmgrpc-worker-"))
+        self.socket_path = self._folder / "worker.sock"
+        self.process: asyncio.subprocess.Process | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process and self.process.returncode is None else 0
+
+    @property
+    def exit_reason(self) -> str:
+        return describe_exit(self.process.returncode if self.process else None)
+
+    async def start(self, timeout_s: float) -> None:
+        """Start the process and wait until its socket accepts connections."""
+        env = dict(os.environ)
+        if self.visible_gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_gpu
+        self.process = await asyncio.create_subprocess_exec(
+            self.python,
+            "-m",
+            "llmgrpc.server.worker",
+            "--socket",
+            str(self.socket_path),
+            "--plan",
+            json.dumps(self.plan.to_json_dict()),
+            stdin=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.socket_path.exists():
+            if self.process.returncode is not None:
+                raise Unavailable(f"{self.exit_reason} before it started serving (see the server log)")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the worker process did not start serving within {timeout_s:.0f} s")
+            await asyncio.sleep(0.02)
+        self.channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=CHANNEL_OPTIONS)
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), max(deadline - time.monotonic(), 1.0))
+        except asyncio.TimeoutError:
+            raise Unavailable("the worker process did not accept a connection in time") from None
+
+    async def load(self, on_progress: Callable[[dict], None]) -> dict:
+        """Have the worker load its model; returns the engine's stats once it is ready."""
+        call = self._rpc_stream("Load", encode_json, decode_json)({})
+        async for event in self._relay(call):
+            if "stats" in event:
+                return event["stats"]
+            on_progress(event)
+        raise Unavailable(f"the worker ended its load without a result; {self.exit_reason}")
+
+    async def generate(
+        self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        call = self._rpc_stream(
+            "Generate", generate_pb2.GenerateRequest.SerializeToString, generate_pb2.GenerateResponse.FromString
+        )(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, request_id),))
+        async for response in self._relay(call):
+            yield response
+
+    async def stats(self, timeout: float = 2.0) -> dict:
+        assert self.channel is not None
+        rpc = self.channel.unary_unary(
+            f"/{SERVICE}/Stats", request_serializer=encode_json, response_deserializer=decode_json
+        )
+        try:
+            return await rpc({}, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error) from None
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the worker to exit (close its standard input), then kill it if it lingers."""
+        if self.channel is not None:
+            await self.channel.close()
+        if self.process is not None and self.process.returncode is None:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await self.process.wait()
+
+    def _rpc_stream(self, method: str, serializer, deserializer):
+        assert self.channel is not None
+        return self.channel.unary_stream(
+            f"/{SERVICE}/{method}", request_serializer=serializer, response_deserializer=deserializer
+        )
+
+    async def _relay(self, call) -> AsyncIterator:
+        """Iterate a worker stream; its errors become domain errors; leaving early cancels it."""
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error) from None
+        finally:
+            call.cancel()
+
+    def _translate(self, error: grpc.aio.AioRpcError) -> Exception:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            # The channel to the worker broke: the process died or is dying.
+            return Unavailable(f"the model's worker process stopped answering: {error.details()}")
+        return from_rpc_error(error)
