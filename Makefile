@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[transformers,dev]"
+	$(PIP) install -q "$(LLAMA_CPP)"
+	$(PIP) install -q -e ".[transformers,llamacpp,dev]"
 	touch $@
 
 # buf, the protobuf linter the contract tests run (protos/package.json pins it).
