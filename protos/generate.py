@@ -1,7 +1,9 @@
 """Generate the Python stubs of protos/llmgrpc/v1 into clients/v1 (package llmgrpc.v1).
 
-Messages (_pb2.py), services (_pb2_grpc.py) and typed stubs for both (.pyi, through
-mypy-protobuf, so the Stub, the async Stub and the Servicer are typed). The output is
+Messages (_pb2.py), services (_pb2_grpc.py), typed stubs for both (.pyi, through
+mypy-protobuf, so the Stub, the async Stub and the Servicer are typed), and
+``descriptors.binpb``: the protos' descriptors with their comments, which protoc's Python
+output drops, so that server reflection (``grpcurl describe``) shows the documentation. The output is
 never edited by hand: `make generate` rewrites it and `tests/test_contract.py` fails
 when it differs from what the protos give.
 
@@ -18,6 +20,7 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 PROTO_PACKAGE = Path("llmgrpc") / "v1"
+DESCRIPTORS = "descriptors.binpb"
 
 
 def generate(output_dir: Path) -> list[Path]:
@@ -29,6 +32,7 @@ def generate(output_dir: Path) -> list[Path]:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PROTO_PACKAGE).glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / PROTO_PACKAGE).mkdir(parents=True)
         args = [
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
@@ -39,6 +43,8 @@ def generate(output_dir: Path) -> list[Path]:
             f"--grpc_python_out={scratch}",
             f"--mypy_out={scratch}",
             f"--mypy_grpc_out={scratch}",
+            "--include_source_info",
+            f"--descriptor_set_out={Path(scratch) / PROTO_PACKAGE / DESCRIPTORS}",
             *protos,
         ]
         if protoc.main(args) != 0:

@@ -8,10 +8,10 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import EngineManager, LaunchRequest
+from llmgrpc.server.reflection import enable_reflection
 from llmgrpc.server.registry import Registry, SpecQuery
 from llmgrpc.server.servicers import GenerateServicer, ModelServicer
 from llmgrpc.server.settings import Settings
@@ -69,9 +69,7 @@ async def create_server(address: str, settings: Settings | None = None) -> tuple
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager, registry, availability), server)
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(manager), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     return LlmgrpcServer(server, manager, health_servicer, settings), port
 

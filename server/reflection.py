@@ -1,0 +1,41 @@
+"""Server reflection that serves llmgrpc's protos with their comments.
+
+protoc's Python output leaves the comments out of the descriptors it embeds, so plain
+reflection would give ``grpcurl describe`` an undocumented contract. protos/generate.py
+also writes the documented descriptors (``llmgrpc/v1/descriptors.binpb``); this servicer
+answers with those in place of the embedded ones.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+
+def documented_descriptors() -> dict[str, bytes]:
+    """Serialized FileDescriptorProto of each llmgrpc proto file, comments included, by file name."""
+    data = resources.files("llmgrpc.v1").joinpath("descriptors.binpb").read_bytes()
+    files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    return {file.name: file.SerializeToString() for file in files}
+
+
+class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
+    def __init__(self, service_names):
+        super().__init__(service_names)
+        self._documented = documented_descriptors()
+
+    async def ServerReflectionInfo(self, request_iterator, context):
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            if response.HasField("file_descriptor_response"):
+                files = response.file_descriptor_response.file_descriptor_proto
+                for index, data in enumerate(files):
+                    name = descriptor_pb2.FileDescriptorProto.FromString(data).name
+                    files[index] = self._documented.get(name, data)
+            yield response
+
+
+def enable_reflection(service_names, server) -> None:
+    names = (*service_names, reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(DocumentedReflectionServicer(names), server)

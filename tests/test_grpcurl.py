@@ -1,0 +1,49 @@
+"""A person with grpcurl and no proto files: reflection, descriptions and a streamed Generate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+
+
+def grpcurl(endpoint: str, *verb: str, data: dict | None = None) -> str:
+    flags = ["-plaintext"] + (["-d", json.dumps(data)] if data is not None else [])
+    result = subprocess.run([str(GRPCURL), *flags, endpoint, *verb], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def json_stream(text: str) -> list[dict]:
+    """The JSON messages grpcurl prints one after another."""
+    decoder, messages, position = json.JSONDecoder(), [], 0
+    while text[position:].strip():
+        message, end = decoder.raw_decode(text, position + len(text[position:]) - len(text[position:].lstrip()))
+        messages.append(message)
+        position = end
+    return messages
+
+
+def test_services_are_listed_by_reflection(running_server):
+    services = grpcurl(running_server.endpoint, "list").split()
+    assert {"llmgrpc.v1.ModelService", "llmgrpc.v1.GenerateService", "grpc.health.v1.Health"} <= set(services)
+
+
+def test_describe_shows_the_contract_comments(running_server):
+    described = grpcurl(running_server.endpoint, "describe", "llmgrpc.v1.GenerateRequest")
+    assert "Exactly one of prompt and prompt_token_ids must be set." in described
+    described = grpcurl(running_server.endpoint, "describe", "llmgrpc.v1.ModelService")
+    assert "LaunchModel starts a worker process" in described
+
+
+def test_generate_streams_through_grpcurl(running_server, tiny):
+    # grpcurl prints the proto3 JSON mapping: lowerCamelCase field names.
+    request = {"model_uid": "tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
+    messages = json_stream(grpcurl(running_server.endpoint, "llmgrpc.v1.GenerateService/Generate", data=request))
+    assert len(messages) > 1
+    assert messages[-1]["finishReason"] == "FINISH_REASON_LENGTH"
+    assert messages[-1]["usage"]["completionTokens"] == 6
+    assert sum(len(m.get("tokenIds", [])) for m in messages) == 6
