@@ -7,7 +7,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
-
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 
@@ -35,7 +34,8 @@ class Client:
         self.channel.close()
 
     def list_specs(self, **filters: str) -> list[models_pb2.ModelFamily]:
-        """Families of the registry; filters: model_name, model_format, model_engine, size_in_billions, quantization."""
+        """Families of the registry, filtered by any of: model_name, model_format, model_engine,
+        size_in_billions, quantization."""
         return list(self.models.ListSpecs(models_pb2.ListSpecsRequest(**filters)).families)
 
     def launch(

@@ -29,7 +29,12 @@ def cuda_devices() -> list[dict[str, Any]]:
     for index in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(index)
         devices.append(
-            {"index": index, "name": torch.cuda.get_device_name(index), "free_bytes": free, "total_bytes": total}
+            {
+                "index": index,
+                "name": torch.cuda.get_device_name(index),
+                "free_bytes": free,
+                "total_bytes": total,
+            }
         )
     return devices
 

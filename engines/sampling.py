@@ -12,7 +12,6 @@ from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
-
 from llmgrpc.engines.base import SamplingParams
 
 

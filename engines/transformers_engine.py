@@ -13,11 +13,10 @@ import os
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.errors import InvalidArgument
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -139,10 +138,14 @@ class TransformersEngine(BatchedEngine):
         elif dtype_name in DTYPES:
             dtype = DTYPES[dtype_name]
         else:
-            raise InvalidArgument(f"engine_options.dtype {dtype_name!r} is not one of: auto, {', '.join(DTYPES)}")
+            raise InvalidArgument(
+                f"engine_options.dtype {dtype_name!r} is not one of: auto, {', '.join(DTYPES)}"
+            )
         attention = options.get("attn_implementation", "sdpa")
         if attention not in ("sdpa", "eager"):
-            raise InvalidArgument(f"engine_options.attn_implementation {attention!r} is not one of: sdpa, eager")
+            raise InvalidArgument(
+                f"engine_options.attn_implementation {attention!r} is not one of: sdpa, eager"
+            )
 
         report("loading weights", 0, 0)
         tokenizer = AutoTokenizer.from_pretrained(weights)
@@ -152,7 +155,8 @@ class TransformersEngine(BatchedEngine):
         context_length = int(options.get("context_length") or model_context)
         if not 1 < context_length <= model_context:
             raise InvalidArgument(
-                f"engine_options.context_length {context_length} must be in [2, {model_context}] for this model"
+                f"engine_options.context_length {context_length} must be in [2, {model_context}] "
+                "for this model"
             )
         runner = TransformersRunner(model, tokenizer, context_length)
 

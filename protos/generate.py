@@ -55,7 +55,9 @@ def generate(output_dir: Path) -> list[Path]:
             target = output_dir / produced.name
             shutil.copyfile(produced, target)
             written.append(target)
-    (output_dir / "__init__.py").write_text('"""Generated from protos/llmgrpc/v1 by protos/generate.py; do not edit."""\n')
+    (output_dir / "__init__.py").write_text(
+        '"""Generated from protos/llmgrpc/v1 by protos/generate.py; do not edit."""\n'
+    )
     (output_dir / "py.typed").write_text("")
     return written
 

@@ -8,7 +8,6 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.reflection import enable_reflection
@@ -30,7 +29,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class LlmgrpcServer:
     """A gRPC server with its engine manager; stopping it stops every worker too."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, manager: EngineManager, health_servicer, settings: Settings):
+    def __init__(
+        self, grpc_server: grpc.aio.Server, manager: EngineManager, health_servicer, settings: Settings
+    ):
         self.grpc_server = grpc_server
         self.manager = manager
         self.health = health_servicer
@@ -86,7 +87,9 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stopping.set)
     for model_name in settings.launch:
         log.info("launching %s ...", model_name)
-        model = await server.manager.launch(LaunchRequest(query=SpecQuery(model_name=model_name), model_uid=model_name))
+        model = await server.manager.launch(
+            LaunchRequest(query=SpecQuery(model_name=model_name), model_uid=model_name)
+        )
         log.info("model %s READY (%s on %s)", model.uid, model.selection.engine, model.device)
     print(ready_banner(endpoint, settings.launch), flush=True)
     await stopping.wait()
@@ -97,10 +100,11 @@ async def serve(settings: Settings) -> None:
 def ready_banner(endpoint: str, launched: list[str]) -> str:
     uid = launched[0] if launched else "MODEL_UID"
     return f"""
-llmgrpc is ready on {endpoint}{' with ' + ', '.join(launched) if launched else ''}. Try:
+llmgrpc is ready on {endpoint}{" with " + ", ".join(launched) if launched else ""}. Try:
   grpcurl -plaintext {endpoint} list
   grpcurl -plaintext -d '{{"model_name": "llama-3.1"}}' {endpoint} llmgrpc.v1.ModelService/ListSpecs
   grpcurl -plaintext {endpoint} llmgrpc.v1.ModelService/ListModels
-  grpcurl -plaintext -d '{{"model_uid": "{uid}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}' {endpoint} llmgrpc.v1.GenerateService/Generate
+  grpcurl -plaintext -d '{{"model_uid": "{uid}", "prompt": "Hello", "max_tokens": 16, "temperature": 0}}' \\
+    {endpoint} llmgrpc.v1.GenerateService/Generate
   llmgrpc generate --endpoint {endpoint} {uid} "Hello" --max-tokens 16
 """

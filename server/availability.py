@@ -41,7 +41,9 @@ class EngineAvailability:
         report = await self._probe(self.python_for(engine))
         if "error" in report:
             return report["error"]
-        return report["engines"].get(engine, f"the environment {self.python_for(engine)} does not know {engine}")
+        return report["engines"].get(
+            engine, f"the environment {self.python_for(engine)} does not know {engine}"
+        )
 
     async def cuda_devices(self, engine: str) -> list[dict[str, Any]]:
         """CUDA devices seen by engine's environment, with free memory read now."""
@@ -74,5 +76,7 @@ async def _run_probe(python: str) -> dict[str, Any]:
         return {"error": f"could not run {python} to check its engines: {error!r}"}
     if process.returncode != 0:
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"{python} cannot run llmgrpc's engine probe (is llmgrpc installed there?): {tail[0]}"}
+        return {
+            "error": f"{python} cannot run llmgrpc's engine probe (is llmgrpc installed there?): {tail[0]}"
+        }
     return json.loads(stdout)

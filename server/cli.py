@@ -1,13 +1,13 @@
 """The llmgrpc command: run the server, or talk to one over gRPC.
 
-    llmgrpc serve [--host H] [--port P] [--launch tiny-llama-3.1] ...   (every setting is a flag)
-    llmgrpc specs [--model-name llama-3.1] [--model-format ggufv2] ...
-    llmgrpc launch --model-name tiny-llama-3.1 [--model-engine transformers] [--size-in-billions 8]
-                   [--model-format pytorch] [--quantization none] [--model-uid U] [--device cpu]
-    llmgrpc models
-    llmgrpc generate MODEL_UID "prompt" [--max-tokens 64] [--temperature 0] ...
-    llmgrpc terminate MODEL_UID
-    llmgrpc tiny-model OUTPUT_DIR
+llmgrpc serve [--host H] [--port P] [--launch tiny-llama-3.1] ...   (every setting is a flag)
+llmgrpc specs [--model-name llama-3.1] [--model-format ggufv2] ...
+llmgrpc launch --model-name tiny-llama-3.1 [--model-engine transformers] [--size-in-billions 8]
+               [--model-format pytorch] [--quantization none] [--model-uid U] [--device cpu]
+llmgrpc models
+llmgrpc generate MODEL_UID "prompt" [--max-tokens 64] [--temperature 0] ...
+llmgrpc terminate MODEL_UID
+llmgrpc tiny-model OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToJson
-from pydantic import ValidationError
-
 from llmgrpc.server.settings import Settings
+from pydantic import ValidationError
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 
@@ -44,7 +43,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    given = {
+        name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None
+    }
     try:
         return Settings(**given)
     except ValidationError as error:
@@ -64,7 +65,9 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmgrpc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llmgrpc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC server")
@@ -72,19 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"server address (default {DEFAULT_ENDPOINT})")
+        command.add_argument(
+            "--endpoint", default=DEFAULT_ENDPOINT, help=f"server address (default {DEFAULT_ENDPOINT})"
+        )
         return command
 
     specs = client_command("specs", "list model families and specs")
     launch = client_command("launch", "launch a model (flags as xinference launch)")
     for command in (specs, launch):
-        for flag in ("--model-name", "--model-engine", "--model-format", "--size-in-billions", "--quantization"):
+        for flag in (
+            "--model-name",
+            "--model-engine",
+            "--model-format",
+            "--size-in-billions",
+            "--quantization",
+        ):
             command.add_argument(flag, default="")
     launch.add_argument("--model-uid", default="")
     launch.add_argument("--model-path", default="", help="local weights instead of a hub download")
     launch.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N")
     launch.add_argument(
-        "--engine-option", action="append", default=[], metavar="KEY=VALUE", help="engine option (value as JSON)"
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine option (value as JSON)",
     )
     client_command("models", "list launched models")
     get = client_command("get", "describe one launched model")
@@ -121,7 +136,10 @@ def run_client_command(args: argparse.Namespace) -> None:
 
     with Client(args.endpoint) as client:
         if args.command == "specs":
-            filters = {k: getattr(args, k) for k in ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")}
+            filters = {
+                k: getattr(args, k)
+                for k in ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")
+            }
             from llmgrpc.v1 import models_pb2
 
             _print_message(models_pb2.ListSpecsResponse(families=client.list_specs(**filters)))
@@ -146,8 +164,18 @@ def run_client_command(args: argparse.Namespace) -> None:
         elif args.command == "terminate":
             _print_message(client.terminate(args.model_uid))
         elif args.command == "generate":
-            names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty", "seed", "min_tokens")
+            names = (
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "top_k",
+                "min_p",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+                "seed",
+                "min_tokens",
+            )
             sampling = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
             last = None
             for last in client.generate(
@@ -159,15 +187,20 @@ def run_client_command(args: argparse.Namespace) -> None:
                 from llmgrpc.v1 import generate_pb2
 
                 reason = generate_pb2.FinishReason.Name(last.finish_reason)
-                print(f"\n[{reason}; {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} generated tokens]",
-                      file=sys.stderr)
+                print(
+                    f"\n[{reason}; {last.usage.prompt_tokens} prompt + "
+                    f"{last.usage.completion_tokens} generated tokens]",
+                    file=sys.stderr,
+                )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         settings = _settings_from(args)
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
         from llmgrpc.server.app import serve
 
         asyncio.run(serve(settings))

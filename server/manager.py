@@ -157,7 +157,9 @@ def health_name(model_uid: str) -> str:
 
 
 class EngineManager:
-    def __init__(self, settings: Settings, registry: Registry, availability: EngineAvailability, health: HealthUpdate):
+    def __init__(
+        self, settings: Settings, registry: Registry, availability: EngineAvailability, health: HealthUpdate
+    ):
         self.settings = settings
         self.registry = registry
         self.availability = availability
@@ -187,14 +189,18 @@ class EngineManager:
 
     async def launch(self, request: LaunchRequest) -> LaunchedModel:
         if request.model_uid in self._models:
-            raise AlreadyExists(f"a model with uid {request.model_uid!r} is already launched; terminate it first")
+            raise AlreadyExists(
+                f"a model with uid {request.model_uid!r} is already launched; terminate it first"
+            )
         selection = self.registry.select(request.query, await self._first_available_engine())
         info = engine_info(selection.engine)
         await self.availability.require(info.name)
         validate_engine_options(info, request.engine_options)
         device, visible_gpu = await self._place(info.name, request.device or self.settings.device)
         estimated = self._estimate_bytes(selection, request, device)
-        resources.check_fits(estimated, await self._free_bytes(info.name, device, visible_gpu), _label(selection), device)
+        resources.check_fits(
+            estimated, await self._free_bytes(info.name, device, visible_gpu), _label(selection), device
+        )
 
         uid = request.model_uid or f"{selection.family.model_name}-{uuid.uuid4().hex[:8]}"
         if uid in self._models:  # launched meanwhile, while this one was being checked
@@ -318,7 +324,9 @@ class EngineManager:
         index = int(device.partition(":")[2] or 0)
         if index >= len(gpus):
             seen = f"{len(gpus)} CUDA GPU(s)" if gpus else "no CUDA GPU"
-            raise FailedPrecondition(f"device {device} was asked for but the {engine} environment sees {seen}")
+            raise FailedPrecondition(
+                f"device {device} was asked for but the {engine} environment sees {seen}"
+            )
         return f"cuda:{index}", str(index)
 
     def _estimate_bytes(self, selection: Selection, request: LaunchRequest, device: str) -> int:

@@ -134,7 +134,9 @@ class Registry:
     def family(self, model_name: str) -> ModelFamily:
         family = self.families.get(model_name)
         if family is None:
-            raise NotFound(f"no model family named {model_name!r}; known families: {', '.join(self.families)}")
+            raise NotFound(
+                f"no model family named {model_name!r}; known families: {', '.join(self.families)}"
+            )
         return family
 
     def search(self, query: SpecQuery) -> list[tuple[ModelFamily, list[ModelSpec]]]:
@@ -163,7 +165,10 @@ class Registry:
         """
         family = self.family(query.model_name)
         specs = list(family.specs)
-        for attribute, wanted in (("model_format", query.model_format), ("size_in_billions", query.size_in_billions)):
+        for attribute, wanted in (
+            ("model_format", query.model_format),
+            ("size_in_billions", query.size_in_billions),
+        ):
             if wanted:
                 matching = [spec for spec in specs if getattr(spec, attribute) == wanted]
                 if not matching:

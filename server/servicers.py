@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 import grpc
-
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery
@@ -13,6 +12,7 @@ from llmgrpc.server.status import grpc_errors
 from llmgrpc.server.validation import check_generate, check_launch, check_model_uid
 from llmgrpc.server.worker import REQUEST_ID_METADATA
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
+
 
 def family_to_pb(
     family: ModelFamily, specs: list[ModelSpec], reasons: dict[str, str | None]

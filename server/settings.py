@@ -47,8 +47,12 @@ class Settings(BaseSettings):
         description='Python interpreter of each engine\'s workers, as JSON: {"vLLM": "/opt/vllm/bin/python"} '
         "(default: this server's own)",
     )
-    worker_start_timeout_s: float = Field(60.0, gt=0, description="seconds a worker may take to start listening")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="seconds streams in flight get to finish on shutdown")
+    worker_start_timeout_s: float = Field(
+        60.0, gt=0, description="seconds a worker may take to start listening"
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="seconds streams in flight get to finish on shutdown"
+    )
     log_level: str = Field("INFO", description="logging level: DEBUG, INFO, WARNING or ERROR")
 
     @property

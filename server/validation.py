@@ -45,7 +45,11 @@ def check_generate(request: generate_pb2.GenerateRequest) -> None:
     optional_number("presence_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
     optional_number("frequency_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
     optional_number("min_tokens", lambda v: v >= 0, "must be 0 or more")
-    if request.HasField("min_tokens") and request.HasField("max_tokens") and request.min_tokens > request.max_tokens:
+    if (
+        request.HasField("min_tokens")
+        and request.HasField("max_tokens")
+        and request.min_tokens > request.max_tokens
+    ):
         bad("min_tokens", f"{request.min_tokens} is more than max_tokens {request.max_tokens}")
     if any(not stop for stop in request.stop):
         bad("stop", "stop strings must not be empty")
@@ -57,7 +61,9 @@ def check_generate(request: generate_pb2.GenerateRequest) -> None:
 def check_launch(request: models_pb2.LaunchModelRequest) -> None:
     violations: list[FieldViolation] = []
     if not request.model_name:
-        violations.append(FieldViolation("model_name", "required: a family name (ModelService.ListSpecs lists them)"))
+        violations.append(
+            FieldViolation("model_name", "required: a family name (ModelService.ListSpecs lists them)")
+        )
     if request.model_uid and not MODEL_UID.match(request.model_uid):
         violations.append(
             FieldViolation(

@@ -22,7 +22,6 @@ import uuid
 from dataclasses import asdict
 
 import grpc
-
 from llmgrpc.engines import weights
 from llmgrpc.engines.base import Engine, GenerationRequest, LoadPlan
 from llmgrpc.engines.catalogue import engine_info
@@ -140,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
     parser.add_argument("--plan", required=True, help="the LoadPlan, as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LLMGRPC_LOG_LEVEL", "INFO"), format="%(asctime)s worker %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LLMGRPC_LOG_LEVEL", "INFO"), format="%(asctime)s worker %(message)s"
+    )
     exit_when_server_goes()
     asyncio.run(run(args.socket, LoadPlan.from_json_dict(json.loads(args.plan))))
 

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
-
 from llmgrpc.engines.base import LoadPlan
 from llmgrpc.engines.errors import Unavailable
 from llmgrpc.server.status import from_rpc_error
@@ -100,7 +99,9 @@ class WorkerProcess:
         self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         call = self._rpc_stream(
-            "Generate", generate_pb2.GenerateRequest.SerializeToString, generate_pb2.GenerateResponse.FromString
+            "Generate",
+            generate_pb2.GenerateRequest.SerializeToString,
+            generate_pb2.GenerateResponse.FromString,
         )(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, request_id),))
         async for response in self._relay(call):
             yield response

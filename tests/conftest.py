@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from llmgrpc.clients import Client
 from llmgrpc.server.app import LlmgrpcServer, create_server
 from llmgrpc.server.settings import Settings
@@ -45,7 +44,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(cache_dir: Path) -> Settings:
-    return Settings(port=0, cache_dir=cache_dir, max_running_requests=8, max_waiting_requests=4, shutdown_grace_s=2)
+    return Settings(
+        port=0, cache_dir=cache_dir, max_running_requests=8, max_waiting_requests=4, shutdown_grace_s=2
+    )
 
 
 @pytest.fixture(scope="session")

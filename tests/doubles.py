@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-
 from llmgrpc.engines.batching import ModelRunner
 
 
@@ -17,7 +16,13 @@ class CountingRunner(ModelRunner):
     sequences each step decoded.
     """
 
-    def __init__(self, vocab_size: int = 26, context_length: int = 64, eos_token_id: int = 25, step_delay_s: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int = 26,
+        context_length: int = 64,
+        eos_token_id: int = 25,
+        step_delay_s: float = 0.0,
+    ):
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.eos_token_ids = frozenset({eos_token_id})

@@ -6,18 +6,18 @@ import asyncio
 
 import numpy as np
 import pytest
-
+from doubles import CountingRunner
 from llmgrpc.engines.base import FinishReason, GenerationRequest, SamplingParams
 from llmgrpc.engines.batching import ContinuousBatcher
 from llmgrpc.engines.errors import InvalidArgument
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 
-from doubles import CountingRunner
-
 
 def request(prompt: str = "a", **sampling) -> GenerationRequest:
-    return GenerationRequest(request_id="r", sampling=SamplingParams(**{"temperature": 0.0, **sampling}), prompt=prompt)
+    return GenerationRequest(
+        request_id="r", sampling=SamplingParams(**{"temperature": 0.0, **sampling}), prompt=prompt
+    )
 
 
 async def collect(batcher: ContinuousBatcher, req: GenerationRequest):
@@ -41,14 +41,18 @@ def test_tokens_text_and_length_finish():
 def test_eos_stop_token_and_stop_string_rules():
     batcher = ContinuousBatcher(CountingRunner(), max_batch_size=4)
     eos = run(collect(batcher, request("w", max_tokens=20)))  # x, y, then eos (25)
-    assert [t for c in eos for t in c.token_ids] == [23, 24, 25] and eos[-1].finish_reason is FinishReason.STOP
+    assert [t for c in eos for t in c.token_ids] == [23, 24, 25] and eos[
+        -1
+    ].finish_reason is FinishReason.STOP
     assert "".join(c.text for c in eos) == "xy"
     ignored = run(collect(batcher, request("w", max_tokens=5, ignore_eos=True)))
     assert [t for c in ignored for t in c.token_ids] == [23, 24, 25, 0, 1]
     early = run(collect(batcher, request("w", max_tokens=5, min_tokens=4)))
     assert 25 not in [t for c in early for t in c.token_ids]
     by_id = run(collect(batcher, request("a", max_tokens=20, stop_token_ids=[3])))
-    assert [t for c in by_id for t in c.token_ids] == [1, 2, 3] and by_id[-1].finish_reason is FinishReason.STOP
+    assert [t for c in by_id for t in c.token_ids] == [1, 2, 3] and by_id[
+        -1
+    ].finish_reason is FinishReason.STOP
     by_text = run(collect(batcher, request("a", max_tokens=20, stop=["def", "xyz"])))
     assert "".join(c.text for c in by_text) == "bc"
     assert by_text[-1].finish_reason is FinishReason.STOP
@@ -144,7 +148,10 @@ def test_sampler_greedy_seeded_and_filters():
 
 def test_sampler_penalties():
     logits = np.array([2.0, 1.9, 1.0], dtype=np.float32)
-    assert Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.2), prompt_token_ids=[0]).sample(logits) == 1
+    assert (
+        Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.2), prompt_token_ids=[0]).sample(logits)
+        == 1
+    )
     sampler = Sampler(SamplingParams(temperature=0.0, frequency_penalty=0.5), [])
     assert [sampler.sample(logits) for _ in range(3)] == [0, 1, 0]
     sampler = Sampler(SamplingParams(temperature=0.0, presence_penalty=2.0), [])

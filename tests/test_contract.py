@@ -28,7 +28,9 @@ def test_generated_code_matches_the_protos(tmp_path: Path):
     committed = sorted(p.name for p in GENERATED.iterdir() if p.name != "__pycache__")
     assert fresh == committed
     _, mismatch, errors = filecmp.cmpfiles(tmp_path, GENERATED, fresh, shallow=False)
-    assert not mismatch and not errors, f"clients/v1 is out of date: run `make generate` ({mismatch + errors})"
+    assert not mismatch and not errors, (
+        f"clients/v1 is out of date: run `make generate` ({mismatch + errors})"
+    )
 
 
 def test_field_numbers_are_never_reused():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
 
@@ -50,7 +49,9 @@ def test_wrong_combination_is_invalid_and_names_the_valid_ones(client: Client, l
 
 
 def test_405b_fails_fast_with_the_numbers(client: Client):
-    error = rpc_error(client.launch, "llama-3.1", size_in_billions="405", model_engine="transformers", timeout=10)
+    error = rpc_error(
+        client.launch, "llama-3.1", size_in_billions="405", model_engine="transformers", timeout=10
+    )
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "GiB" in error.details() and "free" in error.details()
     assert "llama-3.1-" not in " ".join(m.model_uid for m in client.list_models())

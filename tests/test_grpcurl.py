@@ -12,7 +12,9 @@ GRPCURL = Path(sys.executable).parent / "grpcurl"
 
 def grpcurl(endpoint: str, *verb: str, data: dict | None = None) -> str:
     flags = ["-plaintext"] + (["-d", json.dumps(data)] if data is not None else [])
-    result = subprocess.run([str(GRPCURL), *flags, endpoint, *verb], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(GRPCURL), *flags, endpoint, *verb], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -21,7 +23,9 @@ def json_stream(text: str) -> list[dict]:
     """The JSON messages grpcurl prints one after another."""
     decoder, messages, position = json.JSONDecoder(), [], 0
     while text[position:].strip():
-        message, end = decoder.raw_decode(text, position + len(text[position:]) - len(text[position:].lstrip()))
+        message, end = decoder.raw_decode(
+            text, position + len(text[position:]) - len(text[position:].lstrip())
+        )
         messages.append(message)
         position = end
     return messages
@@ -42,7 +46,9 @@ def test_describe_shows_the_contract_comments(running_server):
 def test_generate_streams_through_grpcurl(running_server, tiny):
     # grpcurl prints the proto3 JSON mapping: lowerCamelCase field names.
     request = {"model_uid": "tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
-    messages = json_stream(grpcurl(running_server.endpoint, "llmgrpc.v1.GenerateService/Generate", data=request))
+    messages = json_stream(
+        grpcurl(running_server.endpoint, "llmgrpc.v1.GenerateService/Generate", data=request)
+    )
     assert len(messages) > 1
     assert messages[-1]["finishReason"] == "FINISH_REASON_LENGTH"
     assert messages[-1]["usage"]["completionTokens"] == 6

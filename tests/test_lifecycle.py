@@ -9,7 +9,6 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
 
@@ -35,7 +34,11 @@ def engine_running(running_server, uid: str) -> int:
 
 def idle(client: Client, running_server, uid: str) -> bool:
     model = client.get_model(uid)
-    return model.running_requests == 0 and model.waiting_requests == 0 and engine_running(running_server, uid) == 0
+    return (
+        model.running_requests == 0
+        and model.waiting_requests == 0
+        and engine_running(running_server, uid) == 0
+    )
 
 
 def test_cancelled_stream_frees_the_request(client: Client, running_server, tiny):
@@ -76,7 +79,10 @@ def test_queue_beyond_its_bound_is_resource_exhausted(client: Client, running_se
 def test_killed_worker_marks_its_model_failed_and_the_server_carries_on(client: Client, running_server, tiny):
     victim = client.launch(TINY, model_uid="victim")
     health = health_pb2_grpc.HealthStub(client.channel)
-    assert health.Check(health_pb2.HealthCheckRequest(service="model/victim")).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="model/victim")).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
 
     stream = client.generate("victim", "Keep talking", **ENDLESS)
     next(stream)
@@ -88,14 +94,20 @@ def test_killed_worker_marks_its_model_failed_and_the_server_carries_on(client: 
     assert wait_until(lambda: client.get_model("victim").state == models_pb2.MODEL_STATE_FAILED)
     failed = client.get_model("victim")
     assert "SIGKILL" in failed.error
-    assert health.Check(health_pb2.HealthCheckRequest(service="model/victim")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="model/victim")).status
+        == health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     with pytest.raises(grpc.RpcError) as error:
         list(client.generate("victim", "Hello", max_tokens=2))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     # Other models and the server itself are untouched.
     assert list(client.generate("tiny", "Hello", max_tokens=2))[-1].usage.completion_tokens == 2
-    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="")).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     client.terminate("victim")
 
 

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from llmgrpc.engines.errors import InvalidArgument, NotFound
 from llmgrpc.server.registry import Registry, SpecQuery
 
@@ -81,7 +80,9 @@ def test_tiny_family_is_shipped_and_says_its_text_is_meaningless(registry: Regis
 
 def test_search_filters_by_every_field(registry: Registry):
     found = registry.search(SpecQuery(model_name="llama-3.1", model_format="ggufv2", quantization="q4_k_m"))
-    assert [(f.model_name, [s.model_format for s in specs]) for f, specs in found] == [("llama-3.1", ["ggufv2"])]
+    assert [(f.model_name, [s.model_format for s in specs]) for f, specs in found] == [
+        ("llama-3.1", ["ggufv2"])
+    ]
     found = registry.search(SpecQuery(model_engine="LLAMA.CPP"))
     assert [f.model_name for f, _ in found] == ["llama-3.1"]
     found = registry.search(SpecQuery(size_in_billions="70"))
@@ -97,8 +98,16 @@ def test_select_names_the_valid_choices(registry: Registry):
     with pytest.raises(InvalidArgument, match="valid: Q2_K, Q3_K_L"):
         registry.select(SpecQuery(model_name="llama-3.1", model_format="ggufv2", quantization="Q9"), first)
     with pytest.raises(InvalidArgument, match="engines that do: vLLM, Transformers, SGLang"):
-        registry.select(SpecQuery(model_name="llama-3.1", model_format="pytorch", model_engine="llama.cpp"), first)
+        registry.select(
+            SpecQuery(model_name="llama-3.1", model_format="pytorch", model_engine="llama.cpp"), first
+        )
     with pytest.raises(NotFound, match="known families"):
         registry.select(SpecQuery(model_name="llama-9"), first)
-    selection = registry.select(SpecQuery(model_name="llama-3.1", model_format="ggufv2", quantization="q8_0"), first)
-    assert (selection.spec.size_in_billions, selection.quantization, selection.engine) == ("8", "Q8_0", "llama.cpp")
+    selection = registry.select(
+        SpecQuery(model_name="llama-3.1", model_format="ggufv2", quantization="q8_0"), first
+    )
+    assert (selection.spec.size_in_billions, selection.quantization, selection.engine) == (
+        "8",
+        "Q8_0",
+        "llama.cpp",
+    )

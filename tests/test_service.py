@@ -5,10 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from llmgrpc.clients import Client
 from llmgrpc.v1 import generate_pb2, models_pb2
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TINY = "tiny-llama-3.1"
 
@@ -81,7 +80,9 @@ def test_prompt_token_ids_are_used_as_given(client: Client, tiny, tiny_files):
 
 def test_same_seed_same_text_other_seed_other_text(client: Client, tiny):
     def sample(seed: int) -> list[int]:
-        return collect(client.generate("tiny", "Hello", max_tokens=24, temperature=1.0, seed=seed, ignore_eos=True))[0]
+        return collect(
+            client.generate("tiny", "Hello", max_tokens=24, temperature=1.0, seed=seed, ignore_eos=True)
+        )[0]
 
     first, again, other = sample(1234), sample(1234), sample(4321)
     assert first == again
@@ -89,7 +90,9 @@ def test_same_seed_same_text_other_seed_other_text(client: Client, tiny):
 
 
 def test_stop_strings_and_stop_token_ids_end_the_output(client: Client, tiny):
-    token_ids, text, _ = collect(client.generate("tiny", "Hello there", max_tokens=32, temperature=0, ignore_eos=True))
+    token_ids, text, _ = collect(
+        client.generate("tiny", "Hello there", max_tokens=32, temperature=0, ignore_eos=True)
+    )
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     _, cut_text, messages = collect(
         client.generate("tiny", "Hello there", max_tokens=32, temperature=0, ignore_eos=True, stop=[stop])
@@ -119,7 +122,10 @@ def test_concurrent_requests_are_decoded_in_shared_batches(client: Client, tiny)
     prompts = [f"Request number {i}" for i in range(6)]
     with ThreadPoolExecutor(len(prompts)) as pool:
         results = list(
-            pool.map(lambda p: collect(client.generate("tiny", p, max_tokens=48, temperature=0, ignore_eos=True)), prompts)
+            pool.map(
+                lambda p: collect(client.generate("tiny", p, max_tokens=48, temperature=0, ignore_eos=True)),
+                prompts,
+            )
         )
     assert all(len(ids) == 48 for ids, _, _ in results)
     assert client.get_model("tiny").peak_batch_size > 1
