@@ -13,7 +13,7 @@ BUF    := protos/node_modules/.bin/buf
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: install serve test lint generate check-generated clean
+.PHONY: install serve test lint generate clean gpu-pack gpu-check
 
 install: $(VENV)/.installed $(BUF)
 
@@ -44,6 +44,24 @@ lint: install
 generate: $(VENV)/.installed
 	rm -rf clients/v1
 	$(PY) protos/generate.py
+
+# The GPU check: pack here (needs the package registry), run on a CUDA machine with
+# `make gpu-check` (or benchmarks/gpu_check.sh build/gpu-check REPORT_DIR with its own python3).
+GPU_PACK   := build/gpu-check
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := transformers==5.24.0 grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+	grpcio-status==1.85.3 googleapis-common-protos protobuf==7.36.2 pydantic==2.14.4 pydantic-core==2.50.5 \
+	pydantic-settings==2.16.3 python-dotenv typing-inspection annotated-types
+gpu-pack: $(VENV)/.installed
+	rm -rf $(GPU_PACK) && mkdir -p $(GPU_PACK)/wheels
+	$(PIP) wheel -q --no-deps -w $(GPU_PACK)/wheels .
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_PACK)/wheels $(GPU_WHEELS)
+	du -sh $(GPU_PACK)
+
+gpu-check:
+	benchmarks/gpu_check.sh $(GPU_PACK) build/gpu-report
 
 clean:
 	rm -rf $(VENV) protos/node_modules build *.egg-info

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
+
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, GenerationRequest, Usage
 from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, Unavailable
 from llmgrpc.engines.sampling import Sampler

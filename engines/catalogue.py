@@ -52,6 +52,12 @@ ENGINES: tuple[EngineInfo, ...] = (
             ("n_threads", int, "CPU threads for torch (default: all cores)"),
             ("context_length", int, "longest prompt plus output, at most the model's own"),
             ("attn_implementation", str, "sdpa (default) or eager"),
+            (
+                "decode",
+                str,
+                "plain (CPU default: growing KV cache), compiled (CUDA default: static KV cache and a "
+                "decode step compiled with CUDA graphs) or static (static KV cache, not compiled)",
+            ),
         ),
     ),
     EngineInfo(
@@ -63,10 +69,22 @@ ENGINES: tuple[EngineInfo, ...] = (
         formats=("ggufv2",),
         options=(
             ("n_threads", int, "CPU threads for decoding (default: all cores)"),
-            ("context_length", int, "context size in tokens, shared by all sequences"),
-            ("n_gpu_layers", int, "layers offloaded to the GPU with a CUDA build (-1: all)"),
+            (
+                "context_length",
+                int,
+                "KV cache size in tokens, shared by all sequences; each may use context_length divided by "
+                "the batch size (default: 4096 per sequence, at most the model's trained context)",
+            ),
+            ("n_gpu_layers", int, "layers offloaded to a CUDA GPU (default: -1, all, on CUDA; 0 on the CPU)"),
+            ("kv_cache_type", str, "f16 (default) or f32: element type of the KV cache"),
+            ("flash_attention", bool, "use flash attention (default: where llama.cpp supports it)"),
+            (
+                "kv_unified",
+                bool,
+                "one KV buffer for all sequences instead of one stream each (default: false, which keeps "
+                "each request's attention independent of the others)",
+            ),
         ),
-        not_built="the llama.cpp engine adapter is not built yet in this version of llmgrpc",
     ),
     EngineInfo(
         name="vLLM",

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
+
 from llmgrpc.engines.base import SamplingParams
 
 

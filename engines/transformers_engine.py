@@ -1,10 +1,15 @@
 """Transformers engine: Hugging Face transformers + torch, on the CPU or a CUDA GPU.
 
-Concurrent requests share forward passes: the runner keeps one batched KV cache for
-every live sequence, left-padded to a common length with an attention mask, and each
-sequence its own position ids. A new request is prefilled alone, then joins the batch
-between steps; a finished or aborted one leaves it at the next step.
-"""
+Concurrent requests share forward passes, through one of two runners chosen by
+``engine_options.decode``:
+
+- ``plain`` (the CPU default): one batched KV cache that grows each step, left-padded
+  to a common length with an attention mask, each sequence with its own position ids.
+- ``compiled`` (the CUDA default), or ``static`` (the same without compiling): a KV cache
+  of fixed size and a decode step compiled by torch.compile, with CUDA graphs on CUDA.
+
+Either way a new request is prefilled alone, then joins the batch between steps; a
+finished or aborted one leaves it at the next step."""
 
 from __future__ import annotations
 
@@ -13,16 +18,18 @@ import os
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.errors import InvalidArgument
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+STATIC_CONTEXT_DEFAULT = 4096
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TransformersRunner(ModelRunner):
-    """Forward passes over one batched, left-padded DynamicCache."""
+class HuggingFaceRunner(ModelRunner):
+    """What both runners share: the model, its tokenizer, and prefilling one prompt."""
 
     def __init__(self, model, tokenizer, context_length: int):
         self.model = model
@@ -35,10 +42,6 @@ class TransformersRunner(ModelRunner):
         if tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self._order: list[int] = []  # sequence id of each batch row
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cached tokens]: 0 where left padding
-        self._positions: torch.Tensor | None = None  # [rows]: position of each row's next token
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
@@ -46,14 +49,30 @@ class TransformersRunner(ModelRunner):
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _prefill_one(self, prompt_ids: list[int]) -> tuple[np.ndarray, DynamicCache]:
+        """Logits after the prompt, and the prompt's own KV cache."""
+        cache = DynamicCache()
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        output = self.model(input_ids=input_ids, cache=cache, use_cache=True)
+        return output.logits[0, -1].float().cpu().numpy(), cache
+
+
+class DynamicCacheRunner(HuggingFaceRunner):
+    """The plain path: one batched, left-padded DynamicCache that grows with each step."""
+
+    def __init__(self, model, tokenizer, context_length: int):
+        super().__init__(model, tokenizer, context_length)
+        self._order: list[int] = []  # sequence id of each batch row
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cached tokens]: 0 where left padding
+        self._positions: torch.Tensor | None = None  # [rows]: position of each row's next token
+
     @torch.inference_mode()
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
         rows = []
         for sequence_id, prompt_ids in sequences:
-            cache = DynamicCache()
-            input_ids = torch.tensor([prompt_ids], device=self.device)
-            output = self.model(input_ids=input_ids, cache=cache, use_cache=True)
-            rows.append(output.logits[0, -1].float().cpu().numpy())
+            logits, cache = self._prefill_one(prompt_ids)
+            rows.append(logits)
             self._join(sequence_id, cache, len(prompt_ids))
         return np.stack(rows)
 
@@ -115,6 +134,122 @@ class TransformersRunner(ModelRunner):
         self._order.append(sequence_id)
 
 
+class StaticCacheRunner(HuggingFaceRunner):
+    """The fast decode path: a fixed-size KV cache and a compiled decode step.
+
+    The cache has one row per batch slot and context_length columns, allocated once, so
+    the decode step has fixed shapes and addresses: torch.compile can capture it in a
+    CUDA graph (mode "reduce-overhead"), removing the per-kernel launch cost that
+    dominates small-batch decoding. All rows write each step's keys and values at one
+    shared column (the cache's write position) while each row keeps its own RoPE
+    position; a boolean mask lets each row attend to its own columns only. A joining
+    sequence is prefilled alone and its KV copied into a free row, right-aligned to end at
+    the write column; when the write column reaches the end of the cache, or a prompt is
+    longer than the columns before it, every row is moved to end at a new column (rare).
+    """
+
+    def __init__(self, model, tokenizer, context_length: int, max_batch_size: int, compile_mode: str | None):
+        super().__init__(model, tokenizer, context_length)
+        config = model.config
+        self.rows = max_batch_size
+        self.columns = context_length + 1  # one spare: a full-length sequence still has its write column
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = StaticCache(config=config, max_cache_len=self.columns)
+        self.cache.early_initialization(
+            batch_size=self.rows,
+            num_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            dtype=model.dtype,
+            device=self.device,
+        )
+        self._valid = torch.zeros((self.rows, self.columns), dtype=torch.bool, device=self.device)
+        self._mask = self._valid[:, None, None, :]  # the 4-D view the attention takes, as is
+        self._input_ids = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
+        self._position_ids = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
+        self._column = 0  # where the next step writes, in every row
+        self._row_of: dict[int, int] = {}
+        self._length: dict[int, int] = {}  # tokens each sequence has in the cache
+        self._free_rows = list(range(self.rows))
+        step = self._decode_step
+        self._step = torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
+
+    def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor):
+        output = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+        )
+        return output.logits[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        rows = []
+        for sequence_id, prompt_ids in sequences:
+            logits, cache = self._prefill_one(prompt_ids)
+            rows.append(logits)
+            length = len(prompt_ids)
+            if self._column < length:
+                self._realign(end=length)
+            row = self._free_rows.pop(0)
+            start = self._column - length
+            for static_layer, prompt_layer in zip(self.cache.layers, cache.layers, strict=True):
+                static_layer.keys[row, :, start : self._column] = prompt_layer.keys[0]
+                static_layer.values[row, :, start : self._column] = prompt_layer.values[0]
+            self._valid[row] = False
+            self._valid[row, start : self._column] = True
+            self._row_of[sequence_id] = row
+            self._length[sequence_id] = length
+        return np.stack(rows)
+
+    @torch.inference_mode()
+    def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
+        if self._column >= self.columns:
+            self._realign()
+        tokens = torch.zeros((self.rows, 1), dtype=torch.long)
+        positions = torch.zeros((self.rows, 1), dtype=torch.long)
+        for sequence_id, token in last_tokens.items():
+            row = self._row_of[sequence_id]
+            tokens[row, 0] = token
+            positions[row, 0] = self._length[sequence_id]
+        self._input_ids.copy_(tokens, non_blocking=True)
+        self._position_ids.copy_(positions, non_blocking=True)
+        # Every row, used or not, attends to the column it writes now (a free row thus never
+        # attends to nothing, which would give NaNs).
+        self._valid[:, self._column] = True
+        logits = self._step(self._input_ids, self._position_ids, self._mask)
+        self._column += 1
+        for sequence_id in last_tokens:
+            self._length[sequence_id] += 1
+        rows = [self._row_of[sequence_id] for sequence_id in last_tokens]
+        return logits[rows].float().cpu().numpy()
+
+    def release(self, sequence_id: int) -> None:
+        row = self._row_of.pop(sequence_id)
+        del self._length[sequence_id]
+        self._valid[row] = False
+        self._free_rows.append(row)
+
+    def _realign(self, end: int = 0) -> None:
+        """Move every sequence's columns to end at column `end` (at least the longest sequence)."""
+        end = max(end, *self._length.values(), 0)
+        assert end < self.columns, "a sequence longer than the cache: the batcher's context check failed"
+        for sequence_id, row in self._row_of.items():
+            old = self._valid[row].nonzero().squeeze(1)
+            new = torch.arange(end - self._length[sequence_id], end, device=self.device)
+            for layer in self.cache.layers:
+                layer.keys[row, :, new] = layer.keys[row, :, old].clone()
+                layer.values[row, :, new] = layer.values[row, :, old].clone()
+            self._valid[row] = False
+            self._valid[row, new] = True
+        for row in self._free_rows:
+            self._valid[row] = False
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(end)
+        self._column = end
+
+
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if missing == 0:
@@ -152,17 +287,33 @@ class TransformersEngine(BatchedEngine):
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=attention)
         model = model.to(device).eval()
         model_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        context_length = int(options.get("context_length") or model_context)
+        decode = options.get("decode", "compiled" if device.type == "cuda" else "plain")
+        # A static cache is allocated whole up front: bound its default size.
+        default_context = model_context if decode == "plain" else min(model_context, STATIC_CONTEXT_DEFAULT)
+        context_length = int(options.get("context_length") or default_context)
         if not 1 < context_length <= model_context:
             raise InvalidArgument(
                 f"engine_options.context_length {context_length} must be in [2, {model_context}] "
                 "for this model"
             )
-        runner = TransformersRunner(model, tokenizer, context_length)
+        if decode == "plain":
+            runner: HuggingFaceRunner = DynamicCacheRunner(model, tokenizer, context_length)
+        elif decode in ("static", "compiled"):
+            if attention != "sdpa":
+                raise InvalidArgument(
+                    "engine_options.decode static and compiled need attn_implementation sdpa"
+                )
+            compile_mode = None
+            if decode == "compiled":
+                compile_mode = "reduce-overhead" if device.type == "cuda" else "default"
+            runner = StaticCacheRunner(model, tokenizer, context_length, plan.max_batch_size, compile_mode)
+        else:
+            raise InvalidArgument(f"engine_options.decode {decode!r} is not one of: plain, static, compiled")
 
-        report("warming up", 0, 0)
+        report("warming up", 0, 0)  # also compiles the decode step, when it is compiled
         runner.prefill([(0, runner.tokenize("warm up"))])
-        runner.decode({0: 0})
+        for _ in range(3):
+            runner.decode({0: 0})
         runner.release(0)
         return cls(runner, plan.max_batch_size, str(device))
 

@@ -8,6 +8,7 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.reflection import enable_reflection

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToJson
-from llmgrpc.server.settings import Settings
 from pydantic import ValidationError
+
+from llmgrpc.server.settings import Settings
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 

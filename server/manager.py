@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import time
 import uuid
@@ -330,15 +331,32 @@ class EngineManager:
         return f"cuda:{index}", str(index)
 
     def _estimate_bytes(self, selection: Selection, request: LaunchRequest, device: str) -> int:
+        """Weights at the chosen dtype, an overhead factor, and the KV cache of one full context
+        when the model's configuration is on disk (local weights, or a generated model)."""
         spec = selection.spec
-        on_disk = resources.weight_bytes_on_disk(Path(request.model_path)) if request.model_path else 0
+        local = Path(request.model_path) if request.model_path else None
+        if local is None and spec.generator:
+            local = Path(self.settings.cache_dir) / spec.generator / spec.model_format
+        on_disk = resources.weight_bytes_on_disk(local) if local else 0
         dtype = str(request.engine_options.get("dtype", "auto"))
         if dtype == "auto":
             dtype = "float32" if device == "cpu" else "bfloat16"
         weights = on_disk or resources.weight_bytes_from_size(
             spec.size_billions, spec.model_format, selection.quantization, dtype
         )
-        return int(weights * self.settings.memory_overhead)
+        estimate = int(weights * self.settings.memory_overhead)
+        config_file = local / "config.json" if local and local.is_dir() else None
+        if config_file and config_file.exists():
+            config = json.loads(config_file.read_text())
+            context = int(
+                request.engine_options.get("context_length")
+                or min(
+                    config.get("max_position_embeddings", 0) or selection.family.context_length,
+                    selection.family.context_length,
+                )
+            )
+            estimate += resources.kv_cache_bytes(config, context, dtype)
+        return estimate
 
     async def _free_bytes(self, engine: str, device: str, visible_gpu: str | None) -> int:
         if visible_gpu is None:

@@ -54,6 +54,14 @@ def weight_bytes_from_size(size_billions: float, model_format: str, quantization
     return int(size_billions * 1e9 * DTYPE_BYTES.get(dtype, 2))
 
 
+def kv_cache_bytes(config: dict, tokens: int, dtype: str) -> int:
+    """Bytes of keys and values for tokens positions of a Hugging Face config's decoder."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 2) * tokens
+
+
 def free_cpu_bytes() -> int:
     """Memory available to new processes (MemAvailable), in bytes."""
     try:

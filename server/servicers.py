@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import grpc
+
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import asdict
 
 import grpc
+
 from llmgrpc.engines import weights
 from llmgrpc.engines.base import Engine, GenerationRequest, LoadPlan
 from llmgrpc.engines.catalogue import engine_info

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+
 from llmgrpc.engines.base import LoadPlan
 from llmgrpc.engines.errors import Unavailable
 from llmgrpc.server.status import from_rpc_error

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from llmgrpc.clients import Client
 from llmgrpc.server.app import LlmgrpcServer, create_server
 from llmgrpc.server.settings import Settings
@@ -44,8 +45,14 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def settings(cache_dir: Path) -> Settings:
+    # The session's models run on the CPU everywhere; tests for the GPU ask for "cuda" themselves.
     return Settings(
-        port=0, cache_dir=cache_dir, max_running_requests=8, max_waiting_requests=4, shutdown_grace_s=2
+        port=0,
+        cache_dir=cache_dir,
+        device="cpu",
+        max_running_requests=8,
+        max_waiting_requests=4,
+        shutdown_grace_s=2,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+
 from llmgrpc.engines.batching import ModelRunner
 
 

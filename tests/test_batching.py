@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 from doubles import CountingRunner
+
 from llmgrpc.engines.base import FinishReason, GenerationRequest, SamplingParams
 from llmgrpc.engines.batching import ContinuousBatcher
 from llmgrpc.engines.errors import InvalidArgument

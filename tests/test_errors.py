@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from llmgrpc.engines.errors import InvalidArgument, NotFound
 from llmgrpc.server.registry import Registry, SpecQuery
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from llmgrpc.clients import Client
 from llmgrpc.v1 import generate_pb2, models_pb2
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 TINY = "tiny-llama-3.1"
 
