@@ -109,7 +109,31 @@ def decode_bytes_per_step(model: LlamaForCausalLM, batch: int, context: int) -> 
     return weights * element + kv
 
 
-def run(shape: str, batches: list[int], steps: int, prompt_tokens: int, compile_mode: str | None) -> dict:
+def print_profile(runner: StaticCacheRunner, last: dict[int, int], batch: int, steps: int = 8) -> None:
+    """Where a decode step's time goes, on the host and on the device (to standard error)."""
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            rows = runner.decode(last)
+            last = {i: int(row.argmax()) for i, row in zip(last, rows, strict=True)}
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"--- profile of {steps} decode steps at batch {batch}", file=sys.stderr)
+    print(profiler.key_averages().table(sort_by=sort, row_limit=18), file=sys.stderr)
+    print(profiler.key_averages().table(sort_by="cpu_time_total", row_limit=12), file=sys.stderr)
+
+
+def run(
+    shape: str,
+    batches: list[int],
+    steps: int,
+    prompt_tokens: int,
+    compile_mode: str | None,
+    profile: bool = False,
+) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     report: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
@@ -127,7 +151,7 @@ def run(shape: str, batches: list[int], steps: int, prompt_tokens: int, compile_
         resources.weight_bytes_from_size(parameters / 1e9, "pytorch", "none", "bfloat16") * 1.2
     )
     report["runs"] = []
-    context = prompt_tokens + steps + 8
+    context = prompt_tokens + steps + 32  # warm-up, timed and profiled steps
     for batch in batches:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -140,7 +164,10 @@ def run(shape: str, batches: list[int], steps: int, prompt_tokens: int, compile_
             for i in range(batch)
         }
 
-        # Time to first token: one prompt alone, prefill then the logits on the host.
+        # Time to first token: one prompt alone, prefill then the logits on the host, after a
+        # throwaway prefill has paid the one-time start-up costs (kernel selection, workspaces).
+        runner.prefill([(-1, prompts[0])])
+        runner.release(-1)
         synchronize(device)
         first = time.perf_counter()
         logits = runner.prefill([(0, prompts[0])])
@@ -162,6 +189,8 @@ def run(shape: str, batches: list[int], steps: int, prompt_tokens: int, compile_
             last = {i: int(row.argmax()) for i, row in zip(last, rows, strict=True)}
         synchronize(device)
         seconds = time.perf_counter() - timed
+        if profile:
+            print_profile(runner, last, batch)
         tokens_per_second = batch * steps / seconds
         mean_context = prompt_tokens + 3 + steps / 2
         roofline = batch * bandwidth / decode_bytes_per_step(model, batch, int(mean_context))
@@ -223,12 +252,15 @@ def main() -> None:
         help="auto (reduce-overhead on CUDA, default on CPU), none, or a torch.compile mode",
     )
     parser.add_argument("--json", help="also write the report as JSON here")
+    parser.add_argument(
+        "--profile", action="store_true", help="print a profile of a few decode steps to stderr"
+    )
     args = parser.parse_args()
     if args.compile == "auto":
         compile_mode = "reduce-overhead" if torch.cuda.is_available() else "default"
     else:
         compile_mode = None if args.compile == "none" else args.compile
-    report = run(args.shape, args.batches, args.steps, args.prompt_tokens, compile_mode)
+    report = run(args.shape, args.batches, args.steps, args.prompt_tokens, compile_mode, args.profile)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)

@@ -166,6 +166,11 @@ class StaticCacheRunner(HuggingFaceRunner):
         self._mask = self._valid[:, None, None, :]  # the 4-D view the attention takes, as is
         self._input_ids = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
         self._position_ids = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
+        # Host-side staging in page-locked memory: copies to and from the GPU then run
+        # asynchronously instead of through a pageable bounce buffer.
+        pinned = self.device.type == "cuda"
+        self._host_inputs = torch.zeros((2, self.rows, 1), dtype=torch.long, pin_memory=pinned)
+        self._host_logits = torch.zeros((self.rows, self.vocab_size), dtype=torch.float32, pin_memory=pinned)
         self._column = 0  # where the next step writes, in every row
         self._row_of: dict[int, int] = {}
         self._length: dict[int, int] = {}  # tokens each sequence has in the cache
@@ -207,14 +212,14 @@ class StaticCacheRunner(HuggingFaceRunner):
     def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
         if self._column >= self.columns:
             self._realign()
-        tokens = torch.zeros((self.rows, 1), dtype=torch.long)
-        positions = torch.zeros((self.rows, 1), dtype=torch.long)
+        host = self._host_inputs.numpy()  # writing through numpy: no per-element torch calls
+        host.fill(0)
         for sequence_id, token in last_tokens.items():
             row = self._row_of[sequence_id]
-            tokens[row, 0] = token
-            positions[row, 0] = self._length[sequence_id]
-        self._input_ids.copy_(tokens, non_blocking=True)
-        self._position_ids.copy_(positions, non_blocking=True)
+            host[0, row, 0] = token
+            host[1, row, 0] = self._length[sequence_id]
+        self._input_ids.copy_(self._host_inputs[0], non_blocking=True)
+        self._position_ids.copy_(self._host_inputs[1], non_blocking=True)
         # Every row, used or not, attends to the column it writes now (a free row thus never
         # attends to nothing, which would give NaNs).
         self._valid[:, self._column] = True
@@ -223,7 +228,11 @@ class StaticCacheRunner(HuggingFaceRunner):
         for sequence_id in last_tokens:
             self._length[sequence_id] += 1
         rows = [self._row_of[sequence_id] for sequence_id in last_tokens]
-        return logits[rows].float().cpu().numpy()
+        host_logits = self._host_logits[: len(rows)]
+        host_logits.copy_(logits[rows], non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return host_logits.numpy().copy()
 
     def release(self, sequence_id: int) -> None:
         row = self._row_of.pop(sequence_id)
