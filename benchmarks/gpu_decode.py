@@ -131,7 +131,7 @@ def run(
     batches: list[int],
     steps: int,
     prompt_tokens: int,
-    compile_mode: str | None,
+    compile_step: bool,
     profile: bool = False,
 ) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +157,7 @@ def run(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
-        runner = StaticCacheRunner(model, RandomTokenizer(), context, batch, compile_mode)
+        runner = StaticCacheRunner(model, RandomTokenizer(), context, batch, compile_step)
         generator = torch.Generator().manual_seed(batch)
         prompts = {
             i: torch.randint(1, model.config.vocab_size, (prompt_tokens,), generator=generator).tolist()
@@ -248,19 +248,18 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument(
         "--compile",
-        default="auto",
-        help="auto (reduce-overhead on CUDA, default on CPU), none, or a torch.compile mode",
+        default="yes",
+        choices=["yes", "no"],
+        help="compile the decode step (and, on CUDA, replay it as a CUDA graph), as the engine does",
     )
     parser.add_argument("--json", help="also write the report as JSON here")
     parser.add_argument(
         "--profile", action="store_true", help="print a profile of a few decode steps to stderr"
     )
     args = parser.parse_args()
-    if args.compile == "auto":
-        compile_mode = "reduce-overhead" if torch.cuda.is_available() else "default"
-    else:
-        compile_mode = None if args.compile == "none" else args.compile
-    report = run(args.shape, args.batches, args.steps, args.prompt_tokens, compile_mode, args.profile)
+    report = run(
+        args.shape, args.batches, args.steps, args.prompt_tokens, args.compile == "yes", args.profile
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
