@@ -31,7 +31,7 @@ export LLMGRPC_CACHE_DIR="$(mktemp -d)"
 } > "$report"
 
 # The benchmark first: its numbers are what the check is for.
-timeout 330 $python benchmarks/gpu_decode.py ${GPU_DECODE_ARGS:-} --json "$report_dir/gpu-decode.json" 2>"$report_dir/gpu-decode.log" \
+timeout 220 $python benchmarks/gpu_decode.py ${GPU_DECODE_ARGS:-} --json "$report_dir/gpu-decode.json" 2>"$report_dir/gpu-decode.log" \
   | sed -n '/^Device:/,$p' >> "$report" || echo "(the decode benchmark failed; see gpu-decode.log)" >> "$report"
 
 {
@@ -40,6 +40,6 @@ timeout 330 $python benchmarks/gpu_decode.py ${GPU_DECODE_ARGS:-} --json "$repor
   echo
   echo '```'
 } >> "$report"
-timeout 180 $python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tail -25 >> "$report"
+timeout 150 $python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tail -25 >> "$report"
 echo '```' >> "$report"
 cat "$report"
