@@ -27,6 +27,8 @@ class EngineInfo:
     # engine_options the engine takes: name -> (JSON type, what it does).
     options: tuple[tuple[str, type, str], ...] = ()
     needs_cuda: bool = False
+    # Name of a check in llmgrpc.engines.probe that asks the engine which device it can use.
+    platform_check: str = ""
     # Set while an engine's adapter is not yet written: launching it is refused with this.
     not_built: str = ""
 
@@ -93,8 +95,17 @@ ENGINES: tuple[EngineInfo, ...] = (
         extra="vllm",
         required_modules=("vllm",),
         formats=("pytorch",),
-        needs_cuda=True,
-        not_built="the vLLM engine adapter is not built yet in this version of llmgrpc",
+        options=(
+            ("tensor_parallel_size", int, "GPUs to shard the model over"),
+            ("gpu_memory_utilization", float, "fraction of GPU memory vLLM may take (weights and KV cache)"),
+            ("max_model_len", int, "context length (default: the model's)"),
+            ("dtype", str, "auto, bfloat16, float16 or float32"),
+            ("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
+            ("max_num_seqs", int, "sequences decoded together (default: the server's max_running_requests)"),
+            ("kv_cache_dtype", str, "auto or fp8"),
+        ),
+        # The PyPI wheels run on CUDA only; a CPU build of vLLM reports the CPU platform.
+        platform_check="vllm_platform",
     ),
     EngineInfo(
         name="SGLang",
@@ -103,8 +114,14 @@ ENGINES: tuple[EngineInfo, ...] = (
         extra="sglang",
         required_modules=("sglang",),
         formats=("pytorch",),
+        options=(
+            ("tp_size", int, "GPUs to shard the model over"),
+            ("mem_fraction_static", float, "fraction of GPU memory for weights and KV cache"),
+            ("context_length", int, "context length (default: the model's)"),
+            ("dtype", str, "auto, bfloat16, float16 or float32"),
+            ("kv_cache_dtype", str, "auto or fp8_e5m2"),
+        ),
         needs_cuda=True,
-        not_built="the SGLang engine adapter is not built yet in this version of llmgrpc",
     ),
 )
 

@@ -46,9 +46,28 @@ def unavailable_reason(info: EngineInfo, has_cuda: bool) -> str | None:
         return f"{', '.join(missing)} not installed in {sys.executable}: {info.install_hint}"
     if info.needs_cuda and not has_cuda:
         return f"{info.name} needs a CUDA GPU and none is visible to {sys.executable}"
+    if info.platform_check:
+        return PLATFORM_CHECKS[info.platform_check]()
     if info.not_built:
         return info.not_built
     return None
+
+
+def vllm_platform() -> str | None:
+    """vLLM's own answer: the platform it detects, empty when it can run on none here."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception as error:  # a broken install (ABI mismatch with torch, ...) must not break the probe
+        return f"vLLM is installed in {sys.executable} but does not import: {error!r}"
+    if not current_platform.device_type:
+        return (
+            f"vLLM in {sys.executable} finds no device it supports: its PyPI wheels need a CUDA GPU; "
+            "on a CPU, use a CPU build of vLLM"
+        )
+    return None
+
+
+PLATFORM_CHECKS = {"vllm_platform": vllm_platform}
 
 
 def probe() -> dict[str, Any]:

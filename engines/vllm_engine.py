@@ -1,0 +1,133 @@
+"""vLLM engine: vLLM's public async API (AsyncLLM), streaming deltas, aborting on cancel.
+
+vLLM does its own continuous batching, so this adapter only maps the contract onto
+vLLM's ``SamplingParams`` (one to one), streams ``RequestOutputKind.DELTA`` outputs as
+chunks, and aborts the request in vLLM when the caller goes away or passes its deadline.
+It runs in the worker process of an environment that has vLLM (settings.worker_python),
+so vLLM's pinned torch and transformers never meet the server's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from llmgrpc.engines.base import (
+    Chunk,
+    Engine,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    LoadPlan,
+    ProgressReport,
+    SamplingParams,
+    Usage,
+)
+from llmgrpc.engines.errors import InvalidArgument
+
+FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+
+
+def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments for a plan: the model, then the engine options
+    (already checked against the catalogue; whole JSON numbers become ints)."""
+    args: dict[str, Any] = {"model": weights, "tokenizer": weights, "max_num_seqs": plan.max_batch_size}
+    for name, value in plan.engine_options.items():
+        whole = isinstance(value, float) and value.is_integer() and name != "gpu_memory_utilization"
+        args[name] = int(value) if whole else value
+    return args
+
+
+def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """vLLM SamplingParams keyword arguments for the contract's sampling fields."""
+    return {
+        "n": 1,
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else 0,  # vLLM: 0 keeps every token
+        "min_p": params.min_p,
+        "repetition_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "stop": list(params.stop),
+        "stop_token_ids": list(params.stop_token_ids),
+        "seed": params.seed,
+        "ignore_eos": params.ignore_eos,
+        "min_tokens": params.min_tokens,
+        "skip_special_tokens": True,
+    }
+
+
+class VllmEngine(Engine):
+    """One model served by vLLM's AsyncLLM in this worker process."""
+
+    def __init__(self, engine: Any, context_length: int, device: str):
+        self.engine = engine
+        self.context_length = context_length
+        self.device = device
+        self.running = 0
+        self.peak = 0
+
+    @classmethod
+    def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> VllmEngine:
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        report("loading weights", 0, 0)
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(plan, weights)))
+        context_length = int(engine.model_config.max_model_len)
+        return cls(engine, context_length, plan.device)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = VllmSamplingParams(**sampling_kwargs(request.sampling), output_kind=RequestOutputKind.DELTA)
+        prompt: Any = (
+            {"prompt_token_ids": list(request.prompt_token_ids)}
+            if request.prompt_token_ids is not None
+            else request.prompt
+        )
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        finished = False
+        generated = 0
+        try:
+            try:
+                stream = self.engine.generate(prompt, params, request.request_id)
+                async for output in stream:
+                    completion = output.outputs[0]
+                    generated += len(completion.token_ids)
+                    chunk = Chunk(token_ids=list(completion.token_ids), text=completion.text)
+                    if output.finished:
+                        finished = True
+                        chunk.finish_reason = FINISH_REASONS.get(
+                            completion.finish_reason or "", FinishReason.STOP
+                        )
+                        chunk.usage = Usage(len(output.prompt_token_ids or ()), generated)
+                    yield chunk
+            except ValueError as error:  # vLLM's word for a prompt it cannot take (too long, ...)
+                finished = True
+                raise InvalidArgument(f"vLLM refused the request: {error}") from None
+        finally:
+            self.running -= 1
+            if not finished:
+                # The caller left: free the request's slot and KV cache in vLLM now.
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(request.request_id)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            context_length=self.context_length,
+            device=self.device,
+            running_requests=self.running,
+            peak_batch_size=self.peak,
+        )
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+ENGINE = VllmEngine

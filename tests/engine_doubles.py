@@ -1,0 +1,132 @@
+"""Test doubles of vLLM's and SGLang's public APIs (never used by the product).
+
+Each streams a scripted completion the way the real library does: vLLM as DELTA
+RequestOutputs, SGLang as dicts with cumulative (default) or incremental text and ids.
+Both record what they were given and what was aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from dataclasses import dataclass, field
+
+SCRIPT = [(11, "Hel"), (12, "lo"), (13, ","), (14, " world")]
+
+
+# vLLM
+
+
+class FakeVllmSamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+@dataclass
+class FakeCompletion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class FakeRequestOutput:
+    outputs: list[FakeCompletion]
+    finished: bool
+    prompt_token_ids: list[int] = field(default_factory=lambda: [1, 2, 3])
+
+
+class FakeAsyncLLM:
+    def __init__(self, engine_args=None, fail_with: Exception | None = None):
+        self.engine_args = engine_args
+        self.fail_with = fail_with
+        self.model_config = types.SimpleNamespace(max_model_len=2048)
+        self.requests: list[tuple[object, FakeVllmSamplingParams, str]] = []
+        self.aborted: list[str] = []
+        self.shut_down = False
+
+    @classmethod
+    def from_engine_args(cls, engine_args):
+        return cls(engine_args)
+
+    async def generate(self, prompt, params, request_id):
+        self.requests.append((prompt, params, request_id))
+        if self.fail_with:
+            raise self.fail_with
+        for index, (token, text) in enumerate(SCRIPT):
+            await asyncio.sleep(0)
+            last = index == len(SCRIPT) - 1
+            completion = FakeCompletion([token], text, "length" if last else None)
+            yield FakeRequestOutput([completion], finished=last)
+
+    async def abort(self, request_id):
+        self.aborted.append(request_id)
+
+    def shutdown(self):
+        self.shut_down = True
+
+
+def fake_vllm_modules() -> dict[str, types.ModuleType]:
+    """sys.modules entries that make `import vllm` give the doubles."""
+    vllm = types.ModuleType("vllm")
+    vllm.SamplingParams = FakeVllmSamplingParams
+    vllm.AsyncEngineArgs = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    sampling_params = types.ModuleType("vllm.sampling_params")
+    sampling_params.RequestOutputKind = types.SimpleNamespace(DELTA="DELTA")
+    async_llm = types.ModuleType("vllm.v1.engine.async_llm")
+    async_llm.AsyncLLM = FakeAsyncLLM
+    return {
+        "vllm": vllm,
+        "vllm.sampling_params": sampling_params,
+        "vllm.v1": types.ModuleType("vllm.v1"),
+        "vllm.v1.engine": types.ModuleType("vllm.v1.engine"),
+        "vllm.v1.engine.async_llm": async_llm,
+    }
+
+
+# SGLang
+
+
+class FakeTokenizerManager:
+    def __init__(self):
+        self.context_len = 4096
+        self.aborted: list[str] = []
+
+    def abort_request(self, rid: str = "", abort_all: bool = False):
+        self.aborted.append(rid)
+
+
+class FakeSGLangEngine:
+    def __init__(self, incremental: bool = False, fail_with: Exception | None = None, **kwargs):
+        self.kwargs = kwargs
+        self.incremental = incremental
+        self.fail_with = fail_with
+        self.tokenizer_manager = FakeTokenizerManager()
+        self.calls: list[dict] = []
+        self.shut_down = False
+
+    async def async_generate(self, stream: bool = False, **kwargs):
+        assert stream is True
+        self.calls.append(kwargs)
+        if self.fail_with:
+            raise self.fail_with
+        return self._stream()
+
+    async def _stream(self):
+        ids, text = [], ""
+        for index, (token, piece) in enumerate(SCRIPT):
+            await asyncio.sleep(0)
+            ids, text = ids + [token], text + piece
+            last = index == len(SCRIPT) - 1
+            meta = {
+                "prompt_tokens": 3,
+                "completion_tokens": len(ids),
+                "finish_reason": {"type": "stop"} if last else None,
+            }
+            if self.incremental:
+                yield {"text": piece, "output_ids": [token], "meta_info": meta}
+            else:
+                yield {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+    def shutdown(self):
+        self.shut_down = True

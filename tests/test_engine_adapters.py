@@ -1,0 +1,218 @@
+"""The vLLM and SGLang adapters, against doubles of their APIs; and engines that cannot run here."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import grpc
+import pytest
+from engine_doubles import SCRIPT, FakeAsyncLLM, FakeSGLangEngine, fake_vllm_modules
+
+from llmgrpc.clients import Client
+from llmgrpc.engines.base import FinishReason, GenerationRequest, LoadPlan, SamplingParams, SpecRef
+from llmgrpc.engines.errors import InvalidArgument
+from llmgrpc.engines.sglang_engine import SGLangEngine
+from llmgrpc.engines.vllm_engine import VllmEngine
+
+ALL_FIELDS = SamplingParams(
+    max_tokens=7,
+    temperature=0.5,
+    top_p=0.9,
+    top_k=40,
+    min_p=0.05,
+    repetition_penalty=1.1,
+    presence_penalty=0.2,
+    frequency_penalty=0.3,
+    stop=("END",),
+    stop_token_ids=(9,),
+    seed=42,
+    ignore_eos=True,
+    min_tokens=2,
+)
+
+
+def request(sampling: SamplingParams = ALL_FIELDS, **prompt) -> GenerationRequest:
+    return GenerationRequest(request_id="req-1", sampling=sampling, **(prompt or {"prompt": "Hi"}))
+
+
+def plan(**options) -> LoadPlan:
+    return LoadPlan(
+        "m",
+        "vLLM",
+        SpecRef("tiny", "pytorch", "0", "none", "tiny"),
+        "cuda:0",
+        "/tmp",
+        8,
+        engine_options=options,
+    )
+
+
+async def collect(engine, req):
+    return [chunk async for chunk in engine.generate(req)]
+
+
+async def first_then_leave(engine, req):
+    stream = engine.generate(req)
+    first = await stream.__anext__()
+    await stream.aclose()
+    return first
+
+
+@pytest.fixture
+def vllm_modules(monkeypatch):
+    for name, module in fake_vllm_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_vllm_maps_every_sampling_field_one_to_one(vllm_modules):
+    llm = FakeAsyncLLM()
+    asyncio.run(collect(VllmEngine(llm, 2048, "cuda:0"), request()))
+    _, params, request_id = llm.requests[0]
+    assert request_id == "req-1"
+    assert params.kwargs == {
+        "n": 1,
+        "max_tokens": 7,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "presence_penalty": 0.2,
+        "frequency_penalty": 0.3,
+        "stop": ["END"],
+        "stop_token_ids": [9],
+        "seed": 42,
+        "ignore_eos": True,
+        "min_tokens": 2,
+        "skip_special_tokens": True,
+        "output_kind": "DELTA",
+    }
+
+
+def test_vllm_streams_deltas_then_finish_and_usage(vllm_modules):
+    llm = FakeAsyncLLM()
+    chunks = asyncio.run(collect(VllmEngine(llm, 2048, "cuda:0"), request(prompt_token_ids=(1, 2, 3))))
+    assert llm.requests[0][0] == {"prompt_token_ids": [1, 2, 3]}
+    assert [t for c in chunks for t in c.token_ids] == [token for token, _ in SCRIPT]
+    assert "".join(c.text for c in chunks) == "Hello, world"
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 4)
+    assert llm.aborted == []
+
+
+def test_vllm_aborts_a_request_its_caller_left(vllm_modules):
+    llm = FakeAsyncLLM()
+    engine = VllmEngine(llm, 2048, "cuda:0")
+    asyncio.run(first_then_leave(engine, request()))
+    assert llm.aborted == ["req-1"]
+    assert engine.stats().running_requests == 0
+
+
+def test_vllm_refusal_is_invalid_argument(vllm_modules):
+    llm = FakeAsyncLLM(
+        fail_with=ValueError("The decoder prompt (length 9000) is longer than the maximum model length")
+    )
+    with pytest.raises(InvalidArgument, match="longer than the maximum model length"):
+        asyncio.run(collect(VllmEngine(llm, 2048, "cuda:0"), request()))
+
+
+def test_vllm_load_passes_engine_options_to_async_engine_args(vllm_modules):
+    engine = VllmEngine.load(
+        plan(tensor_parallel_size=2.0, gpu_memory_utilization=0.8, enforce_eager=True),
+        "/models/x",
+        lambda *a: None,
+    )
+    args = vars(engine.engine.engine_args)
+    assert args == {
+        "model": "/models/x",
+        "tokenizer": "/models/x",
+        "max_num_seqs": 8,
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.8,
+        "enforce_eager": True,
+    }
+    assert engine.stats().context_length == 2048
+
+
+def test_sglang_maps_every_sampling_field():
+    fake = FakeSGLangEngine()
+    asyncio.run(collect(SGLangEngine(fake, 4096, "cuda:0"), request()))
+    call = fake.calls[0]
+    assert call["prompt"] == "Hi" and call["rid"] == "req-1"
+    assert call["sampling_params"] == {
+        "max_new_tokens": 7,
+        "min_new_tokens": 2,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "presence_penalty": 0.2,
+        "frequency_penalty": 0.3,
+        "stop": ["END"],
+        "stop_token_ids": [9],
+        "ignore_eos": True,
+        "skip_special_tokens": True,
+        "sampling_seed": 42,
+    }
+    unset = SamplingParams()
+    asyncio.run(collect(SGLangEngine(fake, 4096, "cuda:0"), request(unset, prompt_token_ids=(5, 6))))
+    assert fake.calls[1]["input_ids"] == [5, 6]
+    assert fake.calls[1]["sampling_params"]["top_k"] == -1
+    assert "sampling_seed" not in fake.calls[1]["sampling_params"]
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_sglang_streams_deltas_whichever_way_it_streams(incremental: bool):
+    chunks = asyncio.run(
+        collect(SGLangEngine(FakeSGLangEngine(incremental=incremental), 4096, "cuda:0"), request())
+    )
+    assert [c.text for c in chunks] == [piece for _, piece in SCRIPT]
+    assert [c.token_ids for c in chunks] == [[token] for token, _ in SCRIPT]
+    assert chunks[-1].finish_reason is FinishReason.STOP
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 4)
+
+
+def test_sglang_aborts_a_request_its_caller_left():
+    fake = FakeSGLangEngine()
+    asyncio.run(first_then_leave(SGLangEngine(fake, 4096, "cuda:0"), request()))
+    assert fake.tokenizer_manager.aborted == ["req-1"]
+
+
+def test_sglang_refusal_is_invalid_argument():
+    fake = FakeSGLangEngine(fail_with=ValueError("input is longer than the context length"))
+    with pytest.raises(InvalidArgument, match="context length"):
+        asyncio.run(collect(SGLangEngine(fake, 4096, "cuda:0"), request()))
+
+
+def test_sglang_load_passes_engine_options(monkeypatch):
+    import types
+
+    module = types.ModuleType("sglang")
+    module.Engine = FakeSGLangEngine
+    monkeypatch.setitem(sys.modules, "sglang", module)
+    engine = SGLangEngine.load(plan(tp_size=2.0, mem_fraction_static=0.85), "/models/x", lambda *a: None)
+    assert engine.engine.kwargs == {
+        "model_path": "/models/x",
+        "max_running_requests": 8,
+        "tp_size": 2,
+        "mem_fraction_static": 0.85,
+    }
+    assert engine.stats().context_length == 4096
+
+
+@pytest.mark.skipif(
+    "vllm" in sys.modules or "sglang" in sys.modules, reason="an engine library is imported here"
+)
+def test_engines_missing_here_are_listed_with_why_and_refused(client: Client):
+    engines = {e.name: e for e in client.list_specs(model_name="tiny-llama-3.1")[0].specs[0].engines}
+    for name, extra in (("vLLM", "llmgrpc[vllm]"), ("SGLang", "llmgrpc[sglang]")):
+        assert not engines[name].available
+        assert extra in engines[name].reason
+        with pytest.raises(grpc.RpcError) as error:
+            client.launch("tiny-llama-3.1", model_engine=name)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert extra in error.value.details()
+    # The server (in this process) checked all that without importing either library.
+    assert "vllm" not in sys.modules and "sglang" not in sys.modules
