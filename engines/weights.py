@@ -24,14 +24,42 @@ def resolve(plan: LoadPlan, report: ProgressReport) -> str:
         path = Path(plan.model_path).expanduser()
         if not path.exists():
             raise FailedPrecondition(f"model_path {plan.model_path!r} does not exist on the server")
+        if path.is_dir() and spec.model_format.startswith("gguf"):
+            file_name = spec.model_file_name_template.format(quantization=spec.quantization)
+            return str(gguf_file_in(path, file_name))
         return str(path)
     if spec.generator == tiny_model.NAME:
+        if spec.model_format.startswith("gguf"):
+            # Imported here: gguf and llama_cpp are only in the llama.cpp engine's environment.
+            from llmgrpc.engines import gguf_convert
+
+            report("generating", 0, 0)
+            path = gguf_convert.ensure_tiny_gguf(
+                Path(plan.cache_dir), spec.quantization, spec.model_file_name_template
+            )
+            return str(path)
         target = Path(plan.cache_dir) / tiny_model.NAME / spec.model_format
         if spec.model_format != "pytorch":
             raise FailedPrecondition(f"{tiny_model.NAME} has no {spec.model_format} weights to generate")
         report("generating", 0, 0)
         return str(tiny_model.ensure(target))
     return download_from_huggingface(plan, report)
+
+
+def gguf_file_in(folder: Path, file_name: str) -> Path:
+    """The GGUF file the spec's template names for the plan's quantization, inside folder."""
+    if not file_name:
+        raise FailedPrecondition(
+            f"model_path {str(folder)!r} is a folder and the spec names no GGUF file: give the file itself"
+        )
+    path = folder / file_name
+    if not path.is_file():
+        present = sorted(p.name for p in folder.glob("*.gguf"))
+        raise FailedPrecondition(
+            f"model_path {str(folder)!r} is a folder without {file_name}; GGUF files there: "
+            f"{', '.join(present) or 'none'}; give the file itself as model_path, or pick its quantization"
+        )
+    return path
 
 
 def download_from_huggingface(plan: LoadPlan, report: ProgressReport) -> str:

@@ -85,7 +85,7 @@ def test_search_filters_by_every_field(registry: Registry):
         ("llama-3.1", ["ggufv2"])
     ]
     found = registry.search(SpecQuery(model_engine="LLAMA.CPP"))
-    assert [f.model_name for f, _ in found] == ["llama-3.1"]
+    assert [f.model_name for f, _ in found] == ["llama-3.1", "tiny-llama-3.1"]
     found = registry.search(SpecQuery(size_in_billions="70"))
     assert [[s.size_in_billions for s in specs] for _, specs in found] == [["70"]]
 

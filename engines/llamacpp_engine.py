@@ -1,0 +1,322 @@
+"""llama.cpp engine: GGUF models through llama-cpp-python's low-level API, continuously batched.
+
+One model and one context serve every request. The context holds ``n_seq_max`` (the
+plan's max_batch_size) sequences; each live request occupies one of those sequence
+slots, and each ``llama_decode`` feeds the last token of every live sequence at once.
+Logits are asked for only where a token is sampled next: the last token of each prompt
+and every decoded token.
+
+KV cache sizing: ``engine_options.context_length`` is the whole cache, in tokens, shared
+by all slots (default: 4096 per slot, at most the model's trained context per slot).
+Each sequence may use ``context_length // n_seq_max`` of it (llama.cpp rounds that up to
+a multiple of 256), and that is the context length the engine reports: the batcher
+refuses longer prompts and ends a generation
+with LENGTH when it reaches it. So the slots together never need more cells than the
+cache has, and one long request can never starve the others of KV space.
+
+KV layout: by default each slot has its own stream of ``context_length // n_seq_max``
+cells (``kv_unified`` false). A sequence's keys then sit where they would if it ran
+alone, and it attends over its own cells only, so what is decoded beside it does not
+change its attention by a single bit, and attention costs grow with its own length, not
+with the batch's. ``kv_unified: true`` puts every sequence in one buffer instead (what
+llama.cpp prefers for sequences that share a long prefix): the interleaved layout
+changes rounding in attention, so a greedy output can then depend on its neighbours.
+
+Batch invariance: with per-slot streams, Q8_0 weights give every request the very
+logits it gets alone. Other weight types go through llama.cpp matrix kernels that pick
+a different code path (repacked tiles, tinyBLAS, gemv or gemm) with the number of rows
+in the batch; their last-bit differences, amplified where activations are quantized,
+can flip a greedy choice between two near-equal tokens. That is llama.cpp's arithmetic,
+not this engine's bookkeeping.
+
+Precision: llama.cpp's defaults (an f16 KV cache; flash attention where it runs, which
+on the CPU computes in f16 too) shift logits by about 1e-3. With an F32 GGUF,
+``kv_cache_type: "f32"`` and ``flash_attention: false`` give the Transformers engine's
+logits to about 1e-6, so the same greedy tokens.
+
+The high-level ``llama_cpp.Llama`` is not used: it is not thread-safe and decodes one
+sequence at a time. All calls into the context come from the batcher's one thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import llama_cpp
+import numpy as np
+
+from llmgrpc.engines.base import LoadPlan, ProgressReport
+from llmgrpc.engines.batching import BatchedEngine, ModelRunner
+from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+log = logging.getLogger("llmgrpc.llama_cpp")
+
+DEFAULT_CONTEXT_PER_SEQUENCE = 4096
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}
+# Most tokens one llama_decode takes (llama.cpp's default); longer prefills are split.
+BATCH_TOKENS = 2048
+
+# ggml log levels (enum ggml_log_level) as Python logging levels; CONT continues the last message.
+# llama.cpp's INFO is load chatter (every metadata key): kept at DEBUG.
+_GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_GGML_LOG_CONT = 5
+_last_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback
+def _route_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's messages to Python logging: its warnings and errors show, the load chatter does not."""
+    global _last_level
+    if level != _GGML_LOG_CONT:
+        _last_level = _GGML_LEVELS.get(level, logging.DEBUG)
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message and log.isEnabledFor(_last_level):
+        log.log(_last_level, "%s", message)
+
+
+# Set once at import: llama-cpp-python's own callback would print every load message to stderr.
+# The module-level name keeps the ctypes callback alive as long as llama.cpp may call it.
+llama_cpp.llama_log_set(_route_log, ctypes.c_void_p(0))
+
+
+class LlamaCppRunner(ModelRunner):
+    """Forward passes of one llama.cpp context; batcher sequence ids map to llama.cpp slots."""
+
+    def __init__(self, model: llama_cpp.llama_model_p, context: llama_cpp.llama_context_p, n_seq_max: int):
+        self.model = model
+        self.context = context
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.memory = llama_cpp.llama_get_memory(context)
+        self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        # Per sequence: a stream's size, or an equal share of the unified buffer.
+        per_sequence = int(llama_cpp.llama_n_ctx(context)) // n_seq_max
+        self.context_length = min(per_sequence, int(llama_cpp.llama_n_ctx_seq(context)))
+        self.eos_token_ids = frozenset(self._end_of_generation_ids())
+        self._pieces = [self._piece(token) for token in range(self.vocab_size)]
+        # llama.cpp lowers n_batch to n_ctx for small contexts: a bigger batch would abort it.
+        self._batch_capacity = int(llama_cpp.llama_n_batch(context))
+        # One sequence id per token: each token here belongs to exactly one sequence.
+        self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
+        self._free_slots = list(range(n_seq_max - 1, -1, -1))  # popped from the end: slot 0 first
+        self._slot_of: dict[int, int] = {}
+        self._next_position: dict[int, int] = {}
+
+    def _end_of_generation_ids(self) -> set[int]:
+        vocab = self.vocab
+        ids = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)}
+        ids |= {token for token in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, token)}
+        return {int(token) for token in ids if 0 <= token < self.vocab_size}
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes token stands for; empty for control tokens (BOS, EOS, chat markers)."""
+        if llama_cpp.llama_vocab_is_control(self.vocab, token):
+            return b""
+        size = 32
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            written = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, size, 0, False)
+            if written >= 0:
+                return buffer.raw[:written]
+            size = -written
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 2  # byte-level BPE: at most a token per byte, plus BOS and EOS
+        while True:
+            buffer = (llama_cpp.llama_token * size)()
+            # add_special: BOS if the model's metadata says so; parse_special False: user text
+            # that spells "<|eot_id|>" stays text, it does not become the control token.
+            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
+            if count >= 0:
+                return list(buffer[:count])
+            size = -count  # other vocabularies can need more: llama.cpp says how many
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        pieces = self._pieces
+        data = b"".join(pieces[t] for t in token_ids if 0 <= t < len(pieces))
+        return data.decode("utf-8", errors="replace")
+
+    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        if len(sequences) > len(self._free_slots):
+            raise ResourceExhausted(
+                f"{len(sequences)} new sequences but only {len(self._free_slots)} llama.cpp slots are free"
+            )
+        for sequence_id, _ in sequences:
+            self._slot_of[sequence_id] = self._free_slots.pop()
+            self._next_position[sequence_id] = 0
+        try:
+            return self._prefill(sequences)
+        except BaseException:
+            # The batcher releases only sequences that joined the batch: these did not.
+            for sequence_id, _ in sequences:
+                self.release(sequence_id)
+            raise
+
+    def _prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        rows = np.empty((len(sequences), self.vocab_size), dtype=np.float32)
+        pending: list[tuple[int, int]] = []  # (row, index in batch) of prompts ending in this batch
+        count = 0
+        for row, (sequence_id, prompt_ids) in enumerate(sequences):
+            for index, token in enumerate(prompt_ids):
+                if count == self._batch_capacity:  # full: run it, carry on in a fresh batch
+                    self._run(count)
+                    self._read_logits(pending, rows)
+                    pending, count = [], 0
+                last = index == len(prompt_ids) - 1
+                self._put(count, sequence_id, token, wants_logits=last)
+                if last:
+                    pending.append((row, count))
+                count += 1
+        if count:
+            self._run(count)
+            self._read_logits(pending, rows)
+        return rows
+
+    def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
+        for index, (sequence_id, token) in enumerate(last_tokens.items()):
+            self._put(index, sequence_id, token, wants_logits=True)
+        self._run(len(last_tokens))
+        rows = np.empty((len(last_tokens), self.vocab_size), dtype=np.float32)
+        self._read_logits([(i, i) for i in range(len(last_tokens))], rows)
+        return rows
+
+    def release(self, sequence_id: int) -> None:
+        slot = self._slot_of.pop(sequence_id, None)
+        self._next_position.pop(sequence_id, None)
+        if slot is None:
+            return
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        self._free_slots.append(slot)
+
+    def _put(self, index: int, sequence_id: int, token: int, wants_logits: bool) -> None:
+        batch = self._batch
+        batch.token[index] = token
+        batch.pos[index] = self._next_position[sequence_id]
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = self._slot_of[sequence_id]
+        batch.logits[index] = wants_logits
+        self._next_position[sequence_id] += 1
+
+    def _run(self, count: int) -> None:
+        self._batch.n_tokens = count
+        status = llama_cpp.llama_decode(self.context, self._batch)
+        if status == 1:
+            # Cannot happen while each sequence stays within context_length; say so if it does.
+            raise ResourceExhausted("llama.cpp found no room in its KV cache for this step")
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def _read_logits(self, wanted: list[tuple[int, int]], rows: np.ndarray) -> None:
+        for row, index in wanted:
+            pointer = llama_cpp.llama_get_logits_ith(self.context, index)
+            if not pointer:
+                raise RuntimeError(f"llama.cpp has no logits for batch position {index}")
+            rows[row] = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,))
+
+    def close(self) -> None:
+        """Free the batch, the context and the model (once; the runner is unusable after)."""
+        if self.context is None:
+            return
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self.context)
+        llama_cpp.llama_model_free(self.model)
+        self.context = self.model = None
+
+
+def _int_option(options: dict, name: str, default: int) -> int:
+    value = options.get(name)
+    return default if value is None else int(value)
+
+
+class LlamaCppEngine(BatchedEngine):
+    """A GGUF model in llama.cpp behind the continuous batcher."""
+
+    runner: LlamaCppRunner
+
+    @classmethod
+    def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> LlamaCppEngine:
+        options = plan.engine_options
+        n_seq_max = plan.max_batch_size
+        if not 1 <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
+            raise InvalidArgument(
+                f"llama.cpp decodes at most {llama_cpp.llama_max_parallel_sequences()} sequences together, "
+                f"but the batch size is {n_seq_max}: lower max_running_requests"
+            )
+        n_threads = _int_option(options, "n_threads", os.cpu_count() or 1)
+        if n_threads < 1:
+            raise InvalidArgument(f"engine_options.n_threads must be at least 1, got {n_threads}")
+        on_gpu = plan.device.startswith("cuda")
+        n_gpu_layers = _int_option(options, "n_gpu_layers", -1 if on_gpu else 0)
+        kv_cache_type = options.get("kv_cache_type", "f16")
+        if kv_cache_type not in KV_CACHE_TYPES:
+            raise InvalidArgument(
+                f"engine_options.kv_cache_type {kv_cache_type!r} is not one of: {', '.join(KV_CACHE_TYPES)}"
+            )
+        flash_attention = options.get("flash_attention")
+        kv_unified = bool(options.get("kv_unified", False))
+        if not os.path.isfile(weights):
+            raise FailedPrecondition(f"the llama.cpp engine loads a .gguf file, and {weights} is not a file")
+
+        llama_cpp.llama_backend_init()
+        report("loading weights", 0, 0)
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = n_gpu_layers
+        model = llama_cpp.llama_model_load_from_file(weights.encode(), model_params)
+        if not model:
+            raise FailedPrecondition(f"llama.cpp could not load {weights} (not a GGUF model it supports?)")
+        try:
+            trained = int(llama_cpp.llama_model_n_ctx_train(model))
+            per_sequence = min(DEFAULT_CONTEXT_PER_SEQUENCE, trained)
+            context_length = _int_option(options, "context_length", per_sequence * n_seq_max)
+            if not 2 * n_seq_max <= context_length <= trained * n_seq_max:
+                raise InvalidArgument(
+                    f"engine_options.context_length {context_length} must be in [{2 * n_seq_max}, "
+                    f"{trained * n_seq_max}]: the KV cache is shared by {n_seq_max} sequences, "
+                    f"each of at most the model's trained context of {trained} tokens"
+                )
+            context_params = llama_cpp.llama_context_default_params()
+            context_params.n_ctx = context_length
+            context_params.n_seq_max = n_seq_max
+            context_params.kv_unified = kv_unified
+            context_params.n_batch = max(BATCH_TOKENS, n_seq_max)
+            context_params.n_threads = n_threads
+            context_params.n_threads_batch = n_threads
+            context_params.type_k = context_params.type_v = KV_CACHE_TYPES[kv_cache_type]
+            if flash_attention is not None:
+                context_params.flash_attn_type = (
+                    llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                    if flash_attention
+                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+                )
+            context = llama_cpp.llama_init_from_model(model, context_params)
+            if not context:
+                raise ResourceExhausted(
+                    f"llama.cpp could not create a context of {context_length} tokens for {n_seq_max} "
+                    "sequences: lower engine_options.context_length"
+                )
+        except BaseException:
+            llama_cpp.llama_model_free(model)
+            raise
+        runner = LlamaCppRunner(model, context, n_seq_max)
+        try:
+            report("warming up", 0, 0)
+            runner.prefill([(0, runner.tokenize("warm up"))])
+            runner.decode({0: 0})
+            runner.release(0)
+        except BaseException:
+            runner.close()
+            raise
+        wants_gpu = on_gpu and n_gpu_layers != 0
+        if wants_gpu and not llama_cpp.llama_supports_gpu_offload():
+            log.warning("%s asked for, but this llama.cpp build runs on the CPU only", plan.device)
+            wants_gpu = False
+        return cls(runner, n_seq_max, plan.device if wants_gpu else "cpu")
+
+    def close(self) -> None:
+        super().close()  # stops the batcher thread first: nothing decodes while the context is freed
+        self.runner.close()
+
+
+ENGINE = LlamaCppEngine
