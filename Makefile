@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "$(LLAMA_CPP)"
-	$(PIP) install -q -e ".[transformers,llamacpp,dev]"
+	$(PIP) install -q -e ".[transformers,llamacpp,modelscope,dev]"
 	touch $@
 
 # buf, the protobuf linter the contract tests run (protos/package.json pins it).
@@ -62,6 +62,26 @@ gpu-pack: $(VENV)/.installed
 
 gpu-check:
 	benchmarks/gpu_check.sh $(GPU_PACK) build/gpu-report
+
+# A few minutes of 32 concurrent streams with random cancellations and deadlines against
+# `llmgrpc serve --launch tiny-llama-3.1` (not in CI): errors, memory, p99 latencies.
+SOAK_S ?= 120
+SOAK_CONCURRENCY ?= 32
+.PHONY: soak
+soak: $(VENV)/.installed
+	$(PY) benchmarks/soak.py --duration $(SOAK_S) --concurrency $(SOAK_CONCURRENCY)
+
+# The benchmark suite (benchmarks/suite.py): overhead, scaling, peers, transport ceiling and
+# start-up; writes docs/benchmarks.md and its plots (about ten minutes on 2 cores).
+# BENCH_ARGS=--quick: a smoke run of about a minute into build/bench-quick (what CI runs).
+BENCH_ARGS ?=
+.PHONY: bench
+bench: $(VENV)/.bench-installed
+	$(PY) benchmarks/suite.py $(BENCH_ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install -q -e ".[bench]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) protos/node_modules build *.egg-info

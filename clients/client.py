@@ -20,10 +20,40 @@ class Client:
     ...         print(piece.text, end="")
     """
 
-    def __init__(self, endpoint: str, channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(endpoint)
+    def __init__(
+        self,
+        endpoint: str,
+        channel: grpc.Channel | None = None,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+    ):
+        """token: sent as 'authorization: Bearer <token>' on every call (needs TLS unless the
+        endpoint is local). root_certificates: TLS, trusting this CA (PEM); private_key and
+        certificate_chain: this client's certificate, for servers that require mutual TLS."""
+        if channel is None:
+            channel = self._channel(endpoint, token, root_certificates, private_key, certificate_chain)
+        self.channel = channel
         self.models = models_pb2_grpc.ModelServiceStub(self.channel)
         self.generation = generate_pb2_grpc.GenerateServiceStub(self.channel)
+
+    @staticmethod
+    def _channel(endpoint, token, root_certificates, private_key, certificate_chain) -> grpc.Channel:
+        tls = root_certificates is not None or certificate_chain is not None
+        if not tls and token is None:
+            return grpc.insecure_channel(endpoint)
+        if tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+        else:
+            # Tokens in plaintext only to a local endpoint (gRPC refuses them elsewhere).
+            credentials = grpc.local_channel_credentials()
+        if token is not None:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(token)
+            )
+        return grpc.secure_channel(endpoint, credentials)
 
     def __enter__(self) -> Client:
         return self
@@ -51,9 +81,10 @@ class Client:
         model_path: str = "",
         device: str = "",
         engine_options: Mapping[str, Any] | None = None,
+        download_hub: str = "",
         timeout: float | None = None,
     ) -> models_pb2.ModelDescription:
-        """Launch a model and wait until it is READY."""
+        """Launch a model and wait until it is READY (get_model shows its progress meanwhile)."""
         request = models_pb2.LaunchModelRequest(
             model_name=model_name,
             model_engine=model_engine,
@@ -63,12 +94,36 @@ class Client:
             model_uid=model_uid,
             model_path=model_path,
             device=device,
+            download_hub=download_hub,
         )
         if engine_options:
             options = struct_pb2.Struct()
             options.update(dict(engine_options))
             request.engine_options.CopyFrom(options)
         return self.models.LaunchModel(request, timeout=timeout).model
+
+    def download(
+        self,
+        model_name: str,
+        *,
+        model_engine: str = "",
+        model_format: str = "",
+        size_in_billions: str = "",
+        quantization: str = "",
+        download_hub: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[models_pb2.DownloadModelResponse]:
+        """Download a spec's weights without launching it: progress messages, then one with
+        model_path. Stop iterating (or .cancel() the iterator) to stop the download."""
+        request = models_pb2.DownloadModelRequest(
+            model_name=model_name,
+            model_engine=model_engine,
+            model_format=model_format,
+            size_in_billions=size_in_billions,
+            quantization=quantization,
+            download_hub=download_hub,
+        )
+        return self.models.DownloadModel(request, timeout=timeout)
 
     def list_models(self) -> list[models_pb2.ModelDescription]:
         return list(self.models.ListModels(models_pb2.ListModelsRequest()).models)

@@ -157,6 +157,8 @@ class LoadPlan:
     max_batch_size: int
     model_path: str = ""
     engine_options: dict[str, Any] = field(default_factory=dict)
+    download_hub: str = "auto"  # "auto" (the spec's hubs in order), "huggingface" or "modelscope"
+    hub_cache_dir: str = ""  # one folder for hub downloads; empty: the hub libraries' own caches
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, GenerationRequest, Usage
-from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, Unavailable
+from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, Reason, Unavailable
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 
@@ -186,17 +186,21 @@ class ContinuousBatcher:
                 if out_of_range:
                     raise InvalidArgument(
                         f"prompt_token_ids has ids outside the vocabulary [0, {runner.vocab_size}): "
-                        f"{out_of_range[:5]}"
+                        f"{out_of_range[:5]}",
+                        reason=Reason.TOKEN_OUT_OF_VOCABULARY,
                     )
             else:
                 prompt_ids = runner.tokenize(request.prompt or "")
             if not prompt_ids:
-                raise InvalidArgument("the prompt is empty: give prompt or prompt_token_ids")
+                raise InvalidArgument(
+                    "the prompt is empty: give prompt or prompt_token_ids", reason=Reason.PROMPT_EMPTY
+                )
             if len(prompt_ids) >= runner.context_length:
                 raise InvalidArgument(
                     f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
                     f"{runner.context_length}: shorten the prompt to at most {runner.context_length - 1} "
-                    "tokens to leave room for generated ones"
+                    "tokens to leave room for generated ones",
+                    reason=Reason.PROMPT_TOO_LONG,
                 )
         except LlmgrpcError as error:
             sequence.deliver(error)

@@ -3,15 +3,24 @@
 The server uses this table to list engines and to validate launches; a worker uses it to
 import the one engine it runs. Availability is checked by ``llmgrpc.engines.probe``,
 run in each engine's own Python environment.
+
+Engines defined outside llmgrpc join the table as plugins: ``load_plugins`` imports each
+``"module:attribute"`` naming an ``EngineInfo`` (its ``module`` holds the engine class as
+``ENGINE``, imported by workers only). The server loads its ``engine_plugins`` setting
+and hands the same list to its probes and workers in the ``LLMGRPC_ENGINE_PLUGINS``
+environment variable (a JSON list), which they load with ``load_plugins_from_environment``.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from llmgrpc.engines.base import Engine
-from llmgrpc.engines.errors import InvalidArgument
+from llmgrpc.engines.errors import InvalidArgument, Reason
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ ENGINES: tuple[EngineInfo, ...] = (
             ("n_threads", int, "CPU threads for torch (default: all cores)"),
             ("context_length", int, "longest prompt plus output, at most the model's own"),
             ("attn_implementation", str, "sdpa (default) or eager"),
+            ("trust_remote_code", bool, "run the repository's own code (needs allow_trust_remote_code)"),
             (
                 "decode",
                 str,
@@ -126,6 +136,34 @@ ENGINES: tuple[EngineInfo, ...] = (
 )
 
 _BY_KEY = {info.key: info for info in ENGINES}
+PLUGINS_ENV = "LLMGRPC_ENGINE_PLUGINS"
+
+
+def engines() -> tuple[EngineInfo, ...]:
+    """Every engine this process knows: the built-in ones, then plugins in the order loaded."""
+    return tuple(_BY_KEY.values())
+
+
+def load_plugins(plugins: Iterable[str]) -> list[EngineInfo]:
+    """Import each "module:attribute" naming an EngineInfo, and add it to this process's engines."""
+    loaded = []
+    for plugin in plugins:
+        module_name, _, attribute = plugin.partition(":")
+        if not module_name or not attribute:
+            raise ValueError(f"engine plugin {plugin!r} is not of the form module:attribute")
+        info = getattr(importlib.import_module(module_name), attribute, None)
+        if not isinstance(info, EngineInfo):
+            raise ValueError(f"engine plugin {plugin!r} names {type(info).__name__}, not an EngineInfo")
+        if _BY_KEY.get(info.key, info) != info:
+            raise ValueError(f"engine plugin {plugin!r}: an engine called {info.name} exists already")
+        _BY_KEY[info.key] = info
+        loaded.append(info)
+    return loaded
+
+
+def load_plugins_from_environment() -> list[EngineInfo]:
+    """The plugins the server passed to this process (a probe or a worker)."""
+    return load_plugins(json.loads(os.environ.get(PLUGINS_ENV) or "[]"))
 
 
 def validate_engine_options(info: EngineInfo, options: dict) -> None:
@@ -135,7 +173,8 @@ def validate_engine_options(info: EngineInfo, options: dict) -> None:
     for name, value in options.items():
         if name not in known:
             raise InvalidArgument(
-                f"engine_options.{name} is not an option of {info.name}; valid options: {valid or 'none'}"
+                f"engine_options.{name} is not an option of {info.name}; valid options: {valid or 'none'}",
+                reason=Reason.ENGINE_OPTION_INVALID,
             )
         kind = known[name][0]
         # JSON (and so protobuf Struct) numbers are floats: accept whole ones for int options.
@@ -143,7 +182,8 @@ def validate_engine_options(info: EngineInfo, options: dict) -> None:
             continue
         if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
             raise InvalidArgument(
-                f"engine_options.{name} must be a {kind.__name__}, got {value!r}; valid options: {valid}"
+                f"engine_options.{name} must be a {kind.__name__}, got {value!r}; valid options: {valid}",
+                reason=Reason.ENGINE_OPTION_INVALID,
             )
 
 
@@ -151,6 +191,8 @@ def engine_info(name: str) -> EngineInfo:
     """The engine called name, matched case-insensitively ("transformers", "LLAMA.CPP")."""
     info = _BY_KEY.get(name.strip().lower())
     if info is None:
-        valid = ", ".join(info.name for info in ENGINES)
-        raise InvalidArgument(f"unknown engine {name!r}; valid engines: {valid}")
+        valid = ", ".join(info.name for info in engines())
+        raise InvalidArgument(
+            f"unknown engine {name!r}; valid engines: {valid}", reason=Reason.UNKNOWN_ENGINE
+        )
     return info

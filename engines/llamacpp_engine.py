@@ -22,8 +22,11 @@ with the batch's. ``kv_unified: true`` puts every sequence in one buffer instead
 llama.cpp prefers for sequences that share a long prefix): the interleaved layout
 changes rounding in attention, so a greedy output can then depend on its neighbours.
 
-Batch invariance: with per-slot streams, Q8_0 weights give every request the very
-logits it gets alone. Other weight types go through llama.cpp matrix kernels that pick
+Batch invariance: with per-slot streams and ``flash_attention: false``, Q8_0 weights give
+every request the very logits it gets alone. (Flash attention pads each step's keys to
+the longest sequence in the step, so once sequences of different lengths share steps its
+rounding moves, and a greedy output can change after a few hundred tokens.)
+Other weight types go through llama.cpp matrix kernels that pick
 a different code path (repacked tiles, tinyBLAS, gemv or gemm) with the number of rows
 in the batch; their last-bit differences, amplified where activations are quantized,
 can flip a greedy choice between two near-equal tokens. That is llama.cpp's arithmetic,

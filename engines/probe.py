@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from llmgrpc.engines.catalogue import ENGINES, EngineInfo
+from llmgrpc.engines.catalogue import EngineInfo, engines, load_plugins_from_environment
 
 
 def cuda_devices() -> list[dict[str, Any]]:
@@ -74,10 +74,11 @@ def probe() -> dict[str, Any]:
     devices = cuda_devices()
     return {
         "python": sys.executable,
-        "engines": {info.name: unavailable_reason(info, bool(devices)) for info in ENGINES},
+        "engines": {info.name: unavailable_reason(info, bool(devices)) for info in engines()},
         "cuda_devices": devices,
     }
 
 
 if __name__ == "__main__":
+    load_plugins_from_environment()  # the server's engine_plugins
     json.dump(probe(), sys.stdout)

@@ -21,7 +21,8 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, prompt_token_ids: Iterable[int]):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        # The contract's seed is any int64; numpy takes only non-negative seeds: use its 64 bits.
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
         self._seen = set(prompt_token_ids)  # prompt and output, for the repetition penalty
         self._output_counts: Counter[int] = Counter()
 

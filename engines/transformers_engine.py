@@ -316,8 +316,16 @@ class TransformersEngine(BatchedEngine):
             )
 
         report("loading weights", 0, 0)
-        tokenizer = AutoTokenizer.from_pretrained(weights)
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation=attention)
+        # The server passes trust_remote_code only where the operator allows it (allow_trust_remote_code).
+        remote_code = bool(options.get("trust_remote_code", False))
+        tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            weights,
+            dtype=dtype,
+            attn_implementation=attention,
+            trust_remote_code=remote_code,
+            use_safetensors=True,  # never unpickle a .bin checkpoint found in model_path
+        )
         model = model.to(device).eval()
         model_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         decode = options.get("decode", "compiled" if device.type == "cuda" else "plain")

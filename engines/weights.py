@@ -1,20 +1,18 @@
 """Where a model's weights come from: a local path, the built-in generator, or a hub.
 
 Runs in the worker process, before the engine loads: the server itself never touches
-weight files. Hub downloads go through the hubs' own client libraries, into their own
-caches, so weights a user already downloaded are found and reused.
+weight files. Hub downloads (``llmgrpc.engines.downloads``) go through the hubs' own
+client libraries, into their own caches, so weights a user already downloaded are found
+and reused.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from llmgrpc.engines import tiny_model
+from llmgrpc.engines import downloads, tiny_model
 from llmgrpc.engines.base import LoadPlan, ProgressReport
-from llmgrpc.engines.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
-
-# A pytorch spec needs its configuration, tokenizer and safetensors weights; never pickles.
-PYTORCH_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
+from llmgrpc.engines.errors import FailedPrecondition, Reason
 
 
 def resolve(plan: LoadPlan, report: ProgressReport) -> str:
@@ -23,7 +21,9 @@ def resolve(plan: LoadPlan, report: ProgressReport) -> str:
     if plan.model_path:
         path = Path(plan.model_path).expanduser()
         if not path.exists():
-            raise FailedPrecondition(f"model_path {plan.model_path!r} does not exist on the server")
+            raise FailedPrecondition(
+                f"model_path {plan.model_path!r} does not exist on the server", reason=Reason.WEIGHTS_MISSING
+            )
         if path.is_dir() and spec.model_format.startswith("gguf"):
             file_name = spec.model_file_name_template.format(quantization=spec.quantization)
             return str(gguf_file_in(path, file_name))
@@ -43,7 +43,7 @@ def resolve(plan: LoadPlan, report: ProgressReport) -> str:
             raise FailedPrecondition(f"{tiny_model.NAME} has no {spec.model_format} weights to generate")
         report("generating", 0, 0)
         return str(tiny_model.ensure(target))
-    return download_from_huggingface(plan, report)
+    return downloads.download(plan, report)
 
 
 def gguf_file_in(folder: Path, file_name: str) -> Path:
@@ -57,38 +57,7 @@ def gguf_file_in(folder: Path, file_name: str) -> Path:
         present = sorted(p.name for p in folder.glob("*.gguf"))
         raise FailedPrecondition(
             f"model_path {str(folder)!r} is a folder without {file_name}; GGUF files there: "
-            f"{', '.join(present) or 'none'}; give the file itself as model_path, or pick its quantization"
+            f"{', '.join(present) or 'none'}; give the file itself as model_path, or pick its quantization",
+            reason=Reason.WEIGHTS_MISSING,
         )
     return path
-
-
-def download_from_huggingface(plan: LoadPlan, report: ProgressReport) -> str:
-    spec = plan.spec
-    hub = next((h for h in spec.hubs if h["name"] == "huggingface"), None)
-    if hub is None:
-        raise FailedPrecondition(f"{spec.model_id} lists no Hugging Face hub; give model_path instead")
-    try:
-        import huggingface_hub
-        from huggingface_hub import errors as hub_errors
-    except ImportError as missing:
-        raise FailedPrecondition(
-            f"downloading needs huggingface_hub ({missing}); pip install huggingface_hub, or give model_path"
-        ) from None
-    report("downloading", 0, 0)
-    try:
-        if spec.model_format.startswith("gguf"):
-            filename = spec.model_file_name_template.format(quantization=spec.quantization)
-            return huggingface_hub.hf_hub_download(hub["model_id"], filename)
-        return huggingface_hub.snapshot_download(hub["model_id"], allow_patterns=PYTORCH_FILES)
-    except hub_errors.GatedRepoError as error:
-        raise PermissionDenied(
-            f"{hub['model_id']} is gated on Hugging Face: accept its licence and set HF_TOKEN ({error})"
-        ) from None
-    except hub_errors.RepositoryNotFoundError:
-        raise NotFound(f"{hub['model_id']} was not found on Hugging Face (or needs HF_TOKEN)") from None
-    except hub_errors.LocalEntryNotFoundError as error:
-        raise FailedPrecondition(
-            f"{hub['model_id']} is not in the local cache and downloads are off or failed: {error}"
-        ) from None
-    except (OSError, hub_errors.HfHubHTTPError) as error:
-        raise Unavailable(f"could not download {hub['model_id']} from Hugging Face: {error}") from None

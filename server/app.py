@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
 
+from llmgrpc.engines.catalogue import load_plugins
+from llmgrpc.server import tracing
+from llmgrpc.server.auth import TokenTable, read_tokens_file
 from llmgrpc.server.availability import EngineAvailability
+from llmgrpc.server.interceptor import ServerInterceptor
 from llmgrpc.server.manager import EngineManager, LaunchRequest
+from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.reflection import enable_reflection
 from llmgrpc.server.registry import Registry, SpecQuery
 from llmgrpc.server.servicers import GenerateServicer, ModelServicer
@@ -28,35 +35,87 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class LlmgrpcServer:
-    """A gRPC server with its engine manager; stopping it stops every worker too."""
+    """A gRPC server with its engine manager; stopping it drains calls, then stops every worker."""
 
     def __init__(
-        self, grpc_server: grpc.aio.Server, manager: EngineManager, health_servicer, settings: Settings
+        self,
+        grpc_server: grpc.aio.Server,
+        manager: EngineManager,
+        health_servicer,
+        settings: Settings,
+        *,
+        interceptor: ServerInterceptor,
+        metrics: Metrics,
+        tracer_provider: trace.TracerProvider,
+        health_server: tuple[grpc.aio.Server, int] | None = None,
     ):
         self.grpc_server = grpc_server
         self.manager = manager
         self.health = health_servicer
         self.settings = settings
+        self.interceptor = interceptor
+        self.metrics = metrics
+        self.tracer_provider = tracer_provider
+        self._health_server = health_server[0] if health_server else None
+        self.health_port = health_server[1] if health_server else None
+        self.metrics_port: int | None = None
+        self.owns_tracer_provider = False  # made from the settings: this server flushes it when stopping
 
-    async def start(self) -> None:
+    async def start(self, ready: bool = True) -> None:
+        """Serve. ready=False: liveness is SERVING but the services wait for mark_ready()."""
         await self.grpc_server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
         self.manager.availability.start()
-        for name in ("", *SERVICE_NAMES):
+        await self.health.set("", SERVING)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
+
+    async def mark_ready(self) -> None:
+        for name in SERVICE_NAMES:
             await self.health.set(name, SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let streams in flight finish within grace seconds, stop workers."""
+        """Drain: health NOT_SERVING and new calls refused (UNAVAILABLE) at once; calls in flight
+        get up to grace seconds to finish, then are cancelled; then every worker stops."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        self.interceptor.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        if not await self.interceptor.wait_idle(grace):
+            log.warning(
+                "%d calls still running after %.0f s of grace: cancelling them",
+                self.interceptor.in_flight,
+                grace,
+            )
+        # Only health and reflection calls (Watch streams never end) are left: no need to wait.
+        await self.grpc_server.stop(0)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.manager.close()
+        await self.manager.availability.close()
+        self.metrics.stop_http()
+        if self.owns_tracer_provider:
+            tracing.shutdown(self.tracer_provider)
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
 
 
-async def create_server(address: str, settings: Settings | None = None) -> tuple[LlmgrpcServer, int]:
-    """Build the server bound to address ("host:port"; port 0 picks a free one). Not started."""
+def _read(path) -> bytes:
+    return Path(path).read_bytes()
+
+
+async def create_server(
+    address: str, settings: Settings | None = None, *, tracer_provider: trace.TracerProvider | None = None
+) -> tuple[LlmgrpcServer, int]:
+    """Build the server bound to address ("host:port"; port 0 picks a free one). Not started.
+
+    tracer_provider: where spans go (default: made from settings.trace_exporter).
+    """
     settings = settings or Settings()
+    load_plugins(settings.engine_plugins)  # before the registry: its families may name them
     registry = Registry.load([settings.families_dir] if settings.families_dir else [])
     availability = EngineAvailability(settings)
     health_servicer = health.aio.HealthServicer()
@@ -66,36 +125,98 @@ async def create_server(address: str, settings: Settings | None = None) -> tuple
         status = SERVING if serving else NOT_SERVING
         loop.create_task(health_servicer.set(name, status))
 
-    manager = EngineManager(settings, registry, availability, set_health)
-    server = grpc.aio.server()
-    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager, registry, availability), server)
-    generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(manager), server)
+    tokens = dict(settings.auth_tokens)
+    if settings.auth_tokens_file is not None:
+        tokens.update(read_tokens_file(settings.auth_tokens_file))
+    metrics = Metrics()
+    provider = tracer_provider or tracing.tracer_provider(settings.trace_exporter, "llmgrpc")
+    tracer = provider.get_tracer(tracing.TRACER_NAME)
+    manager = EngineManager(settings, registry, availability, set_health, metrics=metrics, tracer=tracer)
+    metrics.watch(manager)
+    interceptor = ServerInterceptor(TokenTable(tokens), metrics, tracer)
+    options = settings.grpc_options()
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelServicer(manager, registry, availability, settings), server
+    )
+    generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(manager, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    return LlmgrpcServer(server, manager, health_servicer, settings), port
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        client_ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+        credentials = grpc.ssl_server_credentials(
+            [(_read(settings.tls_key_file), _read(settings.tls_cert_file))],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    health_server = None
+    if settings.health_port is not None:
+        # Kubernetes' gRPC probes speak neither TLS nor tokens: health alone, in plaintext, on its own port.
+        health_only = grpc.aio.server(options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_only)
+        health_server = (
+            health_only,
+            health_only.add_insecure_port(f"{settings.host}:{settings.health_port}"),
+        )
+    llmgrpc_server = LlmgrpcServer(
+        server,
+        manager,
+        health_servicer,
+        settings,
+        interceptor=interceptor,
+        metrics=metrics,
+        tracer_provider=provider,
+        health_server=health_server,
+    )
+    llmgrpc_server.owns_tracer_provider = tracer_provider is None
+    return llmgrpc_server, port
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, launching settings.launch first; then drain and stop."""
+    """Run until SIGTERM or SIGINT, launching settings.launch first; then drain and stop.
+
+    The services report NOT_SERVING until the models of settings.launch are READY, so a
+    readiness probe keeps traffic away until the replica can answer it.
+    """
     server, port = await create_server(settings.address, settings)
-    await server.start()
+    await server.start(ready=False)
     endpoint = f"{settings.host}:{port}"
     log.info("llmgrpc listening on %s", endpoint)
+    if server.health_port is not None:
+        log.info("health (plaintext) on %s:%d", settings.host, server.health_port)
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    for model_name in settings.launch:
-        log.info("launching %s ...", model_name)
-        model = await server.manager.launch(
-            LaunchRequest(query=SpecQuery(model_name=model_name), model_uid=model_name)
-        )
-        log.info("model %s READY (%s on %s)", model.uid, model.selection.engine, model.device)
-    print(ready_banner(endpoint, settings.launch), flush=True)
-    await stopping.wait()
-    log.info("shutting down: draining streams for up to %.0f s", settings.shutdown_grace_s)
+
+    async def launch_all() -> None:
+        for model_name in settings.launch:
+            log.info("launching %s ...", model_name)
+            model = await server.manager.launch(
+                LaunchRequest(query=SpecQuery(model_name=model_name), model_uid=model_name)
+            )
+            log.info("model %s READY (%s on %s)", model.uid, model.selection.engine, model.device)
+
+    launching = asyncio.ensure_future(launch_all())
+    signalled = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({launching, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if launching.done() and launching.exception() is None:
+        await server.mark_ready()
+        print(ready_banner(endpoint, settings.launch), flush=True)
+        await signalled
+    else:
+        launching.cancel()  # stopped while launching, or a launch failed: stop either way
+        signalled.cancel()
+    log.info("shutting down: draining calls for up to %.0f s", settings.shutdown_grace_s)
     await server.stop()
+    log.info("stopped")
+    if not launching.cancelled() and launching.exception() is not None:
+        raise launching.exception()
 
 
 def ready_banner(endpoint: str, launched: list[str]) -> str:

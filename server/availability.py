@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
-from llmgrpc.engines.catalogue import ENGINES
-from llmgrpc.engines.errors import FailedPrecondition
+from llmgrpc.engines.catalogue import PLUGINS_ENV, engines
+from llmgrpc.engines.errors import FailedPrecondition, Reason
 from llmgrpc.server.settings import Settings
 
 PROBE_TIMEOUT_S = 120.0
@@ -30,12 +31,12 @@ class EngineAvailability:
 
     def start(self) -> None:
         """Begin probing every environment in the background."""
-        for info in ENGINES:
+        for info in engines():
             self._probe(self.python_for(info.name))
 
     async def reasons(self) -> dict[str, str | None]:
         """Each engine's reason it cannot run here, or None when it can."""
-        return {info.name: await self.reason(info.name) for info in ENGINES}
+        return {info.name: await self.reason(info.name) for info in engines()}
 
     async def reason(self, engine: str) -> str | None:
         report = await self._probe(self.python_for(engine))
@@ -54,15 +55,24 @@ class EngineAvailability:
     async def require(self, engine: str) -> None:
         reason = await self.reason(engine)
         if reason:
-            raise FailedPrecondition(f"engine {engine} cannot run on this server: {reason}")
+            raise FailedPrecondition(
+                f"engine {engine} cannot run on this server: {reason}", reason=Reason.ENGINE_UNAVAILABLE
+            )
+
+    async def close(self) -> None:
+        """Stop probes still running (their processes are killed)."""
+        for task in self._probes.values():
+            task.cancel()
+        await asyncio.gather(*self._probes.values(), return_exceptions=True)
 
     def _probe(self, python: str) -> asyncio.Task[dict[str, Any]]:
         if python not in self._probes:
-            self._probes[python] = asyncio.ensure_future(_run_probe(python))
+            plugins = json.dumps(self._settings.engine_plugins)
+            self._probes[python] = asyncio.ensure_future(_run_probe(python, plugins))
         return self._probes[python]
 
 
-async def _run_probe(python: str) -> dict[str, Any]:
+async def _run_probe(python: str, plugins: str) -> dict[str, Any]:
     try:
         process = await asyncio.create_subprocess_exec(
             python,
@@ -70,8 +80,14 @@ async def _run_probe(python: str) -> dict[str, Any]:
             "llmgrpc.engines.probe",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, PLUGINS_ENV: plugins},
         )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), PROBE_TIMEOUT_S)
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(), PROBE_TIMEOUT_S)
+        except BaseException:  # timed out, or the server is stopping: leave no process behind
+            process.kill()
+            await process.wait()
+            raise
     except (OSError, asyncio.TimeoutError) as error:
         return {"error": f"could not run {python} to check its engines: {error!r}"}
     if process.returncode != 0:

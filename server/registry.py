@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llmgrpc.engines.base import SpecRef
 from llmgrpc.engines.catalogue import engine_info
-from llmgrpc.engines.errors import InvalidArgument, NotFound
+from llmgrpc.engines.errors import InvalidArgument, NotFound, Reason
 from llmgrpc.v1 import models_pb2
 
 BUILTIN_FAMILIES = Path(__file__).parent / "families"
@@ -28,9 +28,14 @@ class ModelHub:
     model_id: str
     url: str
 
-    def to_pb(self) -> models_pb2.ModelHub:
+    def to_pb(self, unavailable_reason: str | None = None) -> models_pb2.ModelHub:
         return models_pb2.ModelHub(
-            name=self.name, display_name=self.display_name, model_id=self.model_id, url=self.url
+            name=self.name,
+            display_name=self.display_name,
+            model_id=self.model_id,
+            url=self.url,
+            available=unavailable_reason is None,
+            reason=unavailable_reason or "",
         )
 
 
@@ -135,7 +140,8 @@ class Registry:
         family = self.families.get(model_name)
         if family is None:
             raise NotFound(
-                f"no model family named {model_name!r}; known families: {', '.join(self.families)}"
+                f"no model family named {model_name!r}; known families: {', '.join(self.families)}",
+                reason=Reason.MODEL_FAMILY_NOT_FOUND,
             )
         return family
 
@@ -175,7 +181,8 @@ class Registry:
                     valid = _unique(getattr(spec, attribute) for spec in specs)
                     raise InvalidArgument(
                         f"{query.model_name} has no spec with {attribute} {wanted!r}"
-                        f"{_given(query, attribute)}; valid: {', '.join(valid)}"
+                        f"{_given(query, attribute)}; valid: {', '.join(valid)}",
+                        reason=Reason.SPEC_NOT_FOUND,
                     )
                 specs = matching
         if query.quantization:
@@ -184,7 +191,8 @@ class Registry:
                 valid = _unique(q for spec in specs for q in spec.quantizations)
                 raise InvalidArgument(
                     f"{query.model_name}{_given(query, 'quantization')} has no quantization "
-                    f"{query.quantization!r}; valid: {', '.join(valid)}"
+                    f"{query.quantization!r}; valid: {', '.join(valid)}",
+                    reason=Reason.QUANTIZATION_NOT_SUPPORTED,
                 )
             specs = matching
         if query.model_engine:
@@ -194,7 +202,8 @@ class Registry:
                 valid = _unique(e for spec in specs for e in spec.engines)
                 raise InvalidArgument(
                     f"engine {engine} does not serve {query.model_name}{_given(query, 'model_engine')}; "
-                    f"engines that do: {', '.join(valid)}"
+                    f"engines that do: {', '.join(valid)}",
+                    reason=Reason.ENGINE_NOT_SUPPORTED,
                 )
             spec = matching[0]
         else:

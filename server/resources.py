@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmgrpc.engines.errors import ResourceExhausted
+from llmgrpc.engines.errors import Reason, ResourceExhausted
 
 # Bits per weight of llama.cpp's quantization types, as llama.cpp's quantize tool lists them.
 GGUF_BITS_PER_WEIGHT = {
@@ -78,7 +78,9 @@ def check_fits(needed: int, free: int, what: str, device: str) -> None:
     if needed > free:
         raise ResourceExhausted(
             f"{what} needs about {needed / GIB:.1f} GiB on {device} but only {free / GIB:.1f} GiB is free; "
-            "pick a smaller size or a quantized format, or free memory"
+            "pick a smaller size or a quantized format, or free memory",
+            reason=Reason.INSUFFICIENT_MEMORY,
+            metadata={"needed_bytes": str(needed), "free_bytes": str(free), "device": device},
         )
 
 

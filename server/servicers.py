@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import grpc
 
+from llmgrpc.engines import hubs
+from llmgrpc.server import logs
+from llmgrpc.server.auth import check_engine_options, check_model_path
 from llmgrpc.server.availability import EngineAvailability
-from llmgrpc.server.manager import EngineManager, LaunchRequest
+from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest, progress_to_pb
+from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery
+from llmgrpc.server.settings import Settings
 from llmgrpc.server.status import grpc_errors
-from llmgrpc.server.validation import check_generate, check_launch, check_model_uid
-from llmgrpc.server.worker import REQUEST_ID_METADATA
+from llmgrpc.server.validation import check_download, check_generate, check_launch, check_model_uid
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 
 def family_to_pb(
-    family: ModelFamily, specs: list[ModelSpec], reasons: dict[str, str | None]
+    family: ModelFamily,
+    specs: list[ModelSpec],
+    reasons: dict[str, str | None],
+    hub_reasons: dict[str, str | None] | None = None,
 ) -> models_pb2.ModelFamily:
+    hub_reasons = hub_reasons or {}
     return models_pb2.ModelFamily(
         model_name=family.model_name,
         description=family.description,
@@ -30,7 +39,7 @@ def family_to_pb(
                 size_in_billions=spec.size_in_billions,
                 quantizations=spec.quantizations,
                 model_id=spec.model_id,
-                hubs=[hub.to_pb() for hub in spec.hubs],
+                hubs=[hub.to_pb(hub_reasons.get(hub.name)) for hub in spec.hubs],
                 engines=[
                     models_pb2.EngineAvailability(
                         name=engine, available=reasons.get(engine) is None, reason=reasons.get(engine) or ""
@@ -54,23 +63,31 @@ def query_from_pb(request: models_pb2.ListSpecsRequest) -> SpecQuery:
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
-    def __init__(self, manager: EngineManager, registry: Registry, availability: EngineAvailability):
+    def __init__(
+        self, manager: EngineManager, registry: Registry, availability: EngineAvailability, settings: Settings
+    ):
         self.manager = manager
         self.registry = registry
         self.availability = availability
+        self.settings = settings
 
     @grpc_errors
     async def ListSpecs(self, request, context):
         found = self.registry.search(query_from_pb(request))
         reasons = await self.availability.reasons()
+        hub_reasons = hubs.unavailable_reasons()
         return models_pb2.ListSpecsResponse(
-            families=[family_to_pb(family, specs, reasons) for family, specs in found]
+            families=[family_to_pb(family, specs, reasons, hub_reasons) for family, specs in found]
         )
 
     @grpc_errors
     async def LaunchModel(self, request, context):
         check_launch(request)
-        model = await self.manager.launch(LaunchRequest.from_pb(request))
+        launch = LaunchRequest.from_pb(request)
+        check_engine_options(launch.engine_options, self.settings.allow_trust_remote_code)
+        # The worker gets the resolved path: what was checked is what is loaded.
+        model_path = check_model_path(launch.model_path, self.settings.allowed_model_dirs)
+        model = await self.manager.launch(dataclasses.replace(launch, model_path=model_path))
         return models_pb2.LaunchModelResponse(model=model.to_pb())
 
     @grpc_errors
@@ -90,15 +107,26 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         model = await self.manager.terminate(request.model_uid)
         return models_pb2.TerminateModelResponse(model=model.to_pb())
 
+    @grpc_errors
+    async def DownloadModel(self, request, context):
+        check_download(request)
+        async for event in self.manager.download(DownloadRequest.from_pb(request)):
+            if "path" in event:
+                yield models_pb2.DownloadModelResponse(model_path=event["path"])
+            else:
+                yield models_pb2.DownloadModelResponse(progress=progress_to_pb(event))
+
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
-    def __init__(self, manager: EngineManager):
+    def __init__(self, manager: EngineManager, metrics: Metrics):
         self.manager = manager
+        self.metrics = metrics
 
     @grpc_errors
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         check_generate(request)
-        request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA) or uuid.uuid4().hex
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
-        async for response in self.manager.generate(request, request_id, context.time_remaining()):
+        # The interceptor took the caller's x-request-id (or made one) and sent it back already.
+        request_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
+        responses = self.manager.generate(request, request_id, context.time_remaining())
+        async for response in self.metrics.track_generation(request.model_uid, responses):
             yield response

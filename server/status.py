@@ -3,6 +3,11 @@
 ``llmgrpc.engines.errors.CODE_NAMES`` is the table; ``grpc_errors`` applies it around
 every RPC, so servicers raise domain errors and never pick a status themselves. Only a
 real bug becomes INTERNAL, and it is logged with its traceback.
+
+Every status carries ``google.rpc.Status`` details: an ``ErrorInfo`` (the error's stable
+reason, domain ``llmgrpc.v1``), a ``BadRequest`` for invalid fields, and a ``RetryInfo``
+where waiting helps (queue full, model loading). Messages and details are clipped: they
+may quote what the caller sent, and trailers have a size limit.
 """
 
 from __future__ import annotations
@@ -12,11 +17,18 @@ import inspect
 import logging
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, RemoteError, code_name
+from llmgrpc.engines.errors import (
+    ERROR_DOMAIN,
+    InvalidArgument,
+    LlmgrpcError,
+    RemoteError,
+    code_name,
+    reason_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,29 +37,92 @@ def status_code(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[code_name(error)]
 
 
+# Trailers above about 8 KiB are refused by gRPC clients: keep every part well below.
+MESSAGE_LIMIT = 1536  # bytes once percent-encoded as grpc-message
+DESCRIPTION_LIMIT = 200  # bytes of one BadRequest field violation
+METADATA_VALUE_LIMIT = 128  # bytes of one ErrorInfo metadata value
+MAX_VIOLATIONS = 32
+
+
+def clip(text: str, limit: int, *, percent_encoded: bool = False) -> str:
+    """text cut to at most limit bytes (counting grpc-message's percent-encoding if asked)."""
+    data = text.encode("utf-8", "replace")
+    cost = 0
+    for end, byte in enumerate(data):
+        cost += 1 if not percent_encoded or (0x20 <= byte <= 0x7E and byte != 0x25) else 3
+        if cost > limit - 3:  # room for the ellipsis
+            return data[:end].decode("utf-8", "ignore") + "..."
+    return text
+
+
+def _pack(message) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
 def to_rpc_status(error: BaseException) -> grpc.Status:
-    """The status a caller gets for error, with machine-readable details where there are any."""
+    """The status a caller gets for error, with machine-readable details."""
     code = status_code(error)
     message = str(error) if isinstance(error, LlmgrpcError) else "internal error; see the server log"
-    details = []
-    if isinstance(error, InvalidArgument) and error.violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
-            ]
+    message = clip(message, MESSAGE_LIMIT, percent_encoded=True)
+    metadata = getattr(error, "metadata", None) or {}
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(
+                reason=reason_of(error),
+                domain=ERROR_DOMAIN,
+                metadata={str(k): clip(str(v), METADATA_VALUE_LIMIT) for k, v in metadata.items()},
+            )
         )
-        detail = any_pb2.Any()
-        detail.Pack(bad_request)
-        details.append(detail)
+    ]
+    if isinstance(error, InvalidArgument) and error.violations:
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=clip(v.field, DESCRIPTION_LIMIT),
+                            description=clip(v.description, DESCRIPTION_LIMIT),
+                        )
+                        for v in error.violations[:MAX_VIOLATIONS]
+                    ]
+                )
+            )
+        )
+    retry_after_s = getattr(error, "retry_after_s", None)
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after_s * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return rpc_status.to_status(
         status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     )
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
-    """An error a worker process answered with, as a domain error keeping its code."""
-    return RemoteError(code_name=error.code().name, message=error.details() or error.code().name)
+    """An error a worker process answered with, as a domain error keeping its code and reason."""
+    reason, retry_after_s, metadata = None, None, {}
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # trailers that disagree with the status: keep the code and message
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+    return RemoteError(
+        code_name=error.code().name,
+        message=error.details() or error.code().name,
+        reason=reason,
+        retry_after_s=retry_after_s,
+        metadata=metadata,
+    )
 
 
 def grpc_errors(method):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import re
 
-from llmgrpc.engines.errors import FieldViolation, InvalidArgument
+from google.protobuf import struct_pb2
+
+from llmgrpc.engines.errors import FieldViolation, InvalidArgument, Reason
+from llmgrpc.engines.hubs import DOWNLOAD_HUBS
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 MODEL_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -15,7 +18,7 @@ DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 def _raise_if_any(what: str, violations: list[FieldViolation]) -> None:
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        raise InvalidArgument(f"invalid {what}: {summary}", violations)
+        raise InvalidArgument(f"invalid {what}: {summary}", violations, reason=Reason.INVALID_FIELD)
 
 
 def check_generate(request: generate_pb2.GenerateRequest) -> None:
@@ -76,9 +79,51 @@ def check_launch(request: models_pb2.LaunchModelRequest) -> None:
         violations.append(
             FieldViolation("device", f"{request.device!r} is not valid: auto, cpu, cuda or cuda:N")
         )
+    if request.HasField("engine_options"):
+        for path in _non_finite_numbers(request.engine_options, "engine_options"):
+            violations.append(FieldViolation(path, "numbers must be finite (JSON has no NaN or Infinity)"))
+    violations += _download_hub_violations(request.download_hub)
     _raise_if_any("LaunchModelRequest", violations)
+
+
+def check_download(request: models_pb2.DownloadModelRequest) -> None:
+    violations: list[FieldViolation] = []
+    if not request.model_name:
+        violations.append(
+            FieldViolation("model_name", "required: a family name (ModelService.ListSpecs lists them)")
+        )
+    violations += _download_hub_violations(request.download_hub)
+    _raise_if_any("DownloadModelRequest", violations)
+
+
+def _download_hub_violations(download_hub: str) -> list[FieldViolation]:
+    if download_hub and download_hub not in DOWNLOAD_HUBS:
+        return [
+            FieldViolation(
+                "download_hub", f"{download_hub!r} is not valid: {', '.join(DOWNLOAD_HUBS)} (empty: auto)"
+            )
+        ]
+    return []
 
 
 def check_model_uid(model_uid: str) -> None:
     if not model_uid:
         _raise_if_any("request", [FieldViolation("model_uid", "required: the uid of a launched model")])
+
+
+def _non_finite_numbers(struct: struct_pb2.Struct, prefix: str):
+    """Paths of NaN and infinite numbers in a Struct (they have no JSON form)."""
+
+    def walk(value: struct_pb2.Value, path: str):
+        kind = value.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            yield path
+        elif kind == "struct_value":
+            for key, item in value.struct_value.fields.items():
+                yield from walk(item, f"{path}.{key}")
+        elif kind == "list_value":
+            for index, item in enumerate(value.list_value.values):
+                yield from walk(item, f"{path}[{index}]")
+
+    for key, item in struct.fields.items():
+        yield from walk(item, f"{prefix}.{key}")

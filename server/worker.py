@@ -3,7 +3,8 @@
 The server starts ``python -m llmgrpc.server.worker --socket PATH --plan JSON`` with the
 engine's interpreter. The worker answers three RPCs of an internal service,
 ``llmgrpc.worker.Worker``: ``Load`` (streams progress, then the engine's stats),
-``Generate`` (the public GenerateRequest/GenerateResponse messages) and ``Stats``.
+``Generate`` (the public GenerateRequest/GenerateResponse messages), ``Stats``, and
+``Download`` (fetch the weights only, for DownloadModel: progress, then their path).
 Cancelling a Generate call closes the engine's stream, which aborts the request. The
 worker exits when the server closes its standard input, so it never outlives the server.
 """
@@ -19,14 +20,18 @@ import os
 import sys
 import threading
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
+from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from llmgrpc.engines import weights
-from llmgrpc.engines.base import Engine, GenerationRequest, LoadPlan
-from llmgrpc.engines.catalogue import engine_info
-from llmgrpc.engines.errors import FailedPrecondition, Unavailable
+from llmgrpc.engines.base import Engine, GenerationRequest, LoadPlan, ProgressReport
+from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
+from llmgrpc.engines.errors import FailedPrecondition, Reason, Unavailable
+from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.v1 import generate_pb2
 
@@ -47,50 +52,65 @@ def decode_json(data: bytes) -> dict:
 class Worker:
     """Holds the one engine of this process and serves the internal RPCs."""
 
-    def __init__(self, plan: LoadPlan):
+    def __init__(self, plan: LoadPlan, tracer: trace.Tracer | None = None):
         self.plan = plan
         self.engine: Engine | None = None
+        self.tracer = tracer or trace.NoOpTracer()
 
     @grpc_errors
     async def Load(self, request: dict, context: grpc.aio.ServicerContext):
         if self.engine is not None:
             yield {"stats": asdict(self.engine.stats())}
             return
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict] = asyncio.Queue()
 
-        def report(phase: str, done: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, {"phase": phase, "done": done, "total": total})
-
-        def load() -> Engine:
+        def load(report: ProgressReport) -> Engine:
             engine_class = engine_info(self.plan.engine).load_class()
             return engine_class.load(self.plan, weights.resolve(self.plan, report), report)
 
-        loading = asyncio.ensure_future(asyncio.to_thread(load))
-        while not loading.done():
-            next_event = asyncio.ensure_future(events.get())
-            await asyncio.wait({loading, next_event}, return_when=asyncio.FIRST_COMPLETED)
-            if next_event.done():
-                yield next_event.result()
-            else:
-                next_event.cancel()
-        self.engine = loading.result()
+        loading = _Reporting(load)
+        async for event in loading.events():
+            yield event
+        self.engine = loading.result
         yield {"stats": asdict(self.engine.stats())}
+
+    @grpc_errors
+    async def Download(self, request: dict, context: grpc.aio.ServicerContext):
+        """Fetch the plan's weights without loading an engine: progress, then {"path": ...}."""
+        downloading = _Reporting(lambda report: weights.resolve(self.plan, report))
+        async for event in downloading.events():
+            yield event
+        yield {"path": downloading.result}
 
     @grpc_errors
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         if self.engine is None:
-            raise FailedPrecondition("the model is not loaded yet")
-        request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA) or uuid.uuid4().hex
+            raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
+        metadata = context.invocation_metadata() or ()
+        request_id = dict(metadata).get(REQUEST_ID_METADATA) or uuid.uuid4().hex
+        logs.REQUEST_ID.set(request_id)
         generation = GenerationRequest.from_pb(request, request_id)
-        async with contextlib.aclosing(self.engine.generate(generation)) as chunks:
-            async for chunk in chunks:
-                yield chunk.to_pb()
+        # The engine's part of the request's trace: a child of the server's call to this worker.
+        with self.tracer.start_as_current_span(
+            "engine.generate",
+            context=tracing.extract(metadata),
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "llmgrpc.request_id": request_id,
+                "llmgrpc.model_uid": self.plan.model_uid,
+                "llmgrpc.engine": self.plan.engine,
+            },
+        ) as span:
+            generated = 0
+            async with contextlib.aclosing(self.engine.generate(generation)) as chunks:
+                async for chunk in chunks:
+                    generated += len(chunk.token_ids)
+                    yield chunk.to_pb()
+            span.set_attribute("llmgrpc.generated_tokens", generated)
 
     @grpc_errors
     async def Stats(self, request: dict, context: grpc.aio.ServicerContext) -> dict:
         if self.engine is None:
-            raise Unavailable("the model is not loaded yet")
+            raise Unavailable("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         return asdict(self.engine.stats())
 
     def handlers(self) -> grpc.GenericRpcHandler:
@@ -105,11 +125,41 @@ class Worker:
                     request_deserializer=generate_pb2.GenerateRequest.FromString,
                     response_serializer=generate_pb2.GenerateResponse.SerializeToString,
                 ),
+                "Download": grpc.unary_stream_rpc_method_handler(
+                    self.Download, request_deserializer=decode_json, response_serializer=encode_json
+                ),
                 "Stats": grpc.unary_unary_rpc_method_handler(
                     self.Stats, request_deserializer=decode_json, response_serializer=encode_json
                 ),
             },
         )
+
+
+class _Reporting:
+    """Runs work(report) in a thread; events() yields its progress reports until it ends."""
+
+    def __init__(self, work: Callable[[ProgressReport], Any]):
+        self.work = work
+        self.result: Any = None
+
+    async def events(self) -> AsyncIterator[dict]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict] = asyncio.Queue()
+
+        def report(phase: str, done: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, {"phase": phase, "done": done, "total": total})
+
+        running = asyncio.ensure_future(asyncio.to_thread(self.work, report))
+        while not running.done():
+            next_event = asyncio.ensure_future(events.get())
+            await asyncio.wait({running, next_event}, return_when=asyncio.FIRST_COMPLETED)
+            if next_event.done():
+                yield next_event.result()
+            else:
+                next_event.cancel()
+        while not events.empty():  # reported just before the work ended
+            yield events.get_nowait()
+        self.result = running.result()
 
 
 def exit_when_server_goes() -> None:
@@ -122,8 +172,9 @@ def exit_when_server_goes() -> None:
     threading.Thread(target=watch, name="server-lifeline", daemon=True).start()
 
 
-async def run(socket_path: str, plan: LoadPlan) -> None:
-    worker = Worker(plan)
+async def run(socket_path: str, plan: LoadPlan, tracer_provider: trace.TracerProvider | None = None) -> None:
+    provider = tracer_provider or trace.NoOpTracerProvider()
+    worker = Worker(plan, provider.get_tracer(tracing.TRACER_NAME))
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((worker.handlers(),))
     server.add_insecure_port(f"unix:{socket_path}")
@@ -133,6 +184,7 @@ async def run(socket_path: str, plan: LoadPlan) -> None:
     finally:
         if worker.engine is not None:
             worker.engine.close()
+        tracing.shutdown(provider)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,11 +192,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
     parser.add_argument("--plan", required=True, help="the LoadPlan, as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LLMGRPC_LOG_LEVEL", "INFO"), format="%(asctime)s worker %(message)s"
+    plan = LoadPlan.from_json_dict(json.loads(args.plan))
+    # The server passes its log and trace settings in the environment (worker_client.worker_environment).
+    logs.configure(os.environ.get("LLMGRPC_LOG_LEVEL", "INFO"), os.environ.get("LLMGRPC_LOG_FORMAT", "text"))
+    logging.getLogger().handlers[0].addFilter(_WorkerFields(plan.model_uid))
+    provider = tracing.tracer_provider(
+        os.environ.get("LLMGRPC_TRACE_EXPORTER", "none"), service_name="llmgrpc-worker"
     )
     exit_when_server_goes()
-    asyncio.run(run(args.socket, LoadPlan.from_json_dict(json.loads(args.plan))))
+    load_plugins_from_environment()
+    asyncio.run(run(args.socket, plan, provider))
+
+
+class _WorkerFields(logging.Filter):
+    """Marks a worker's log lines with its model, so they can be told from the server's."""
+
+    def __init__(self, model_uid: str):
+        super().__init__()
+        self.model_uid = model_uid
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.model_uid
+        return True
 
 
 if __name__ == "__main__":

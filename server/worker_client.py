@@ -13,9 +13,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from llmgrpc.engines.base import LoadPlan
-from llmgrpc.engines.errors import Unavailable
+from llmgrpc.engines.catalogue import PLUGINS_ENV
+from llmgrpc.engines.errors import Reason, Unavailable
+from llmgrpc.server import tracing
+from llmgrpc.server.settings import Settings
 from llmgrpc.server.status import from_rpc_error
 from llmgrpc.server.worker import REQUEST_ID_METADATA, SERVICE, decode_json, encode_json
 from llmgrpc.v1 import generate_pb2
@@ -38,13 +42,34 @@ def describe_exit(returncode: int | None) -> str:
     return f"the worker process exited with code {returncode}"
 
 
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """What a worker process needs to know of the server's settings: how to log and trace, and
+    which engine plugins to load."""
+    return {
+        PLUGINS_ENV: json.dumps(settings.engine_plugins),
+        "LLMGRPC_LOG_LEVEL": settings.log_level,
+        "LLMGRPC_LOG_FORMAT": settings.log_format,
+        "LLMGRPC_TRACE_EXPORTER": settings.trace_exporter,
+    }
+
+
 class WorkerProcess:
     """One worker process and the gRPC channel to it over a Unix socket."""
 
-    def __init__(self, plan: LoadPlan, python: str, visible_gpu: str | None = None):
+    def __init__(
+        self,
+        plan: LoadPlan,
+        python: str,
+        visible_gpu: str | None = None,
+        *,
+        tracer=None,
+        env: dict[str, str] | None = None,
+    ):
         self.plan = plan
         self.python = python
         self.visible_gpu = visible_gpu
+        self.tracer = tracer
+        self.env = env or {}
         self._folder = Path(tempfile.mkdtemp(prefix="llmgrpc-worker-"))
         self.socket_path = self._folder / "worker.sock"
         self.process: asyncio.subprocess.Process | None = None
@@ -60,7 +85,7 @@ class WorkerProcess:
 
     async def start(self, timeout_s: float) -> None:
         """Start the process and wait until its socket accepts connections."""
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         if self.visible_gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.visible_gpu
         self.process = await asyncio.create_subprocess_exec(
@@ -77,15 +102,23 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout_s
         while not self.socket_path.exists():
             if self.process.returncode is not None:
-                raise Unavailable(f"{self.exit_reason} before it started serving (see the server log)")
+                raise Unavailable(
+                    f"{self.exit_reason} before it started serving (see the server log)",
+                    reason=Reason.WORKER_UNAVAILABLE,
+                )
             if time.monotonic() > deadline:
-                raise Unavailable(f"the worker process did not start serving within {timeout_s:.0f} s")
+                raise Unavailable(
+                    f"the worker process did not start serving within {timeout_s:.0f} s",
+                    reason=Reason.WORKER_UNAVAILABLE,
+                )
             await asyncio.sleep(0.02)
         self.channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=CHANNEL_OPTIONS)
         try:
             await asyncio.wait_for(self.channel.channel_ready(), max(deadline - time.monotonic(), 1.0))
         except asyncio.TimeoutError:
-            raise Unavailable("the worker process did not accept a connection in time") from None
+            raise Unavailable(
+                "the worker process did not accept a connection in time", reason=Reason.WORKER_UNAVAILABLE
+            ) from None
 
     async def load(self, on_progress: Callable[[dict], None]) -> dict:
         """Have the worker load its model; returns the engine's stats once it is ready."""
@@ -94,18 +127,39 @@ class WorkerProcess:
             if "stats" in event:
                 return event["stats"]
             on_progress(event)
-        raise Unavailable(f"the worker ended its load without a result; {self.exit_reason}")
+        raise Unavailable(
+            f"the worker ended its load without a result; {self.exit_reason}",
+            reason=Reason.WORKER_UNAVAILABLE,
+        )
+
+    async def download(self) -> AsyncIterator[dict]:
+        """Have the worker fetch its plan's weights, loading nothing: progress events, then {"path": ...}."""
+        async for event in self._relay(self._rpc_stream("Download", encode_json, decode_json)({})):
+            yield event
 
     async def generate(
         self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        call = self._rpc_stream(
+        rpc = self._rpc_stream(
             "Generate",
             generate_pb2.GenerateRequest.SerializeToString,
             generate_pb2.GenerateResponse.FromString,
-        )(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, request_id),))
-        async for response in self._relay(call):
-            yield response
+        )
+        if self.tracer is None:
+            call = rpc(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, request_id),))
+            async for response in self._relay(call):
+                yield response
+            return
+        # A CLIENT span for the hop to the worker; its context travels as the call's traceparent.
+        with self.tracer.start_as_current_span(
+            "llmgrpc.worker.Worker/Generate",
+            kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "llmgrpc.model_uid": self.plan.model_uid},
+        ):
+            metadata = ((REQUEST_ID_METADATA, request_id), *tracing.inject())
+            call = rpc(request, timeout=timeout, metadata=metadata)
+            async for response in self._relay(call):
+                yield response
 
     async def stats(self, timeout: float = 2.0) -> dict:
         assert self.channel is not None
@@ -152,7 +206,12 @@ class WorkerProcess:
             call.cancel()
 
     def _translate(self, error: grpc.aio.AioRpcError) -> Exception:
-        if error.code() == grpc.StatusCode.UNAVAILABLE:
-            # The channel to the worker broke: the process died or is dying.
-            return Unavailable(f"the model's worker process stopped answering: {error.details()}")
-        return from_rpc_error(error)
+        remote = from_rpc_error(error)
+        if error.code() == grpc.StatusCode.UNAVAILABLE and remote.reason is None:
+            # No reason: not the worker's answer (a hub it cannot reach is) but the channel breaking,
+            # because the process died or is dying.
+            return Unavailable(
+                f"the model's worker process stopped answering: {error.details()}",
+                reason=Reason.WORKER_UNAVAILABLE,
+            )
+        return remote

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from llmgrpc.clients import Client
 from llmgrpc.server.app import LlmgrpcServer, create_server
@@ -15,16 +19,25 @@ from llmgrpc.server.settings import Settings
 
 TINY = "tiny-llama-3.1"
 
+# The robustness suite's budget: "ci" (default) keeps the run to a few thousand cases in
+# well under two minutes; HYPOTHESIS_PROFILE=thorough runs ten times as many.
+_HYPOTHESIS = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck)}
+hypothesis_settings.register_profile("ci", max_examples=400, **_HYPOTHESIS)
+hypothesis_settings.register_profile("thorough", max_examples=4000, **_HYPOTHESIS)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 class RunningServer:
     """An llmgrpc server on its own event loop in a background thread."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, tracer_provider=None):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self._thread.start()
         self.server: LlmgrpcServer
-        self.server, self.port = self.call(create_server("127.0.0.1:0", settings))
+        self.server, self.port = self.call(
+            create_server("127.0.0.1:0", settings, tracer_provider=tracer_provider)
+        )
         self.call(self.server.start())
         self.endpoint = f"127.0.0.1:{self.port}"
 
@@ -33,6 +46,8 @@ class RunningServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self, grace: float = 1.0) -> None:
+        if not self._thread.is_alive():
+            return
         self.call(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
@@ -79,3 +94,43 @@ def tiny(client: Client):
 def tiny_files(tiny, cache_dir: Path) -> Path:
     """Where the server generated the tiny model's files."""
     return cache_dir / TINY / "pytorch"
+
+
+@pytest.fixture
+def start_server(cache_dir: Path):
+    """Start servers with other settings for one test: start_server(**settings) -> RunningServer."""
+    started: list[RunningServer] = []
+
+    def start(tracer_provider=None, **overrides) -> RunningServer:
+        fields = {"port": 0, "cache_dir": cache_dir, "shutdown_grace_s": 2, **overrides}
+        server = RunningServer(Settings(**fields), tracer_provider=tracer_provider)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+_TALLY = pytest.StashKey[Counter]()
+
+
+@pytest.fixture(scope="session")
+def robustness_tally(request) -> Counter:
+    """(rpc, status code) -> generated requests answered so; summed up at the end of the run."""
+    return request.config.stash.setdefault(_TALLY, Counter())
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    tally = config.stash.get(_TALLY, None)
+    if tally:
+        codes = Counter()
+        for (_, code), count in tally.items():
+            codes[code] += count
+        terminalreporter.write_line(
+            f"robustness: {sum(tally.values())} generated requests answered; by status: "
+            + ", ".join(f"{code} {count}" for code, count in codes.most_common())
+        )
+        if config.getoption("verbose") > 0:
+            for (rpc, code), count in sorted(tally.items()):
+                terminalreporter.write_line(f"  {rpc:<24} {code:<20} {count}")

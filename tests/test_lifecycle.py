@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
 

@@ -220,6 +220,8 @@ class ModelHub(_message.Message):
     MODEL_ID_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Hub key used in requests: "huggingface" or "modelscope"."""
     model_id: _builtins.str
@@ -228,6 +230,14 @@ class ModelHub(_message.Message):
     """Web page of the model on that hub."""
     display_name: _builtins.str
     """Human-readable hub name, e.g. "Hugging Face"."""
+    available: _builtins.bool
+    """True when this server can download from the hub (its client library is
+    installed).
+    """
+    reason: _builtins.str
+    """Why the hub cannot be used here (client library missing, and how to install
+    it); empty when available.
+    """
     def __init__(
         self,
         *,
@@ -235,10 +245,12 @@ class ModelHub(_message.Message):
         model_id: _builtins.str = ...,
         url: _builtins.str = ...,
         display_name: _builtins.str = ...,
+        available: _builtins.bool = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "model_id", b"model_id", "name", b"name", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "display_name", b"display_name", "model_id", b"model_id", "name", b"name", "reason", b"reason", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -291,6 +303,7 @@ class LaunchModelRequest(_message.Message):
     MODEL_PATH_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     ENGINE_OPTIONS_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_HUB_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Family name, e.g. "llama-3.1". Required."""
     model_engine: _builtins.str
@@ -308,6 +321,11 @@ class LaunchModelRequest(_message.Message):
     device: _builtins.str
     """Where to run: "auto" (default: a CUDA GPU when there is one, else the CPU),
     "cpu", "cuda" or "cuda:N".
+    """
+    download_hub: _builtins.str
+    """Hub to download the weights from when they are not cached: "huggingface",
+    "modelscope", or "auto" (the default: the spec's hubs in order, the next one
+    tried when one fails). Ignored with model_path and for generated models.
     """
     @_builtins.property
     def engine_options(self) -> _struct_pb2.Struct:
@@ -327,10 +345,11 @@ class LaunchModelRequest(_message.Message):
         model_path: _builtins.str = ...,
         device: _builtins.str = ...,
         engine_options: _struct_pb2.Struct | None = ...,
+        download_hub: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["engine_options", b"engine_options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "engine_options", b"engine_options", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "quantization", b"quantization", "size_in_billions", b"size_in_billions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "quantization", b"quantization", "size_in_billions", b"size_in_billions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -517,6 +536,7 @@ class ModelDescription(_message.Message):
     PEAK_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
     ESTIMATED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     model_uid: _builtins.str
     """Unique id, used by Generate, GetModel and TerminateModel."""
     model_name: _builtins.str
@@ -553,6 +573,10 @@ class ModelDescription(_message.Message):
     """Seconds from launch to READY (0 until READY)."""
     estimated_memory_bytes: _builtins.int
     """Memory the server estimated the model needs, in bytes, before launching it."""
+    @_builtins.property
+    def progress(self) -> Global___LoadProgress:
+        """Where the load is while the model is LOADING; unset in other states."""
+
     def __init__(
         self,
         *,
@@ -574,11 +598,122 @@ class ModelDescription(_message.Message):
         peak_batch_size: _builtins.int = ...,
         load_seconds: _builtins.float = ...,
         estimated_memory_bytes: _builtins.int = ...,
+        progress: Global___LoadProgress | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "quantization", b"quantization", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "progress", b"progress", "quantization", b"quantization", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelDescription: _TypeAlias = ModelDescription  # noqa: Y015
+
+@_typing.final
+class LoadProgress(_message.Message):
+    """Progress of a model's load, or of a download."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    DONE_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    """What the worker is doing: "starting" (the worker process), "downloading",
+    "generating" (a generated model), "loading weights" or "warming up".
+    """
+    done_bytes: _builtins.int
+    """Bytes downloaded so far in phase "downloading"; 0 in other phases."""
+    total_bytes: _builtins.int
+    """Bytes the download fetches in all (files already cached not counted); 0
+    while unknown and in other phases.
+    """
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        done_bytes: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done_bytes", b"done_bytes", "phase", b"phase", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadProgress: _TypeAlias = LoadProgress  # noqa: Y015
+
+@_typing.final
+class DownloadModelRequest(_message.Message):
+    """Which spec's weights to download, in the words of LaunchModel; empty fields
+    pick as LaunchModel picks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_ENGINE_FIELD_NUMBER: _builtins.int
+    MODEL_FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_IN_BILLIONS_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_HUB_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """Family name, e.g. "llama-3.1". Required."""
+    model_engine: _builtins.str
+    """Engine, matched case-insensitively; only narrows the spec (its environment
+    runs the download).
+    """
+    model_format: _builtins.str
+    """Weight format, e.g. "pytorch" or "ggufv2"."""
+    size_in_billions: _builtins.str
+    """Size in billions as the registry writes it, e.g. "8"."""
+    quantization: _builtins.str
+    """Quantization; for ggufv2 only that quantization's file is downloaded."""
+    download_hub: _builtins.str
+    """"huggingface", "modelscope" or "auto" (the default), as in LaunchModel."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        model_engine: _builtins.str = ...,
+        model_format: _builtins.str = ...,
+        size_in_billions: _builtins.str = ...,
+        quantization: _builtins.str = ...,
+        download_hub: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["download_hub", b"download_hub", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "quantization", b"quantization", "size_in_billions", b"size_in_billions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadModelRequest: _TypeAlias = DownloadModelRequest  # noqa: Y015
+
+@_typing.final
+class DownloadModelResponse(_message.Message):
+    """One message of a DownloadModel stream: progress, and last the local path."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    model_path: _builtins.str
+    """Set on the last message only: the local folder (pytorch) or file (ggufv2)
+    holding the weights, in the hub's cache.
+    """
+    @_builtins.property
+    def progress(self) -> Global___LoadProgress:
+        """Where the download is (phase "downloading", bytes done of total)."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___LoadProgress | None = ...,
+        model_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_path", b"model_path", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadModelResponse: _TypeAlias = DownloadModelResponse  # noqa: Y015

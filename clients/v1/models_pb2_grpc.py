@@ -61,6 +61,11 @@ class ModelServiceStub:
                 request_serializer=llmgrpc_dot_v1_dot_models__pb2.TerminateModelRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_v1_dot_models__pb2.TerminateModelResponse.FromString,
                 _registered_method=True)
+        self.DownloadModel = channel.unary_stream(
+                '/llmgrpc.v1.ModelService/DownloadModel',
+                request_serializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -101,6 +106,17 @@ class ModelServiceServicer:
 
     def TerminateModel(self, request, context):
         """TerminateModel stops a model's worker process and frees its uid and memory.
+        Terminating a LOADING model stops its download.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadModel(self, request, context):
+        """DownloadModel fetches a spec's weights into the hub's cache without launching
+        it: progress messages, then one message with the local path. A later
+        LaunchModel of the same spec finds them there. Cancelling the call stops the
+        download.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +149,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.TerminateModel,
                     request_deserializer=llmgrpc_dot_v1_dot_models__pb2.TerminateModelRequest.FromString,
                     response_serializer=llmgrpc_dot_v1_dot_models__pb2.TerminateModelResponse.SerializeToString,
+            ),
+            'DownloadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadModel,
+                    request_deserializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelRequest.FromString,
+                    response_serializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +293,33 @@ class ModelService:
             '/llmgrpc.v1.ModelService/TerminateModel',
             llmgrpc_dot_v1_dot_models__pb2.TerminateModelRequest.SerializeToString,
             llmgrpc_dot_v1_dot_models__pb2.TerminateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmgrpc.v1.ModelService/DownloadModel',
+            llmgrpc_dot_v1_dot_models__pb2.DownloadModelRequest.SerializeToString,
+            llmgrpc_dot_v1_dot_models__pb2.DownloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

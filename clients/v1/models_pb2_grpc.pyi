@@ -49,7 +49,15 @@ class ModelServiceStub:
     GetModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.GetModelResponse]
     """GetModel describes one launched model."""
     TerminateModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.TerminateModelRequest, _models_pb2.TerminateModelResponse]
-    """TerminateModel stops a model's worker process and frees its uid and memory."""
+    """TerminateModel stops a model's worker process and frees its uid and memory.
+    Terminating a LOADING model stops its download.
+    """
+    DownloadModel: _grpc.UnaryStreamMultiCallable[_models_pb2.DownloadModelRequest, _models_pb2.DownloadModelResponse]
+    """DownloadModel fetches a spec's weights into the hub's cache without launching
+    it: progress messages, then one message with the local path. A later
+    LaunchModel of the same spec finds them there. Cancelling the call stops the
+    download.
+    """
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -72,7 +80,15 @@ class ModelServiceAsyncStub(ModelServiceStub):
     GetModel: _aio.UnaryUnaryMultiCallable[_models_pb2.GetModelRequest, _models_pb2.GetModelResponse]  # type: ignore[assignment]
     """GetModel describes one launched model."""
     TerminateModel: _aio.UnaryUnaryMultiCallable[_models_pb2.TerminateModelRequest, _models_pb2.TerminateModelResponse]  # type: ignore[assignment]
-    """TerminateModel stops a model's worker process and frees its uid and memory."""
+    """TerminateModel stops a model's worker process and frees its uid and memory.
+    Terminating a LOADING model stops its download.
+    """
+    DownloadModel: _aio.UnaryStreamMultiCallable[_models_pb2.DownloadModelRequest, _models_pb2.DownloadModelResponse]  # type: ignore[assignment]
+    """DownloadModel fetches a spec's weights into the hub's cache without launching
+    it: progress messages, then one message with the local path. A later
+    LaunchModel of the same spec finds them there. Cancelling the call stops the
+    download.
+    """
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService lists the models this server knows, launches them into worker
@@ -122,6 +138,20 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _models_pb2.TerminateModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_models_pb2.TerminateModelResponse, _abc.Awaitable[_models_pb2.TerminateModelResponse]]:
-        """TerminateModel stops a model's worker process and frees its uid and memory."""
+        """TerminateModel stops a model's worker process and frees its uid and memory.
+        Terminating a LOADING model stops its download.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadModel(
+        self,
+        request: _models_pb2.DownloadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_models_pb2.DownloadModelResponse], _abc.AsyncIterator[_models_pb2.DownloadModelResponse]]:
+        """DownloadModel fetches a spec's weights into the hub's cache without launching
+        it: progress messages, then one message with the local path. A later
+        LaunchModel of the same spec finds them there. Cancelling the call stops the
+        download.
+        """
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

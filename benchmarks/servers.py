@@ -1,0 +1,198 @@
+"""The servers under test, each a process of its own with its output in a log file:
+``llmgrpc serve``, ``python -m llama_cpp.server`` and ``xllamacpp_server.py``; and the
+in-process baseline (``inprocess.py``), driven over its standard input and output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from streams import Level
+
+from llmgrpc.engines.base import LoadPlan
+
+HERE = Path(__file__).parent
+PYTHON = sys.executable
+READY_SERVICE = "llmgrpc.v1.GenerateService"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Process:
+    """A child process, its output in a log file, stopped with SIGINT then SIGKILL."""
+
+    def __init__(self, command: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # closed in stop()
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.pid = self.process.pid
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.log_path.read_text(errors="replace"))
+            if found:
+                return found
+            self.check_alive()
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.log_path.name}: no {pattern!r} within {timeout:.0f} s; {self.tail()}")
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.log_path.name}: exited with {self.process.returncode}; {self.tail()}")
+
+    def tail(self) -> str:
+        return "log tail:\n" + self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of one process so far (its threads, not its children)."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+class OutsideLoad:
+    """CPU that processes other than this one and its descendants use meanwhile, in cores.
+
+    The machine may be shared: a measurement taken while something else ran is told apart.
+    """
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        ours = 0.0
+        for process in [self._me, *self._me.children(recursive=True)]:
+            try:
+                ours += sum(process.cpu_times()[:2])
+            except psutil.Error:  # it ended meanwhile
+                pass
+        return time.perf_counter(), busy, ours
+
+    def cores(self) -> float:
+        (then, busy_then, ours_then), (now, busy, ours) = self._start, self._sample()
+        return max(0.0, (busy - busy_then) - (ours - ours_then)) / max(now - then, 1e-6)
+
+
+class Llmgrpc(Process):
+    """``llmgrpc serve`` on a free port; ready once health says GenerateService is SERVING."""
+
+    def __init__(self, log_path: Path, *settings: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        command = [str(Path(PYTHON).with_name("llmgrpc")), "serve", "--port", str(self.port), *settings]
+        super().__init__(command, log_path, env)
+
+    def wait_ready(self, timeout: float = 60) -> float:
+        """Seconds from process start to health SERVING."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.endpoint) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=READY_SERVICE), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - self.started
+                except grpc.RpcError:
+                    pass
+                self.check_alive()
+                time.sleep(0.005)
+        raise RuntimeError(f"llmgrpc not SERVING within {timeout:.0f} s; {self.tail()}")
+
+
+class LlamaCppServer(Process):
+    """llama-cpp-python's own server (one Llama object, requests served one at a time)."""
+
+    def __init__(self, log_path: Path, model_file: Path, threads: int, interrupt: bool):
+        self.port = free_port()
+        command = [PYTHON, "-m", "llama_cpp.server", "--model", str(model_file), "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
+        command += ["--interrupt_requests", str(interrupt)]
+        super().__init__(command, log_path)
+        self.wait_for(r"Uvicorn running on", 120)
+
+
+class XllamacppServer(Process):
+    """llama.cpp's C++ server from the xllamacpp wheel, with parallel slots."""
+
+    def __init__(self, log_path: Path, model_file: Path, threads: int, slots: int, context_per_slot: int):
+        command = [PYTHON, str(HERE / "xllamacpp_server.py"), str(model_file), "--threads", str(threads)]
+        command += ["--parallel", str(slots), "--context-per-slot", str(context_per_slot)]
+        super().__init__(command, log_path)
+        self.port = int(self.wait_for(r"listening on http://[\d.]+:(\d+)", 120).group(1))
+
+
+class InProcess:
+    """inprocess.py in one mode on one plan: the model loaded once, levels run on request."""
+
+    def __init__(self, log_path: Path, mode: str, plan: LoadPlan):
+        self._log = open(log_path, "w")  # closed in stop()
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [PYTHON, str(HERE / "inprocess.py"), mode, json.dumps(plan.to_json_dict())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self.pid = self.process.pid
+        self.load_s = json.loads(self._answer())["load_s"]
+
+    def _answer(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(
+                f"{self.log_path.name}: exited with {self.process.returncode}; log tail:\n{tail}"
+            )
+        return line
+
+    def level(self, concurrency: int, max_tokens: int) -> Level:
+        self.process.stdin.write(json.dumps({"concurrency": concurrency, "max_tokens": max_tokens}) + "\n")
+        self.process.stdin.flush()
+        return Level.from_json(json.loads(self._answer()))
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

@@ -1,0 +1,261 @@
+"""The one server interceptor: what every call goes through before and after its servicer.
+
+In order: a request id (the caller's ``x-request-id`` when it is a sane one, else a new
+one), sent back in the initial metadata and set for the logs; a SERVER span continuing
+the caller's ``traceparent``; refusal while draining (UNAVAILABLE, reason SHUTTING_DOWN);
+authentication and the role check (UNAUTHENTICATED, PERMISSION_DENIED); messages that do
+not parse become INVALID_ARGUMENT (gRPC itself would answer UNKNOWN); an unexpected
+exception becomes INTERNAL with the request id to look up in the log. When the call
+ends: its status code counted and timed, one log line, the span closed.
+
+Health and reflection stay open (no token), are never refused while draining (probes
+must see NOT_SERVING), and are not waited for when draining (Watch streams never end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, Reason, Unavailable
+from llmgrpc.server import logs, tracing
+from llmgrpc.server.auth import OPEN_SERVICES, TokenTable, authorize, service_of
+from llmgrpc.server.metrics import Metrics
+from llmgrpc.server.status import to_rpc_status
+from llmgrpc.server.worker import REQUEST_ID_METADATA
+
+log = logging.getLogger("llmgrpc.rpc")
+
+# Request ids are echoed in response metadata and logs: take the caller's only if it is plain.
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
+
+
+@dataclass
+class _Undecodable:
+    """What a request deserializer gives for bytes that are not the message they should be."""
+
+    message: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request message could not be parsed: {self.message}", reason=Reason.MALFORMED_REQUEST
+        )
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as error:  # DecodeError, bad UTF-8, nesting too deep
+            return _Undecodable(str(error))
+
+    return deserialize
+
+
+async def _checked(requests):
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.error()
+        yield request
+
+
+@dataclass
+class _Call:
+    method: str
+    service: str
+    open: bool
+    request_id: str
+    span: trace.Span
+    started: float = field(default_factory=time.monotonic)
+    counted: bool = False
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, tracing, draining, authentication and authorization, statuses, metrics, logs."""
+
+    def __init__(self, tokens: TokenTable, metrics: Metrics, tracer: trace.Tracer):
+        self.tokens = tokens
+        self.metrics = metrics
+        self.tracer = tracer
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call of the product's services is in flight; False if timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED
+            return None
+        return self._wrap(handler, handler_call_details.method)
+
+    # Wrapping each kind of handler.
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        deserializer = _tolerant(handler.request_deserializer)
+        serializer = handler.response_serializer
+        if handler.request_streaming and handler.response_streaming:
+            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif handler.response_streaming:
+            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        streaming_requests = handler.request_streaming
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request, context):
+                call = await self._enter(method, context)
+                token = otel_context.attach(trace.set_span_in_context(call.span))
+                try:
+                    request = self._admit(call, request, context, streaming_requests)
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as error:
+                    await self._fail(call, context, error)
+                finally:
+                    self._exit(call, context, token)
+
+            return factory(streaming, request_deserializer=deserializer, response_serializer=serializer)
+
+        async def unary(request, context):
+            call = await self._enter(method, context)
+            token = otel_context.attach(trace.set_span_in_context(call.span))
+            try:
+                request = self._admit(call, request, context, streaming_requests)
+                return await behavior(request, context)
+            except BaseException as error:
+                await self._fail(call, context, error)
+            finally:
+                self._exit(call, context, token)
+
+        return factory(unary, request_deserializer=deserializer, response_serializer=serializer)
+
+    # The steps of a call.
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+        metadata = context.invocation_metadata() or ()
+        given = next((v for k, v in metadata if k == REQUEST_ID_METADATA and isinstance(v, str)), "")
+        request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        logs.REQUEST_ID.set(request_id)
+        service = service_of(method)
+        span = self.tracer.start_span(
+            method.lstrip("/"),
+            context=tracing.extract(metadata),
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": method.rpartition("/")[2],
+                "llmgrpc.request_id": request_id,
+            },
+        )
+        call = _Call(
+            method=method, service=service, open=service in OPEN_SERVICES, request_id=request_id, span=span
+        )
+        if not call.open:
+            self._in_flight += 1
+            self._idle.clear()
+            call.counted = True
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+        return call
+
+    def _admit(self, call: _Call, request, context: grpc.aio.ServicerContext, streaming_requests: bool):
+        """The request to hand the servicer, or a domain error refusing the call."""
+        if not call.open:
+            if self.draining:
+                raise Unavailable(
+                    "the server is shutting down and takes no new calls; call another replica",
+                    reason=Reason.SHUTTING_DOWN,
+                )
+            if self.tokens.enabled:
+                metadata = context.invocation_metadata() or ()
+                authorization = next(
+                    (v for k, v in metadata if k == "authorization" and isinstance(v, str)), None
+                )
+                role = self.tokens.role_of(authorization)
+                call.span.set_attribute("llmgrpc.role", role)
+                authorize(call.method, role)
+        if streaming_requests:
+            return _checked(request)
+        if isinstance(request, _Undecodable):
+            raise request.error()
+        return request
+
+    async def _fail(self, call: _Call, context: grpc.aio.ServicerContext, error: BaseException) -> None:
+        """Turn what escaped the servicer into a status (re-raising what gRPC handles itself)."""
+        if isinstance(error, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)):
+            raise error
+        if not isinstance(error, LlmgrpcError):
+            log.error("unexpected error in %s", call.method, exc_info=error)
+        if isinstance(error, Exception):
+            await context.abort_with_status(to_rpc_status(error))
+        raise error
+
+    def _exit(self, call: _Call, context: grpc.aio.ServicerContext, token) -> None:
+        code = _final_code(context)
+        seconds = time.monotonic() - call.started
+        call.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            call.span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+        call.span.end()
+        try:
+            otel_context.detach(token)
+        except ValueError:  # finished in another context (a cancelled stream): nothing left to undo
+            pass
+        service = call.service.rpartition(".")[2]
+        name = call.method.rpartition("/")[2]
+        self.metrics.observe_rpc(call.service, name, code.name, seconds)
+        level = logging.DEBUG if call.open else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s/%s %s in %.0f ms",
+                service,
+                name,
+                code.name,
+                seconds * 1000,
+                extra={"rpc": call.method, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
+            )
+        if call.counted:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status the call ended with, as far as the server can tell."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if context.cancelled():
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.OK

@@ -1,0 +1,218 @@
+"""Prometheus metrics of one server, named as vLLM names its own (``vllm:`` becomes ``llmgrpc:``).
+
+A ``Metrics`` object owns its registry; the server makes one and passes it down, so two
+servers in one process (the tests) never share counters. Per-model gauges (requests
+running and waiting, memory) are read from the engine manager when scraped, so a
+terminated model disappears from them instead of leaving a stale value behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from llmgrpc.server import resources
+from llmgrpc.v1 import generate_pb2
+
+if TYPE_CHECKING:
+    from llmgrpc.server.manager import EngineManager, LaunchedModel
+
+# Latency buckets as vLLM uses them (seconds), so dashboards built for vLLM read these unchanged.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+LOAD_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+class Metrics:
+    """Every metric of one server, registered in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc. of the server itself
+        self.rpc_requests = Counter(
+            "llmgrpc:rpc_requests",
+            "RPCs finished, by service, method and status code",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            "llmgrpc:rpc_duration_seconds",
+            "RPC duration from arrival to status, by method",
+            ["service", "method"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "llmgrpc:time_to_first_token_seconds",
+            "Generate: arrival to the first generated token",
+            ["model_uid"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "llmgrpc:inter_token_latency_seconds",
+            "Generate: time between consecutive generated tokens",
+            ["model_uid"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "llmgrpc:e2e_request_latency_seconds",
+            "Generate: arrival to the last message",
+            ["model_uid"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "llmgrpc:request_queue_time_seconds",
+            "Generate: time waiting for a batch slot",
+            ["model_uid"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "llmgrpc:prompt_tokens", "Prompt tokens of finished Generate requests", ["model_uid"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "llmgrpc:generation_tokens", "Tokens generated (streamed to callers)", ["model_uid"], registry=r
+        )
+        self.request_prompt_tokens = Histogram(
+            "llmgrpc:request_prompt_tokens",
+            "Prompt tokens per finished request",
+            ["model_uid"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            "llmgrpc:request_generation_tokens",
+            "Generated tokens per request",
+            ["model_uid"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_success = Counter(
+            "llmgrpc:request_success",
+            "Generate requests that finished, by finish reason",
+            ["model_uid", "finished_reason"],
+            registry=r,
+        )
+        self.model_load_time = Histogram(
+            "llmgrpc:model_load_time_seconds",
+            "Launch to READY, by family and engine",
+            ["model_name", "engine"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self._http = None
+
+    def watch(self, manager: EngineManager) -> None:
+        """Report the manager's models (running, waiting, memory, load time) at every scrape."""
+        self.registry.register(_ModelCollector(manager.list))
+
+    # Hooks the engine manager and the servicers call.
+
+    def observe_queue_time(self, model_uid: str, seconds: float) -> None:
+        self.queue_time.labels(model_uid).observe(seconds)
+
+    def observe_model_load(self, model_name: str, engine: str, seconds: float) -> None:
+        self.model_load_time.labels(model_name, engine).observe(seconds)
+
+    def observe_rpc(self, service: str, method: str, code: str, seconds: float) -> None:
+        self.rpc_requests.labels(service, method, code).inc()
+        self.rpc_duration.labels(service, method).observe(seconds)
+
+    async def track_generation(
+        self, model_uid: str, responses: AsyncIterator[generate_pb2.GenerateResponse]
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """Pass a Generate stream through, timing its tokens (first, between, last) and counting them."""
+        started = last = time.monotonic()
+        generated = 0
+        finished = None
+        try:
+            async for response in responses:
+                now = time.monotonic()
+                count = len(response.token_ids)
+                if count:
+                    if generated == 0:
+                        self.time_to_first_token.labels(model_uid).observe(now - started)
+                    else:
+                        # A message may settle several tokens at once: spread the wait over them.
+                        for _ in range(count):
+                            self.inter_token_latency.labels(model_uid).observe((now - last) / count)
+                    generated += count
+                    self.generation_tokens.labels(model_uid).inc(count)
+                    last = now
+                if response.finish_reason:
+                    finished = response
+                yield response
+        finally:
+            if finished is not None:
+                self.e2e_latency.labels(model_uid).observe(time.monotonic() - started)
+                self.prompt_tokens.labels(model_uid).inc(finished.usage.prompt_tokens)
+                self.request_prompt_tokens.labels(model_uid).observe(finished.usage.prompt_tokens)
+                self.request_generation_tokens.labels(model_uid).observe(generated)
+                reason = generate_pb2.FinishReason.Name(finished.finish_reason)
+                self.request_success.labels(model_uid, reason.removeprefix("FINISH_REASON_").lower()).inc()
+
+    # The HTTP endpoint.
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0: a free port) in a background thread; returns the port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _ModelCollector(Collector):
+    """Gauges read from the launched models when scraped."""
+
+    def __init__(self, models: Callable[[], Iterable[LaunchedModel]]):
+        self._models = models
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily(
+            "llmgrpc:num_requests_running", "Generate requests decoding now", labels=["model_uid"]
+        )
+        waiting = GaugeMetricFamily(
+            "llmgrpc:num_requests_waiting", "Generate requests queued for a batch slot", labels=["model_uid"]
+        )
+        memory = GaugeMetricFamily(
+            "llmgrpc:model_memory_bytes",
+            "Memory of each model: rss (its worker process), gpu (the engine's CUDA memory), estimated",
+            labels=["model_uid", "kind"],
+        )
+        load = GaugeMetricFamily(
+            "llmgrpc:model_load_seconds", "How long each READY model took to load", labels=["model_uid"]
+        )
+        info = GaugeMetricFamily(
+            "llmgrpc:model_info",
+            "1 per launched model, with its family, engine, device and state",
+            labels=["model_uid", "model_name", "engine", "device", "state"],
+        )
+        for model in list(self._models()):
+            uid = model.uid
+            running.add_metric([uid], model.gate.running)
+            waiting.add_metric([uid], model.gate.waiting)
+            pid = model.worker.pid if model.worker else 0
+            memory.add_metric([uid, "rss"], resources.process_memory_bytes(pid) if pid else 0)
+            memory.add_metric([uid, "gpu"], float(model.engine_stats.get("gpu_memory_bytes", 0)))
+            memory.add_metric([uid, "estimated"], model.estimated_bytes)
+            load.add_metric([uid], model.load_seconds)
+            selection = model.selection
+            info.add_metric(
+                [uid, selection.family.model_name, selection.engine, model.device, model.state.name], 1
+            )
+        return [running, waiting, memory, load, info]

@@ -1,0 +1,49 @@
+"""A test double of an engine defined outside llmgrpc, loaded as a plugin (never used by the product).
+
+It echoes the prompt back, one character per token, and finishes with LENGTH at max_tokens
+or STOP at the end of the prompt.
+"""
+
+from __future__ import annotations
+
+from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, Usage
+from llmgrpc.engines.catalogue import EngineInfo
+
+ENGINE_INFO = EngineInfo(
+    name="Echo",
+    key="echo",
+    module="plugin_engine",
+    extra="echo",
+    required_modules=(),
+    formats=("pytorch",),
+    options=(("shout", bool, "echo in capitals"),),
+)
+
+
+class EchoEngine(Engine):
+    def __init__(self, shout: bool):
+        self.shout = shout
+
+    @classmethod
+    def load(cls, plan, weights, report):
+        return cls(bool(plan.engine_options.get("shout", False)))
+
+    async def generate(self, request):
+        text = (request.prompt or "").upper() if self.shout else request.prompt or ""
+        limit = request.sampling.max_tokens
+        for index, character in enumerate(text[:limit]):
+            last = index == min(limit, len(text)) - 1
+            chunk = Chunk([ord(character)], character)
+            if last:
+                chunk.finish_reason = FinishReason.LENGTH if limit <= len(text) else FinishReason.STOP
+                chunk.usage = Usage(len(text), index + 1)
+            yield chunk
+
+    def stats(self):
+        return EngineStats(context_length=1024, device="cpu")
+
+    def close(self):
+        pass
+
+
+ENGINE = EchoEngine

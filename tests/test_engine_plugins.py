@@ -1,0 +1,64 @@
+"""Engines defined outside llmgrpc: loaded from engine_plugins by the server, its probe and its workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmgrpc.clients import Client
+from llmgrpc.engines.catalogue import load_plugins
+
+TESTS = Path(__file__).parent
+PLUGIN = "plugin_engine:ENGINE_INFO"
+FAMILY = {
+    "version": 1,
+    "model_name": "echo-model",
+    "model_description": "A family served by the Echo test engine plugin.",
+    "context_length": 1024,
+    "model_lang": ["en"],
+    "model_ability": ["generate"],
+    "model_specs": [
+        {
+            "model_format": "pytorch",
+            "model_size_in_billions": "0_002",
+            "quantizations": ["none"],
+            "model_engines": ["echo"],
+            "model_id": "llmgrpc/tiny-llama-3.1",
+            "model_hubs": [],
+            "generator": "tiny-llama-3.1",
+        }
+    ],
+}
+
+
+def test_a_plugin_engine_is_launched_and_streams_through_a_real_server(start_server, tmp_path, monkeypatch):
+    # The probe and the worker are processes of their own: they import the plugin from PYTHONPATH.
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    (tmp_path / "echo-model.json").write_text(json.dumps(FAMILY))
+    server = start_server(device="cpu", engine_plugins=[PLUGIN], families_dir=tmp_path)
+    with Client(server.endpoint) as client:
+        (engine,) = client.list_specs(model_name="echo-model")[0].specs[0].engines
+        assert (engine.name, engine.available, engine.reason) == ("Echo", True, "")
+        model = client.launch("echo-model", model_uid="echo", engine_options={"shout": True}, timeout=300)
+        assert model.model_engine == "Echo"
+        pieces = list(client.generate("echo", "Hello, plugin", max_tokens=5))
+        assert "".join(p.text for p in pieces) == "HELLO"
+        assert pieces[-1].usage.completion_tokens == 5
+        with pytest.raises(Exception, match="not an option of Echo"):
+            client.launch("echo-model", model_uid="echo-2", engine_options={"whisper": True})
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        ("plugin_engine", "not of the form module:attribute"),
+        ("plugin_engine:EchoEngine", "not an EngineInfo"),
+        ("plugin_engine_that_does_not_exist:ENGINE_INFO", "No module named"),
+    ],
+)
+def test_a_bad_plugin_is_refused_with_what_is_wrong(plugin, message, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    with pytest.raises((ValueError, ImportError), match=message):
+        load_plugins([plugin])

@@ -1,0 +1,220 @@
+"""Metrics, traces and logs of a real server: what an operator watching it would see."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import urllib.request
+
+import grpc
+import pytest
+from conftest import TINY, RunningServer
+from doubles import CountingRunner
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
+from test_lifecycle import wait_until
+
+from llmgrpc.clients import Client
+from llmgrpc.engines.base import LoadPlan, SpecRef
+from llmgrpc.engines.batching import BatchedEngine
+from llmgrpc.server import logs
+from llmgrpc.server.settings import Settings
+from llmgrpc.server.worker import SERVICE, Worker
+from llmgrpc.v1 import generate_pb2, models_pb2
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def observed(cache_dir, spans):
+    """A server with /metrics on a free port, spans kept in memory, and the tiny model."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    server = RunningServer(Settings(port=0, cache_dir=cache_dir, metrics_port=0), tracer_provider=provider)
+    client = Client(server.endpoint)
+    client.launch(TINY, model_uid="watched", timeout=300)
+    yield server, client
+    client.close()
+    server.stop()
+
+
+def scrape(port: int) -> dict[str, dict[tuple, float]]:
+    """Every sample of /metrics: name -> {sorted labels: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(v for key, v in samples.get(name, {}).items() if wanted <= set(key))
+
+
+def test_metrics_reflect_a_generation(observed):
+    server, client = observed
+    before = scrape(server.server.metrics_port)
+    messages = list(client.generate("watched", "Hello there", max_tokens=8, ignore_eos=True, temperature=0))
+    usage = messages[-1].usage
+    after = scrape(server.server.metrics_port)
+
+    def moved(name: str, **labels) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    uid = {"model_uid": "watched"}
+    assert moved("llmgrpc:generation_tokens_total", **uid) == 8
+    assert moved("llmgrpc:prompt_tokens_total", **uid) == usage.prompt_tokens > 0
+    assert moved("llmgrpc:time_to_first_token_seconds_count", **uid) == 1
+    assert moved("llmgrpc:inter_token_latency_seconds_count", **uid) == 7
+    assert moved("llmgrpc:e2e_request_latency_seconds_count", **uid) == 1
+    assert moved("llmgrpc:request_queue_time_seconds_count", **uid) == 1
+    assert moved("llmgrpc:request_success_total", finished_reason="length", **uid) == 1
+    assert moved("llmgrpc:e2e_request_latency_seconds_sum", **uid) > 0
+    assert (
+        moved(
+            "llmgrpc:rpc_requests_total", service="llmgrpc.v1.GenerateService", method="Generate", code="OK"
+        )
+        == 1
+    )
+    # Per-model gauges, read from the manager when scraped.
+    assert value(after, "llmgrpc:num_requests_running", **uid) == 0
+    assert value(after, "llmgrpc:num_requests_waiting", **uid) == 0
+    assert value(after, "llmgrpc:model_memory_bytes", kind="rss", **uid) > 0
+    assert value(after, "llmgrpc:model_load_time_seconds_count", model_name=TINY) >= 1
+    assert value(after, "process_resident_memory_bytes") > 0
+
+
+def test_failed_calls_are_counted_by_code(observed):
+    server, client = observed
+    before = scrape(server.server.metrics_port)
+    with pytest.raises(grpc.RpcError):
+        client.get_model("nobody")
+    labels = {"service": "llmgrpc.v1.ModelService", "method": "GetModel", "code": "NOT_FOUND"}
+    counted = value(before, "llmgrpc:rpc_requests_total", **labels) + 1
+    # A refused call's status reaches the caller before the server has counted it.
+    assert wait_until(
+        lambda: value(scrape(server.server.metrics_port), "llmgrpc:rpc_requests_total", **labels) == counted,
+        timeout=5,
+    )
+
+
+def test_a_trace_follows_the_request_with_the_callers_trace_id(observed, spans):
+    server, client = observed
+    spans.clear()
+    list(client.generate("watched", "Hi", max_tokens=3, metadata=(("traceparent", TRACEPARENT),)))
+    finished = [s for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == TRACE_ID]
+    by_name = {s.name: s for s in finished}
+    rpc = by_name["llmgrpc.v1.GenerateService/Generate"]
+    assert rpc.kind == SpanKind.SERVER
+    assert format(rpc.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert rpc.attributes["rpc.grpc.status_code"] == 0
+    hop = by_name["llmgrpc.worker.Worker/Generate"]
+    assert hop.kind == SpanKind.CLIENT and hop.parent.span_id == rpc.context.span_id
+
+
+def test_every_rpc_returns_its_request_id(observed):
+    server, client = observed
+    call = client.models.ListModels.with_call(
+        models_pb2.ListModelsRequest(), metadata=(("x-request-id", "caller-chosen-42"),)
+    )
+    assert ("x-request-id", "caller-chosen-42") in call[1].initial_metadata()
+    stream = client.generate("watched", "Hi", max_tokens=2)
+    generated_id = dict(stream.initial_metadata())["x-request-id"]
+    list(stream)
+    assert len(generated_id) == 32
+    # An id that is not plain text is replaced, not echoed.
+    for odd in ("a b;c", "x" * 300):
+        stream = client.generate("watched", "Hi", max_tokens=1, metadata=(("x-request-id", odd),))
+        assert len(dict(stream.initial_metadata())["x-request-id"]) == 32
+        list(stream)
+
+
+def test_logs_are_json_lines_with_the_request_id(observed):
+    server, client = observed
+    stream = io.StringIO()
+    handler = logs.handler("json", stream)
+    logger = logging.getLogger("llmgrpc")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        list(client.generate("watched", "Hi", max_tokens=1, metadata=(("x-request-id", "log-me-7"),)))
+        with pytest.raises(grpc.RpcError):
+            client.get_model("absent")
+        # A refused call's status reaches the caller before the server has logged it.
+        assert wait_until(lambda: "GetModel" in stream.getvalue(), timeout=5)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    generate = next(line for line in lines if line.get("rpc") == "/llmgrpc.v1.GenerateService/Generate")
+    assert generate["request_id"] == "log-me-7"
+    assert generate["code"] == "OK" and generate["level"] == "INFO" and "duration_ms" in generate
+    failed = next(line for line in lines if line.get("rpc") == "/llmgrpc.v1.ModelService/GetModel")
+    assert failed["code"] == "NOT_FOUND" and len(failed["request_id"]) == 32
+
+
+class _CountingEngine(BatchedEngine):
+    @classmethod
+    def load(cls, plan, weights, report):
+        raise NotImplementedError
+
+
+def test_the_worker_opens_a_span_around_the_engine_continuing_the_trace(tmp_path):
+    """The worker side of the trace, in-process: the engine span is a child of the caller's context."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    plan = LoadPlan(
+        model_uid="counting",
+        engine="Transformers",
+        spec=SpecRef("m", "pytorch", "1", "none", "m"),
+        device="cpu",
+        cache_dir=str(tmp_path),
+        max_batch_size=4,
+    )
+
+    async def scenario() -> list[generate_pb2.GenerateResponse]:
+        worker = Worker(plan, provider.get_tracer("test"))
+        worker.engine = _CountingEngine(CountingRunner(), 4, "cpu")
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((worker.handlers(),))
+        socket = tmp_path / "worker.sock"
+        server.add_insecure_port(f"unix:{socket}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+                rpc = channel.unary_stream(
+                    f"/{SERVICE}/Generate",
+                    request_serializer=generate_pb2.GenerateRequest.SerializeToString,
+                    response_deserializer=generate_pb2.GenerateResponse.FromString,
+                )
+                request = generate_pb2.GenerateRequest(model_uid="counting", prompt="abc", max_tokens=4)
+                metadata = (("traceparent", TRACEPARENT), ("x-request-id", "worker-span-1"))
+                return [response async for response in rpc(request, metadata=metadata)]
+        finally:
+            await server.stop(0)
+            worker.engine.close()
+
+    responses = asyncio.run(scenario())
+    assert sum(len(r.token_ids) for r in responses) == 4
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "engine.generate"
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert span.attributes["llmgrpc.request_id"] == "worker-span-1"
+    assert span.attributes["llmgrpc.generated_tokens"] == 4
