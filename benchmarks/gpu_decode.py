@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llmgrpc.engines import tiny_model
 from llmgrpc.engines.transformers_engine import StaticCacheRunner
 from llmgrpc.server import resources
 
@@ -46,14 +47,8 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
-ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+# Llama 3.1's RoPE scaling, as the tiny model has it.
+ROPE = tiny_model.ROPE
 
 
 class RandomTokenizer:

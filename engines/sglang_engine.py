@@ -13,8 +13,6 @@ from typing import Any
 
 from llmgrpc.engines.base import (
     Chunk,
-    Engine,
-    EngineStats,
     FinishReason,
     GenerationRequest,
     LoadPlan,
@@ -23,17 +21,13 @@ from llmgrpc.engines.base import (
     Usage,
 )
 from llmgrpc.engines.errors import InvalidArgument
-
-FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
 
 
 def engine_kwargs(plan: LoadPlan, weights: str) -> dict[str, Any]:
     """sglang.Engine keyword arguments for a plan: the model, then the engine options."""
-    kwargs: dict[str, Any] = {"model_path": weights, "max_running_requests": plan.max_batch_size}
-    for name, value in plan.engine_options.items():
-        whole = isinstance(value, float) and value.is_integer() and name != "mem_fraction_static"
-        kwargs[name] = int(value) if whole else value
-    return kwargs
+    options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"mem_fraction_static"}))
+    return {"model_path": weights, "max_running_requests": plan.max_batch_size, **options}
 
 
 def sampling_dict(params: SamplingParams) -> dict[str, Any]:
@@ -75,15 +69,8 @@ class _Delta:
         return new_text, list(new_ids)
 
 
-class SGLangEngine(Engine):
+class SGLangEngine(LibraryEngine):
     """One model served by an SGLang Engine in this worker process."""
-
-    def __init__(self, engine: Any, context_length: int, device: str):
-        self.engine = engine
-        self.context_length = context_length
-        self.device = device
-        self.running = 0
-        self.peak = 0
 
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> SGLangEngine:
@@ -100,11 +87,9 @@ class SGLangEngine(Engine):
             if request.prompt_token_ids is not None
             else {"prompt": request.prompt}
         )
-        self.running += 1
-        self.peak = max(self.peak, self.running)
         finished = False
         delta = _Delta()
-        try:
+        with self.counted():
             try:
                 stream = await self.engine.async_generate(
                     **prompt_args,
@@ -128,22 +113,10 @@ class SGLangEngine(Engine):
             except ValueError as error:  # SGLang's word for a prompt it cannot take (too long, ...)
                 finished = True
                 raise InvalidArgument(f"SGLang refused the request: {error}") from None
-        finally:
-            self.running -= 1
-            if not finished:
-                with contextlib.suppress(Exception):
-                    self.engine.tokenizer_manager.abort_request(rid=request.request_id)
-
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            context_length=self.context_length,
-            device=self.device,
-            running_requests=self.running,
-            peak_batch_size=self.peak,
-        )
-
-    def close(self) -> None:
-        self.engine.shutdown()
+            finally:
+                if not finished:
+                    with contextlib.suppress(Exception):
+                        self.engine.tokenizer_manager.abort_request(rid=request.request_id)
 
 
 ENGINE = SGLangEngine

@@ -15,8 +15,6 @@ from typing import Any
 
 from llmgrpc.engines.base import (
     Chunk,
-    Engine,
-    EngineStats,
     FinishReason,
     GenerationRequest,
     LoadPlan,
@@ -25,18 +23,14 @@ from llmgrpc.engines.base import (
     Usage,
 )
 from llmgrpc.engines.errors import InvalidArgument
-
-FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
 
 
 def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for a plan: the model, then the engine options
-    (already checked against the catalogue; whole JSON numbers become ints)."""
-    args: dict[str, Any] = {"model": weights, "tokenizer": weights, "max_num_seqs": plan.max_batch_size}
-    for name, value in plan.engine_options.items():
-        whole = isinstance(value, float) and value.is_integer() and name != "gpu_memory_utilization"
-        args[name] = int(value) if whole else value
-    return args
+    (already checked against the catalogue)."""
+    options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"gpu_memory_utilization"}))
+    return {"model": weights, "tokenizer": weights, "max_num_seqs": plan.max_batch_size, **options}
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -60,15 +54,8 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-class VllmEngine(Engine):
+class VllmEngine(LibraryEngine):
     """One model served by vLLM's AsyncLLM in this worker process."""
-
-    def __init__(self, engine: Any, context_length: int, device: str):
-        self.engine = engine
-        self.context_length = context_length
-        self.device = device
-        self.running = 0
-        self.peak = 0
 
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> VllmEngine:
@@ -90,11 +77,9 @@ class VllmEngine(Engine):
             if request.prompt_token_ids is not None
             else request.prompt
         )
-        self.running += 1
-        self.peak = max(self.peak, self.running)
         finished = False
         generated = 0
-        try:
+        with self.counted():
             try:
                 stream = self.engine.generate(prompt, params, request.request_id)
                 async for output in stream:
@@ -111,23 +96,11 @@ class VllmEngine(Engine):
             except ValueError as error:  # vLLM's word for a prompt it cannot take (too long, ...)
                 finished = True
                 raise InvalidArgument(f"vLLM refused the request: {error}") from None
-        finally:
-            self.running -= 1
-            if not finished:
-                # The caller left: free the request's slot and KV cache in vLLM now.
-                with contextlib.suppress(Exception):
-                    await self.engine.abort(request.request_id)
-
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            context_length=self.context_length,
-            device=self.device,
-            running_requests=self.running,
-            peak_batch_size=self.peak,
-        )
-
-    def close(self) -> None:
-        self.engine.shutdown()
+            finally:
+                if not finished:
+                    # The caller left: free the request's slot and KV cache in vLLM now.
+                    with contextlib.suppress(Exception):
+                        await self.engine.abort(request.request_id)
 
 
 ENGINE = VllmEngine

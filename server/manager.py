@@ -69,13 +69,7 @@ class LaunchRequest:
         from google.protobuf.json_format import MessageToDict
 
         return cls(
-            query=SpecQuery(
-                model_name=pb.model_name,
-                model_engine=pb.model_engine,
-                model_format=pb.model_format,
-                size_in_billions=pb.size_in_billions,
-                quantization=pb.quantization,
-            ),
+            query=SpecQuery.from_pb(pb),
             model_uid=pb.model_uid,
             model_path=pb.model_path,
             device=pb.device,
@@ -94,13 +88,7 @@ class DownloadRequest:
     @classmethod
     def from_pb(cls, pb: models_pb2.DownloadModelRequest) -> DownloadRequest:
         return cls(
-            query=SpecQuery(
-                model_name=pb.model_name,
-                model_engine=pb.model_engine,
-                model_format=pb.model_format,
-                size_in_billions=pb.size_in_billions,
-                quantization=pb.quantization,
-            ),
+            query=SpecQuery.from_pb(pb),
             download_hub=pb.download_hub,
         )
 

@@ -112,6 +112,17 @@ class SpecQuery:
     size_in_billions: str = ""
     quantization: str = ""
 
+    @classmethod
+    def from_pb(cls, pb) -> SpecQuery:
+        """The query of any request carrying the five spec words (ListSpecs, LaunchModel, DownloadModel)."""
+        return cls(
+            model_name=pb.model_name,
+            model_engine=pb.model_engine,
+            model_format=pb.model_format,
+            size_in_billions=pb.size_in_billions,
+            quantization=pb.quantization,
+        )
+
 
 @dataclass(frozen=True)
 class Selection:

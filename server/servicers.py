@@ -52,16 +52,6 @@ def family_to_pb(
     )
 
 
-def query_from_pb(request: models_pb2.ListSpecsRequest) -> SpecQuery:
-    return SpecQuery(
-        model_name=request.model_name,
-        model_engine=request.model_engine,
-        model_format=request.model_format,
-        size_in_billions=request.size_in_billions,
-        quantization=request.quantization,
-    )
-
-
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def __init__(
         self, manager: EngineManager, registry: Registry, availability: EngineAvailability, settings: Settings
@@ -73,7 +63,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 
     @grpc_errors
     async def ListSpecs(self, request, context):
-        found = self.registry.search(query_from_pb(request))
+        found = self.registry.search(SpecQuery.from_pb(request))
         reasons = await self.availability.reasons()
         hub_reasons = hubs.unavailable_reasons()
         return models_pb2.ListSpecsResponse(
