@@ -8,6 +8,7 @@ import grpc
 import pytest
 from conftest import TINY, RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rpc_helpers import rpc_error
 from status_details import bad_request, error_info, reason, retry_info
 from test_lifecycle import ENDLESS, wait_until
 
@@ -20,14 +21,6 @@ from llmgrpc.v1 import models_pb2
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        result = call(*args, **kwargs)
-        if hasattr(result, "__iter__"):
-            list(result)
-    return caught.value
 
 
 @pytest.mark.parametrize(

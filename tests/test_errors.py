@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from rpc_helpers import rpc_error
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
 
 TINY = "tiny-llama-3.1"
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        result = call(*args, **kwargs)
-        if hasattr(result, "__iter__") and not isinstance(result, (str, bytes)):
-            list(result)  # a stream fails when read
-    return caught.value
 
 
 def test_unknown_family_is_not_found(client: Client):

@@ -15,6 +15,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 import gguf  # noqa: E402
+from rpc_helpers import collect
 
 from llmgrpc.clients import Client  # noqa: E402
 from llmgrpc.engines import gguf_convert  # noqa: E402
@@ -45,12 +46,6 @@ EXACT_OPTIONS = {"kv_cache_type": "f32", "flash_attention": False}
 # max_running_requests); 256 is the granularity llama.cpp sizes each slot's stream in.
 SMALL_CONTEXT = 2048
 SLOTS = 8
-
-
-def collect(responses) -> tuple[list[int], str, list[generate_pb2.GenerateResponse]]:
-    messages = list(responses)
-    token_ids = [token for message in messages for token in message.token_ids]
-    return token_ids, "".join(message.text for message in messages), messages
 
 
 def launch_gguf(client: Client, uid: str, quantization: str, **options) -> models_pb2.ModelDescription:

@@ -14,6 +14,7 @@ import pytest
 from certs import Certificates, make_certificates
 from conftest import TINY, RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rpc_helpers import rpc_error
 from status_details import error_info, reason
 
 from llmgrpc.clients import Client
@@ -60,14 +61,6 @@ def connect(server: RunningServer, certs: Certificates, token: str | None = None
         private_key=key,
         certificate_chain=cert,
     )
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        result = call(*args, **kwargs)
-        if hasattr(result, "__iter__"):
-            list(result)
-    return caught.value
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,13 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from rpc_helpers import collect
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 TINY = "tiny-llama-3.1"
-
-
-def collect(responses) -> tuple[list[int], str, list[generate_pb2.GenerateResponse]]:
-    messages = list(responses)
-    token_ids = [token for message in messages for token in message.token_ids]
-    return token_ids, "".join(message.text for message in messages), messages
 
 
 def test_list_specs_shows_families_and_engine_availability(client: Client):

@@ -1,0 +1,24 @@
+"""Small helpers the service tests share for calling through the generated stubs."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from llmgrpc.v1 import generate_pb2
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    """The error a call fails with; a stream is read to the end, since it fails when read."""
+    with pytest.raises(grpc.RpcError) as caught:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__iter__") and not isinstance(result, (str, bytes)):
+            list(result)
+    return caught.value
+
+
+def collect(responses) -> tuple[list[int], str, list[generate_pb2.GenerateResponse]]:
+    """A Generate stream read to the end: its token ids, its text and its messages."""
+    messages = list(responses)
+    token_ids = [token for message in messages for token in message.token_ids]
+    return token_ids, "".join(message.text for message in messages), messages
