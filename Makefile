@@ -45,6 +45,25 @@ generate: $(VENV)/.installed
 	rm -rf clients/v1
 	$(PY) protos/generate.py
 
+# vLLM built for this CPU, in its own environment (deploy/vllm-cpu/build.sh): about 10 minutes
+# the first time, then the cached wheel installs in about a minute. Workers of engine vLLM
+# run on its python: LLMGRPC_WORKER_PYTHON='{"vLLM": "$(CURDIR)/$(VLLM_VENV)/bin/python"}'.
+VLLM_VENV ?= .venv-vllm
+.PHONY: vllm-cpu test-vllm
+vllm-cpu: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml deploy/vllm-cpu/build.sh deploy/vllm-cpu/patch_source.py
+	deploy/vllm-cpu/build.sh $(VLLM_VENV)
+
+# The vLLM integration tests: the tiny model on vLLM through the gRPC service.
+test-vllm: install vllm-cpu
+	LLMGRPC_TEST_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_vllm.py
+
+# vLLM (CPU build) against the Transformers engine, both through llmgrpc: docs/benchmarks-vllm.md.
+.PHONY: bench-vllm
+bench-vllm: $(VENV)/.bench-installed vllm-cpu
+	$(PY) benchmarks/vllm_cpu.py --vllm-python $(VLLM_VENV)/bin/python $(BENCH_ARGS)
+
 # The GPU check: pack here (needs the package registry), run on a CUDA machine with
 # `make gpu-check` (or benchmarks/gpu_check.sh build/gpu-check REPORT_DIR with its own python3).
 GPU_PACK   := build/gpu-check

@@ -104,7 +104,7 @@ def write_families(folder: Path) -> Path:
                     **spec,
                     "model_format": "pytorch",
                     "quantizations": ["none"],
-                    "model_engines": ["Transformers"],
+                    "model_engines": ["Transformers", "vLLM"],
                 },
                 {
                     **spec,

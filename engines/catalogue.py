@@ -40,6 +40,8 @@ class EngineInfo:
     platform_check: str = ""
     # Set while an engine's adapter is not yet written: launching it is refused with this.
     not_built: str = ""
+    # How far the project has proven the adapter, when not fully (ListSpecs shows it).
+    support_note: str = ""
 
     def load_class(self) -> type[Engine]:
         """Import the engine's module (heavy: only worker processes call this)."""
@@ -113,9 +115,18 @@ ENGINES: tuple[EngineInfo, ...] = (
             ("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
             ("max_num_seqs", int, "sequences decoded together (default: the server's max_running_requests)"),
             ("kv_cache_dtype", str, "auto or fp8"),
+            (
+                "kv_cache_memory_bytes",
+                int,
+                "KV cache size in bytes (on the CPU backend, instead of VLLM_CPU_KVCACHE_SPACE)",
+            ),
         ),
         # The PyPI wheels run on CUDA only; a CPU build of vLLM reports the CPU platform.
         platform_check="vllm_platform",
+        support_note=(
+            "run by this project's tests on vLLM 0.32.0 built for the CPU (make test-vllm); "
+            "not yet on a CUDA GPU"
+        ),
     ),
     EngineInfo(
         name="SGLang",
@@ -132,6 +143,10 @@ ENGINES: tuple[EngineInfo, ...] = (
             ("kv_cache_dtype", str, "auto or fp8_e5m2"),
         ),
         needs_cuda=True,
+        support_note=(
+            "written against SGLang's public API (Engine.async_generate, abort_request) and tested "
+            "against a double of it; not yet run by this project on a real SGLang"
+        ),
     ),
 )
 

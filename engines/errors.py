@@ -42,6 +42,7 @@ class Reason:
     INSUFFICIENT_MEMORY = "INSUFFICIENT_MEMORY"
     QUEUE_FULL = "QUEUE_FULL"  # retry after RetryInfo's delay
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"  # the model's worker process died or did not start
+    ENGINE_START_FAILED = "ENGINE_START_FAILED"  # the engine library would not start the model
     MODEL_PATH_NOT_ALLOWED = "MODEL_PATH_NOT_ALLOWED"
     TRUST_REMOTE_CODE_DISABLED = "TRUST_REMOTE_CODE_DISABLED"
     HUB_NOT_LISTED = "HUB_NOT_LISTED"  # download_hub names a hub the spec does not list

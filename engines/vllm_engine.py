@@ -15,6 +15,7 @@ from typing import Any
 
 from llmgrpc.engines.base import (
     Chunk,
+    EngineStats,
     FinishReason,
     GenerationRequest,
     LoadPlan,
@@ -22,14 +23,22 @@ from llmgrpc.engines.base import (
     SamplingParams,
     Usage,
 )
-from llmgrpc.engines.errors import InvalidArgument
+from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
+
+# On the CPU, vLLM reserves gpu_memory_utilization (0.92) of the host's memory unless told a
+# KV cache size, and refuses to start when that much is not free: a server that holds several
+# models takes a fixed KV cache instead (vLLM's former CPU default), unless either option is given.
+CPU_KV_CACHE_BYTES = 4 * 2**30
 
 
 def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for a plan: the model, then the engine options
     (already checked against the catalogue)."""
     options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"gpu_memory_utilization"}))
+    memory_told = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & options.keys()
+    if plan.device == "cpu" and not memory_told:
+        options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     return {"model": weights, "tokenizer": weights, "max_num_seqs": plan.max_batch_size, **options}
 
 
@@ -63,9 +72,25 @@ class VllmEngine(LibraryEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         report("loading weights", 0, 0)
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(plan, weights)))
+        try:
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(plan, weights)))
+        except Exception as error:
+            # vLLM's engine core and workers are processes of their own: the cause is in their
+            # log lines (the server's log), the exception here only says that they failed.
+            raise FailedPrecondition(
+                f"vLLM could not start this model ({error}); its engine processes logged the cause in "
+                "the server log. On the CPU, a common one is memory: set engine_options "
+                "kv_cache_memory_bytes (or gpu_memory_utilization, the fraction of host memory)",
+                reason=Reason.ENGINE_START_FAILED,
+            ) from None
         context_length = int(engine.model_config.max_model_len)
         return cls(engine, context_length, plan.device)
+
+    def stats(self) -> EngineStats:
+        stats = super().stats()
+        # vLLM's own count, so that a request whose caller left but which vLLM still decodes shows.
+        stats.running_requests = int(self.engine.get_num_unfinished_requests())
+        return stats
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams as VllmSamplingParams

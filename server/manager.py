@@ -470,7 +470,9 @@ class EngineManager:
         )
         estimate = int(weights * self.settings.memory_overhead)
         config_file = local / "config.json" if local and local.is_dir() else None
-        if config_file and config_file.exists():
+        if "kv_cache_memory_bytes" in request.engine_options:  # an engine told its KV cache size
+            estimate += int(request.engine_options["kv_cache_memory_bytes"])
+        elif config_file and config_file.exists():
             config = json.loads(config_file.read_text())
             context = int(
                 request.engine_options.get("context_length")

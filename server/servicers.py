@@ -8,6 +8,7 @@ import uuid
 import grpc
 
 from llmgrpc.engines import hubs
+from llmgrpc.engines.catalogue import engines
 from llmgrpc.server import logs
 from llmgrpc.server.auth import check_engine_options, check_model_path
 from llmgrpc.server.availability import EngineAvailability
@@ -27,6 +28,7 @@ def family_to_pb(
     hub_reasons: dict[str, str | None] | None = None,
 ) -> models_pb2.ModelFamily:
     hub_reasons = hub_reasons or {}
+    support_notes = {info.name: info.support_note for info in engines()}
     return models_pb2.ModelFamily(
         model_name=family.model_name,
         description=family.description,
@@ -42,7 +44,10 @@ def family_to_pb(
                 hubs=[hub.to_pb(hub_reasons.get(hub.name)) for hub in spec.hubs],
                 engines=[
                     models_pb2.EngineAvailability(
-                        name=engine, available=reasons.get(engine) is None, reason=reasons.get(engine) or ""
+                        name=engine,
+                        available=reasons.get(engine) is None,
+                        reason=reasons.get(engine) or "",
+                        support_note=support_notes.get(engine, ""),
                     )
                     for engine in spec.engines
                 ],

@@ -17,8 +17,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -162,11 +164,22 @@ class _Reporting:
         self.result = running.result()
 
 
-def exit_when_server_goes() -> None:
-    """Exit as soon as standard input closes: the server stopped us, or died."""
+# How long an orderly exit (the engine closing) may take before the worker is ended anyway.
+EXIT_GRACE_S = 15.0
+
+
+def exit_when_server_goes(shut_down: Callable[[], None]) -> None:
+    """When standard input closes (the server stopped us, or died), shut down in order:
+    shut_down() stops serving, and the engine closes, taking with it any processes its
+    library started (vLLM's engine core and workers). If that has not ended the process
+    within EXIT_GRACE_S, end it and whatever is left of its process group."""
 
     def watch() -> None:
         sys.stdin.buffer.read()
+        shut_down()
+        time.sleep(EXIT_GRACE_S)
+        if os.getpgrp() == os.getpid():  # the server started us as a group of our own
+            os.killpg(os.getpid(), signal.SIGKILL)
         os._exit(0)
 
     threading.Thread(target=watch, name="server-lifeline", daemon=True).start()
@@ -179,6 +192,8 @@ async def run(socket_path: str, plan: LoadPlan, tracer_provider: trace.TracerPro
     server.add_generic_rpc_handlers((worker.handlers(),))
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
+    loop = asyncio.get_running_loop()
+    exit_when_server_goes(lambda: asyncio.run_coroutine_threadsafe(server.stop(grace=None), loop))
     try:
         await server.wait_for_termination()
     finally:
@@ -199,7 +214,6 @@ def main(argv: list[str] | None = None) -> None:
     provider = tracing.tracer_provider(
         os.environ.get("LLMGRPC_TRACE_EXPORTER", "none"), service_name="llmgrpc-worker"
     )
-    exit_when_server_goes()
     load_plugins_from_environment()
     asyncio.run(run(args.socket, plan, provider))
 

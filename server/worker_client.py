@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -53,6 +54,13 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     }
 
 
+def end_process_group(leader_pid: int) -> None:
+    """Kill what is left of a stopped worker's process group (processes its engine library
+    started and did not end). Nothing happens when the group is already empty."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader_pid, signal.SIGKILL)
+
+
 class WorkerProcess:
     """One worker process and the gRPC channel to it over a Unix socket."""
 
@@ -98,6 +106,10 @@ class WorkerProcess:
             json.dumps(self.plan.to_json_dict()),
             stdin=asyncio.subprocess.PIPE,
             env=env,
+            # A process group of its own: what the engine library starts (vLLM's engine core
+            # and workers) can be ended with the worker, and a terminal's Ctrl-C reaches only
+            # the server, which then stops its workers in order.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while not self.socket_path.exists():
@@ -183,6 +195,8 @@ class WorkerProcess:
             except asyncio.TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+        if self.process is not None:
+            end_process_group(self.process.pid)
         shutil.rmtree(self._folder, ignore_errors=True)
 
     async def wait(self) -> int:

@@ -45,6 +45,13 @@ class RunningServer:
         """Run a coroutine on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
+    def engine_stats(self, model_uid: str) -> dict:
+        """What the model's engine reports about itself, read from its worker now (GetModel's
+        running_requests is the server's own count; this is the engine's)."""
+        worker = self.server.manager.get(model_uid).worker
+        assert worker is not None, f"{model_uid} has no worker"
+        return self.call(worker.stats(timeout=30))
+
     def stop(self, grace: float = 1.0) -> None:
         if not self._thread.is_alive():
             return

@@ -43,6 +43,7 @@ class FakeAsyncLLM:
         self.model_config = types.SimpleNamespace(max_model_len=2048)
         self.requests: list[tuple[object, FakeVllmSamplingParams, str]] = []
         self.aborted: list[str] = []
+        self.unfinished: set[str] = set()  # what vLLM still holds: until finished or aborted
         self.shut_down = False
 
     @classmethod
@@ -53,14 +54,21 @@ class FakeAsyncLLM:
         self.requests.append((prompt, params, request_id))
         if self.fail_with:
             raise self.fail_with
+        self.unfinished.add(request_id)
         for index, (token, text) in enumerate(SCRIPT):
             await asyncio.sleep(0)
             last = index == len(SCRIPT) - 1
+            if last:
+                self.unfinished.discard(request_id)
             completion = FakeCompletion([token], text, "length" if last else None)
             yield FakeRequestOutput([completion], finished=last)
 
     async def abort(self, request_id):
         self.aborted.append(request_id)
+        self.unfinished.discard(request_id)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.unfinished)
 
     def shutdown(self):
         self.shut_down = True

@@ -11,7 +11,7 @@ from engine_doubles import SCRIPT, FakeAsyncLLM, FakeSGLangEngine, fake_vllm_mod
 
 from llmgrpc.clients import Client
 from llmgrpc.engines.base import FinishReason, GenerationRequest, LoadPlan, SamplingParams, SpecRef
-from llmgrpc.engines.errors import InvalidArgument
+from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.sglang_engine import SGLangEngine
 from llmgrpc.engines.vllm_engine import VllmEngine
 
@@ -36,12 +36,12 @@ def request(sampling: SamplingParams = ALL_FIELDS, **prompt) -> GenerationReques
     return GenerationRequest(request_id="req-1", sampling=sampling, **(prompt or {"prompt": "Hi"}))
 
 
-def plan(**options) -> LoadPlan:
+def plan(device: str = "cuda:0", **options) -> LoadPlan:
     return LoadPlan(
         "m",
         "vLLM",
         SpecRef("tiny", "pytorch", "0", "none", "tiny"),
-        "cuda:0",
+        device,
         "/tmp",
         8,
         engine_options=options,
@@ -115,6 +115,27 @@ def test_vllm_refusal_is_invalid_argument(vllm_modules):
     )
     with pytest.raises(InvalidArgument, match="longer than the maximum model length"):
         asyncio.run(collect(VllmEngine(llm, 2048, "cuda:0"), request()))
+
+
+def test_vllm_on_the_cpu_takes_a_fixed_kv_cache_unless_told_its_memory(vllm_modules):
+    def kv_cache_bytes(**options):
+        engine = VllmEngine.load(plan("cpu", **options), "/models/x", lambda *a: None)
+        return vars(engine.engine.engine_args).get("kv_cache_memory_bytes")
+
+    assert kv_cache_bytes() == 4 * 2**30
+    assert kv_cache_bytes(kv_cache_memory_bytes=2.0**28) == 2**28
+    assert kv_cache_bytes(gpu_memory_utilization=0.3) is None  # vLLM sizes it from that fraction
+
+
+def test_vllm_that_will_not_start_is_failed_precondition_pointing_at_its_log(vllm_modules, monkeypatch):
+    def refuse(engine_args):
+        raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+    monkeypatch.setattr(FakeAsyncLLM, "from_engine_args", staticmethod(refuse))
+    with pytest.raises(FailedPrecondition) as raised:
+        VllmEngine.load(plan("cpu"), "/models/x", lambda *a: None)
+    assert raised.value.reason == Reason.ENGINE_START_FAILED
+    assert "server log" in str(raised.value) and "kv_cache_memory_bytes" in str(raised.value)
 
 
 def test_vllm_load_passes_engine_options_to_async_engine_args(vllm_modules):
@@ -216,3 +237,6 @@ def test_engines_missing_here_are_listed_with_why_and_refused(client: Client):
         assert extra in error.value.details()
     # The server (in this process) checked all that without importing either library.
     assert "vllm" not in sys.modules and "sglang" not in sys.modules
+    # What the project has not proven about an adapter is said, whether or not it can run here.
+    assert "not yet run by this project" in engines["SGLang"].support_note
+    assert engines["Transformers"].support_note == ""

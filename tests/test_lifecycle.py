@@ -26,19 +26,12 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool
     return predicate()
 
 
-def engine_running(running_server, uid: str) -> int:
-    """Requests the engine itself holds, read from the worker (not the server's own count)."""
-    manager = running_server.server.manager
-    model = running_server.call(manager.refresh(manager.get(uid)))
-    return model.engine_stats["running_requests"]
-
-
 def idle(client: Client, running_server, uid: str) -> bool:
     model = client.get_model(uid)
     return (
         model.running_requests == 0
         and model.waiting_requests == 0
-        and engine_running(running_server, uid) == 0
+        and running_server.engine_stats(uid)["running_requests"] == 0
     )
 
 

