@@ -7,11 +7,13 @@ for GetModel, and aborts a request in the library when its caller goes away.
 
 from __future__ import annotations
 
+import abc
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from llmgrpc.engines.base import Engine, EngineStats, FinishReason
+from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason
+from llmgrpc.engines.errors import InvalidArgument
 
 # The libraries' finish reasons, in the contract's terms.
 FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
@@ -47,6 +49,32 @@ class LibraryEngine(Engine):
             yield
         finally:
             self.running -= 1
+
+    # The library's name, for messages.
+    library = ""
+
+    @abc.abstractmethod
+    async def abort_in_library(self, request_id: str) -> None:
+        """Free a request's slot and KV cache in the library now."""
+
+    async def guarded(self, request_id: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """Stream one request's chunks, counted as running. A ValueError (the library's word for
+        a request it cannot take: prompt too long, ...) becomes INVALID_ARGUMENT; a request whose
+        caller leaves before its last chunk is aborted in the library."""
+        finished = False
+        with self.counted():
+            try:
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        finished = chunk.finish_reason is not None
+                        yield chunk
+            except ValueError as error:
+                finished = True
+                raise InvalidArgument(f"{self.library} refused the request: {error}") from None
+            finally:
+                if not finished:
+                    with contextlib.suppress(Exception):
+                        await self.abort_in_library(request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats(

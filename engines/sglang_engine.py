@@ -7,7 +7,6 @@ has no CPU build, so this project has not yet run it on a real SGLang.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,6 @@ from llmgrpc.engines.base import (
     SamplingParams,
     Usage,
 )
-from llmgrpc.engines.errors import InvalidArgument
 from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
 
 
@@ -72,6 +70,8 @@ class _Delta:
 class SGLangEngine(LibraryEngine):
     """One model served by an SGLang Engine in this worker process."""
 
+    library = "SGLang"
+
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> SGLangEngine:
         import sglang
@@ -87,36 +87,33 @@ class SGLangEngine(LibraryEngine):
             if request.prompt_token_ids is not None
             else {"prompt": request.prompt}
         )
-        finished = False
         delta = _Delta()
-        with self.counted():
-            try:
-                stream = await self.engine.async_generate(
-                    **prompt_args,
-                    sampling_params=sampling_dict(request.sampling),
-                    stream=True,
-                    rid=request.request_id,
+
+        async def chunks() -> AsyncIterator[Chunk]:
+            stream = await self.engine.async_generate(
+                **prompt_args,
+                sampling_params=sampling_dict(request.sampling),
+                stream=True,
+                rid=request.request_id,
+            )
+            async for output in stream:
+                meta = output.get("meta_info", {})
+                completion_tokens = int(meta.get("completion_tokens", 0))
+                text, ids = delta.new(
+                    output.get("text", ""), list(output.get("output_ids", [])), completion_tokens
                 )
-                async for output in stream:
-                    meta = output.get("meta_info", {})
-                    completion_tokens = int(meta.get("completion_tokens", 0))
-                    text, ids = delta.new(
-                        output.get("text", ""), list(output.get("output_ids", [])), completion_tokens
-                    )
-                    chunk = Chunk(token_ids=ids, text=text)
-                    reason = meta.get("finish_reason")
-                    if reason:
-                        finished = True
-                        chunk.finish_reason = FINISH_REASONS.get(reason.get("type", ""), FinishReason.STOP)
-                        chunk.usage = Usage(int(meta.get("prompt_tokens", 0)), completion_tokens)
-                    yield chunk
-            except ValueError as error:  # SGLang's word for a prompt it cannot take (too long, ...)
-                finished = True
-                raise InvalidArgument(f"SGLang refused the request: {error}") from None
-            finally:
-                if not finished:
-                    with contextlib.suppress(Exception):
-                        self.engine.tokenizer_manager.abort_request(rid=request.request_id)
+                chunk = Chunk(token_ids=ids, text=text)
+                reason = meta.get("finish_reason")
+                if reason:
+                    chunk.finish_reason = FINISH_REASONS.get(reason.get("type", ""), FinishReason.STOP)
+                    chunk.usage = Usage(int(meta.get("prompt_tokens", 0)), completion_tokens)
+                yield chunk
+
+        async for chunk in self.guarded(request.request_id, chunks()):
+            yield chunk
+
+    async def abort_in_library(self, request_id: str) -> None:
+        self.engine.tokenizer_manager.abort_request(rid=request_id)
 
 
 ENGINE = SGLangEngine

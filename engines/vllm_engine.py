@@ -9,7 +9,6 @@ so vLLM's pinned torch and transformers never meet the server's.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +22,7 @@ from llmgrpc.engines.base import (
     SamplingParams,
     Usage,
 )
-from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, Reason
+from llmgrpc.engines.errors import FailedPrecondition, Reason
 from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
 
 # On the CPU, vLLM reserves gpu_memory_utilization (0.92) of the host's memory unless told a
@@ -66,6 +65,8 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
 class VllmEngine(LibraryEngine):
     """One model served by vLLM's AsyncLLM in this worker process."""
 
+    library = "vLLM"
+
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> VllmEngine:
         from vllm import AsyncEngineArgs
@@ -102,30 +103,25 @@ class VllmEngine(LibraryEngine):
             if request.prompt_token_ids is not None
             else request.prompt
         )
-        finished = False
-        generated = 0
-        with self.counted():
-            try:
-                stream = self.engine.generate(prompt, params, request.request_id)
-                async for output in stream:
-                    completion = output.outputs[0]
-                    generated += len(completion.token_ids)
-                    chunk = Chunk(token_ids=list(completion.token_ids), text=completion.text)
-                    if output.finished:
-                        finished = True
-                        chunk.finish_reason = FINISH_REASONS.get(
-                            completion.finish_reason or "", FinishReason.STOP
-                        )
-                        chunk.usage = Usage(len(output.prompt_token_ids or ()), generated)
-                    yield chunk
-            except ValueError as error:  # vLLM's word for a prompt it cannot take (too long, ...)
-                finished = True
-                raise InvalidArgument(f"vLLM refused the request: {error}") from None
-            finally:
-                if not finished:
-                    # The caller left: free the request's slot and KV cache in vLLM now.
-                    with contextlib.suppress(Exception):
-                        await self.engine.abort(request.request_id)
+
+        async def chunks() -> AsyncIterator[Chunk]:
+            generated = 0
+            async for output in self.engine.generate(prompt, params, request.request_id):
+                completion = output.outputs[0]
+                generated += len(completion.token_ids)
+                chunk = Chunk(token_ids=list(completion.token_ids), text=completion.text)
+                if output.finished:
+                    chunk.finish_reason = FINISH_REASONS.get(
+                        completion.finish_reason or "", FinishReason.STOP
+                    )
+                    chunk.usage = Usage(len(output.prompt_token_ids or ()), generated)
+                yield chunk
+
+        async for chunk in self.guarded(request.request_id, chunks()):
+            yield chunk
+
+    async def abort_in_library(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
 
 
 ENGINE = VllmEngine
