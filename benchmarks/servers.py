@@ -69,12 +69,17 @@ class Process:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            wait_or_kill(self.process)
         self._log.close()
+
+
+def wait_or_kill(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Wait for a process asked to stop; kill it if it has not within timeout_s."""
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -190,9 +195,5 @@ class InProcess:
 
     def stop(self) -> None:
         self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        wait_or_kill(self.process)
         self._log.close()

@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 import torch
+from conftest import TINY
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
@@ -18,7 +19,6 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)"),
 ]
-TINY = "tiny-llama-3.1"
 MIB = 1024**2
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from conftest import TINY
 from rpc_helpers import rpc_error
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
-
-TINY = "tiny-llama-3.1"
 
 
 def test_unknown_family_is_not_found(client: Client):

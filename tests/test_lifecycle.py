@@ -8,12 +8,12 @@ import time
 
 import grpc
 import pytest
+from conftest import TINY
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
 
-TINY = "tiny-llama-3.1"
 ENDLESS = {"max_tokens": 10_000, "ignore_eos": True, "temperature": 0}
 
 

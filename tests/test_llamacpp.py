@@ -15,6 +15,7 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("gguf")
 
 import gguf  # noqa: E402
+from conftest import TINY
 from rpc_helpers import collect
 
 from llmgrpc.clients import Client  # noqa: E402
@@ -23,7 +24,6 @@ from llmgrpc.v1 import generate_pb2, models_pb2  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 
-TINY = "tiny-llama-3.1"
 SEED_QUANTIZATIONS = [
     "Q2_K",
     "Q3_K_L",

@@ -5,13 +5,12 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from conftest import TINY
 from rpc_helpers import collect
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import generate_pb2, models_pb2
-
-TINY = "tiny-llama-3.1"
 
 
 def test_list_specs_shows_families_and_engine_availability(client: Client):
