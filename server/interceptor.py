@@ -71,6 +71,11 @@ async def _checked(requests):
         yield request
 
 
+# What a handler sees when gRPC gives up on its call (the caller cancelled, or its deadline
+# passed): its task is cancelled, or its response stream is dropped and later closed.
+_ABANDONED = (asyncio.CancelledError, GeneratorExit)
+
+
 @dataclass
 class _Call:
     method: str
@@ -80,6 +85,8 @@ class _Call:
     span: trace.Span
     started: float = field(default_factory=time.monotonic)
     counted: bool = False
+    # The caller went away (cancelled, or its deadline passed) before the servicer finished.
+    abandoned: bool = False
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
@@ -136,6 +143,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     request = self._admit(call, request, context, streaming_requests)
                     async for response in behavior(request, context):
                         yield response
+                except _ABANDONED:
+                    call.abandoned = True
+                    raise
                 except BaseException as error:
                     await self._fail(call, context, error)
                 finally:
@@ -149,6 +159,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 request = self._admit(call, request, context, streaming_requests)
                 return await behavior(request, context)
+            except _ABANDONED:
+                call.abandoned = True
+                raise
             except BaseException as error:
                 await self._fail(call, context, error)
             finally:
@@ -209,7 +222,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def _fail(self, call: _Call, context: grpc.aio.ServicerContext, error: BaseException) -> None:
         """Turn what escaped the servicer into a status (re-raising what gRPC handles itself)."""
-        if isinstance(error, (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)):
+        if isinstance(error, grpc.aio.AbortError):
             raise error
         if not isinstance(error, LlmgrpcError):
             log.error("unexpected error in %s", call.method, exc_info=error)
@@ -218,16 +231,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         raise error
 
     def _exit(self, call: _Call, context: grpc.aio.ServicerContext, token) -> None:
-        code = _final_code(context)
+        code = _final_code(context, call.abandoned)
         seconds = time.monotonic() - call.started
         call.span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code is not grpc.StatusCode.OK:
             call.span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
         call.span.end()
-        try:
-            otel_context.detach(token)
-        except ValueError:  # finished in another context (a cancelled stream): nothing left to undo
-            pass
+        tracing.detach(token)
         service = call.service.rpartition(".")[2]
         name = call.method.rpartition("/")[2]
         self.metrics.observe_rpc(call.service, name, code.name, seconds)
@@ -248,12 +258,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._idle.set()
 
 
-def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _final_code(context: grpc.aio.ServicerContext, abandoned: bool) -> grpc.StatusCode:
     """The status the call ended with, as far as the server can tell."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
-    if context.cancelled():
+    # gRPC sets no code on a call its caller left (and context.cancelled() stays False while
+    # its handler unwinds), but then it cancels the handler or drops its response stream.
+    if abandoned or context.cancelled():
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED

@@ -9,8 +9,10 @@ can hand the server a provider with an in-memory exporter.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -65,3 +67,32 @@ def inject() -> tuple[tuple[str, str], ...]:
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return tuple(carrier.items())
+
+
+def detach(token: object) -> None:
+    """Undo otel_context.attach. A response stream its caller left is closed later, from another
+    task, whose context never had the span attached: there is nothing to undo there, and
+    OpenTelemetry's own detach would log an ERROR ("Failed to detach context") for each one."""
+    if isinstance(token, contextvars.Token):  # what OpenTelemetry's contextvars runtime returns
+        with contextlib.suppress(ValueError):  # created in another context
+            token.var.reset(token)
+        return
+    otel_context.detach(token)
+
+
+@contextlib.contextmanager
+def current_span(tracer: trace.Tracer, name: str, **span_options) -> Iterator[trace.Span]:
+    """tracer.start_as_current_span for the body of an async generator (a response stream): the
+    span ends and the context is restored quietly even when the stream is closed from another
+    task because its caller went away. An exception escaping the body marks the span as failed."""
+    span = tracer.start_span(name, **span_options)
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        yield span
+    except Exception as error:
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        raise
+    finally:
+        span.end()
+        detach(token)

@@ -92,7 +92,8 @@ class Worker:
         logs.REQUEST_ID.set(request_id)
         generation = GenerationRequest.from_pb(request, request_id)
         # The engine's part of the request's trace: a child of the server's call to this worker.
-        with self.tracer.start_as_current_span(
+        with tracing.current_span(
+            self.tracer,
             "engine.generate",
             context=tracing.extract(metadata),
             kind=trace.SpanKind.SERVER,

@@ -163,7 +163,8 @@ class WorkerProcess:
                 yield response
             return
         # A CLIENT span for the hop to the worker; its context travels as the call's traceparent.
-        with self.tracer.start_as_current_span(
+        with tracing.current_span(
+            self.tracer,
             "llmgrpc.worker.Worker/Generate",
             kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "llmgrpc.model_uid": self.plan.model_uid},

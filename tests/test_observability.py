@@ -22,7 +22,7 @@ from test_lifecycle import wait_until
 from llmgrpc.clients import Client
 from llmgrpc.engines.base import LoadPlan, SpecRef
 from llmgrpc.engines.batching import BatchedEngine
-from llmgrpc.server import logs
+from llmgrpc.server import logs, tracing
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.worker import SERVICE, Worker
 from llmgrpc.v1 import generate_pb2, models_pb2
@@ -172,6 +172,51 @@ class _CountingEngine(BatchedEngine):
     @classmethod
     def load(cls, plan, weights, report):
         raise NotImplementedError
+
+
+def test_a_stream_its_caller_cancels_is_counted_and_traced_as_cancelled(observed, spans):
+    """gRPC sets no status code on a call its caller left: the server's own records must still
+    say CANCELLED, not OK."""
+    server, client = observed
+    spans.clear()
+    labels = {"service": "llmgrpc.v1.GenerateService", "method": "Generate", "code": "CANCELLED"}
+    counted = value(scrape(server.server.metrics_port), "llmgrpc:rpc_requests_total", **labels) + 1
+    stream = client.generate("watched", "Tell me a long story", max_tokens=400, ignore_eos=True)
+    next(stream)
+    stream.cancel()
+    assert wait_until(
+        lambda: value(scrape(server.server.metrics_port), "llmgrpc:rpc_requests_total", **labels) == counted
+    )
+    (call,) = [s for s in spans.get_finished_spans() if s.name.endswith("GenerateService/Generate")]
+    assert call.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+
+
+def test_a_response_stream_closed_from_another_task_ends_its_span_quietly(caplog):
+    """What the event loop does with a stream its caller left: the generator was advanced in the
+    call's task, and is closed later from a task of its own (another context)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    async def responses():
+        with tracing.current_span(tracer, "stream"):
+            yield 1
+            yield 2
+
+    async def scenario() -> None:
+        stream = responses()
+
+        async def first():
+            return await stream.__anext__()
+
+        assert await asyncio.create_task(first()) == 1
+        await asyncio.create_task(stream.aclose())
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert [span.name for span in exporter.get_finished_spans()] == ["stream"]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []
 
 
 def test_the_worker_opens_a_span_around_the_engine_continuing_the_trace(tmp_path):
