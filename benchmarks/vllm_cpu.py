@@ -25,6 +25,7 @@ from servers import Llmgrpc
 from streams import GrpcStreams, median, percentile, run_level
 
 from llmgrpc.clients import Client
+from llmgrpc.engines.catalogue import engine_info
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -80,6 +81,10 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
         "Launch to READY (weights cached): "
         + ", ".join(f"{e} {s:.1f} s" for e, s in results["launch_s"].items())
         + ".",
+        "",
+        "vLLM's workers ran with "
+        + ", ".join(f"`{name}={value}`" for name, value in machine["vllm_environment"].items())
+        + " (the engine's CPU defaults, engines/catalogue.py, unless this run's environment set them).",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +153,12 @@ def main() -> None:
     results["command"] = "make bench-vllm" if not args.quick else "make bench-vllm BENCH_ARGS=--quick"
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next(line for line in cpuinfo if line.startswith("model name"))
-    machine = {"cpu": cpu.split(":", 1)[1].strip(), "cores": os.cpu_count()}
+    vllm_defaults = engine_info("vLLM").cpu_environment
+    machine = {
+        "cpu": cpu.split(":", 1)[1].strip(),
+        "cores": os.cpu_count(),
+        "vllm_environment": {name: os.environ.get(name, value) for name, value in vllm_defaults},
+    }
     write_report(args.out, results, args, machine)
     print(f"report: {args.out}")
 

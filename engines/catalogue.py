@@ -42,6 +42,9 @@ class EngineInfo:
     not_built: str = ""
     # How far the project has proven the adapter, when not fully (ListSpecs shows it).
     support_note: str = ""
+    # Environment variables a worker of this engine starts with on the CPU, unless the
+    # server's own environment sets them (the operator's choice wins).
+    cpu_environment: tuple[tuple[str, str], ...] = ()
 
     def load_class(self) -> type[Engine]:
         """Import the engine's module (heavy: only worker processes call this)."""
@@ -123,6 +126,14 @@ ENGINES: tuple[EngineInfo, ...] = (
         ),
         # The PyPI wheels run on CUDA only; a CPU build of vLLM reports the CPU platform.
         platform_check="vllm_platform",
+        # vLLM's CPU layout expects cores of its own: its engine core and its model worker
+        # process wait on each other by spinning on sched_yield, and OpenMP threads spin between
+        # kernels. On a host it shares (with this server, its clients, health probes) that
+        # spinning starved every other process of the CPU while a stream decoded (an idle 10 ms
+        # sleeper went unscheduled for 25 s on 2 cores). So on the CPU: the model runs inside
+        # the engine core process (no spinning queue between two processes), and OpenMP
+        # threads sleep after a short spin.
+        cpu_environment=(("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("GOMP_SPINCOUNT", "10000")),
         support_note=(
             "run by this project's tests on vLLM 0.32.0 built for the CPU (make test-vllm); "
             "not yet on a CUDA GPU"

@@ -286,7 +286,7 @@ class EngineManager:
             self.availability.python_for(info.name),
             visible_gpu,
             tracer=self.tracer,
-            env=worker_environment(self.settings),
+            env=worker_environment(self.settings, info.cpu_environment if plan.device == "cpu" else ()),
         )
         model.loading = asyncio.ensure_future(self._load(model))
         try:

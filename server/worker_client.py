@@ -10,7 +10,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -43,10 +43,13 @@ def describe_exit(returncode: int | None) -> str:
     return f"the worker process exited with code {returncode}"
 
 
-def worker_environment(settings: Settings) -> dict[str, str]:
-    """What a worker process needs to know of the server's settings: how to log and trace, and
-    which engine plugins to load."""
+def worker_environment(settings: Settings, engine_defaults: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
+    """What a worker process needs to know of the server's settings (how to log and trace,
+    which engine plugins to load), and the engine's own defaults for where it runs, each one
+    unless the server's environment already sets it."""
+    defaults = {name: value for name, value in engine_defaults if name not in os.environ}
     return {
+        **defaults,
         PLUGINS_ENV: json.dumps(settings.engine_plugins),
         "LLMGRPC_LOG_LEVEL": settings.log_level,
         "LLMGRPC_LOG_FORMAT": settings.log_format,

@@ -1,10 +1,13 @@
 """A test double of an engine defined outside llmgrpc, loaded as a plugin (never used by the product).
 
 It echoes the prompt back, one character per token, and finishes with LENGTH at max_tokens
-or STOP at the end of the prompt.
+or STOP at the end of the prompt. The prompt is framed by ECHO_OPEN and ECHO_CLOSE from the
+worker's environment: the CPU defaults it declares, or what the server's environment sets.
 """
 
 from __future__ import annotations
+
+import os
 
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, Usage
 from llmgrpc.engines.catalogue import EngineInfo
@@ -17,6 +20,7 @@ ENGINE_INFO = EngineInfo(
     required_modules=(),
     formats=("pytorch",),
     options=(("shout", bool, "echo in capitals"),),
+    cpu_environment=(("ECHO_OPEN", "["), ("ECHO_CLOSE", "]")),
 )
 
 
@@ -30,6 +34,7 @@ class EchoEngine(Engine):
 
     async def generate(self, request):
         text = (request.prompt or "").upper() if self.shout else request.prompt or ""
+        text = os.environ.get("ECHO_OPEN", "") + text + os.environ.get("ECHO_CLOSE", "")
         limit = request.sampling.max_tokens
         for index, character in enumerate(text[:limit]):
             last = index == min(limit, len(text)) - 1

@@ -44,10 +44,23 @@ def test_a_plugin_engine_is_launched_and_streams_through_a_real_server(start_ser
         model = client.launch("echo-model", model_uid="echo", engine_options={"shout": True}, timeout=300)
         assert model.model_engine == "Echo"
         pieces = list(client.generate("echo", "Hello, plugin", max_tokens=5))
-        assert "".join(p.text for p in pieces) == "HELLO"
+        assert "".join(p.text for p in pieces) == "[HELL"
         assert pieces[-1].usage.completion_tokens == 5
         with pytest.raises(Exception, match="not an option of Echo"):
             client.launch("echo-model", model_uid="echo-2", engine_options={"whisper": True})
+
+
+def test_workers_on_the_cpu_start_with_the_engine_defaults_unless_the_operator_set_them(
+    start_server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("ECHO_CLOSE", "}")  # the operator's own value for one of the two
+    (tmp_path / "echo-model.json").write_text(json.dumps(FAMILY))
+    server = start_server(device="cpu", engine_plugins=[PLUGIN], families_dir=tmp_path)
+    with Client(server.endpoint) as client:
+        client.launch("echo-model", model_uid="echo", timeout=300)
+        text = "".join(p.text for p in client.generate("echo", "hi", max_tokens=16))
+    assert text == "[hi}"
 
 
 @pytest.mark.parametrize(
