@@ -144,7 +144,7 @@ NAMES = st.sampled_from(
         "a" * 65,
     ]
 )
-HUGE = st.builds(lambda char, count: char * count, st.characters(), st.integers(10_000, 400_000))
+HUGE = st.builds(lambda char, count: char * count, st.characters(codec="utf-8"), st.integers(10_000, 400_000))
 STRINGS = st.one_of(NAMES, st.text(max_size=40), HUGE)
 INT32 = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31)]))
 SMALL = st.integers(1, 8)
