@@ -7,6 +7,11 @@ sent at once to each engine in turn (the order rotating each repetition); the re
 aggregate streamed tokens per second and time to first token, medians over repetitions,
 and how long each launch took. Every stream's token count is checked.
 
+Then the host check: the tiny model on vLLM decodes one long stream (steps of about 1.5 ms,
+where vLLM's CPU processes spend the most time waiting on each other) while a separate idle
+process sleeps 10 ms at a time; the report gives the longest its wake-ups came late, i.e. the
+longest a light process on this host (a health probe, the gRPC server) waited for a CPU.
+
     python benchmarks/vllm_cpu.py --vllm-python .venv-vllm/bin/python [--quick] [--out FILE]
 """
 
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 
 import models
+from host_latency import idle_sleeper
 from models import BENCH_MODEL, TINY
 from servers import Llmgrpc
 from streams import GrpcStreams, median, percentile, run_level
@@ -30,6 +36,8 @@ from llmgrpc.engines.catalogue import engine_info
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 KV_CACHE_BYTES = 1 << 30
+HOST_CHECK_TOKENS = 15_000
+HOST_CHECK_LAUNCH = {"dtype": "float32", "kv_cache_memory_bytes": 1 << 28, "max_model_len": 16384}
 LAUNCHES = {
     "Transformers": {"dtype": "float32"},
     "vLLM": {"dtype": "float32", "kv_cache_memory_bytes": KV_CACHE_BYTES, "max_model_len": 2048},
@@ -53,6 +61,19 @@ async def measure(endpoint: str, uid: str, levels: list[int], tokens: int, reps:
             }
             print(f"  {uid:<14} {level:>3} streams: {json.dumps(results[level])}", flush=True)
         return results
+    finally:
+        await streams.close()
+
+
+async def host_check(endpoint: str, uid: str, tokens: int) -> dict:
+    """One stream of tokens from uid while an idle process on this host measures its wake-ups."""
+    streams = GrpcStreams(endpoint, uid)
+    try:
+        with idle_sleeper() as sleeper:
+            run = await run_level(streams.opener(tokens), 1, tokens)
+        if run.problems:
+            raise RuntimeError(f"{uid}, one stream of {tokens} tokens: {run.problems}")
+        return {"tokens": tokens, "tokens_per_s": run.tokens_per_s, **sleeper}
     finally:
         await streams.close()
 
@@ -82,6 +103,7 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
         + ", ".join(f"{e} {s:.1f} s" for e, s in results["launch_s"].items())
         + ".",
         "",
+        *host_check_lines(results.get("host_check")),
         "vLLM's workers ran with "
         + ", ".join(f"`{name}={value}`" for name, value in machine["vllm_environment"].items())
         + " (the engine's CPU defaults, engines/catalogue.py, unless this run's environment set them).",
@@ -89,6 +111,17 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def host_check_lines(check: dict | None) -> list[str]:
+    if check is None:
+        return []
+    return [
+        f"Host check: the tiny model on vLLM streamed {check['tokens']} tokens at "
+        f"{check['tokens_per_s']:.0f} tok/s; meanwhile an idle process on the same host, waking every "
+        f"10 ms, waited at most {check['longest_wait_ms']:.0f} ms for a CPU.",
+        "",
+    ]
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -128,6 +161,16 @@ async def run(args: argparse.Namespace) -> dict:
             results["levels"][engine] = await measure(
                 server.endpoint, engine.lower(), args.levels, args.tokens, args.reps
             )
+        if not args.quick:
+            with Client(server.endpoint) as client:
+                client.launch(
+                    TINY,
+                    model_engine="vLLM",
+                    model_uid="vllm-tiny",
+                    engine_options=HOST_CHECK_LAUNCH,
+                    timeout=900,
+                )
+            results["host_check"] = await host_check(server.endpoint, "vllm-tiny", HOST_CHECK_TOKENS)
     finally:
         server.stop()
     return results
