@@ -143,9 +143,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     request = self._admit(call, request, context, streaming_requests)
                     async for response in behavior(request, context):
                         yield response
-                except _ABANDONED:
-                    call.abandoned = True
-                    raise
                 except BaseException as error:
                     await self._fail(call, context, error)
                 finally:
@@ -159,9 +156,6 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 request = self._admit(call, request, context, streaming_requests)
                 return await behavior(request, context)
-            except _ABANDONED:
-                call.abandoned = True
-                raise
             except BaseException as error:
                 await self._fail(call, context, error)
             finally:
@@ -222,6 +216,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def _fail(self, call: _Call, context: grpc.aio.ServicerContext, error: BaseException) -> None:
         """Turn what escaped the servicer into a status (re-raising what gRPC handles itself)."""
+        if isinstance(error, _ABANDONED):
+            call.abandoned = True
+            raise error
         if isinstance(error, grpc.aio.AbortError):
             raise error
         if not isinstance(error, LlmgrpcError):
