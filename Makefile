@@ -89,6 +89,7 @@ SOAK_CONCURRENCY ?= 32
 .PHONY: soak
 soak: $(VENV)/.installed
 	$(PY) benchmarks/soak.py --duration $(SOAK_S) --concurrency $(SOAK_CONCURRENCY)
+	$(PY) benchmarks/neighbour.py
 
 # The benchmark suite (benchmarks/suite.py): overhead, scaling, peers, transport ceiling and
 # start-up; writes docs/benchmarks.md and its plots (about ten minutes on 2 cores).

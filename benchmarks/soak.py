@@ -8,9 +8,13 @@ after a few messages, some given a short deadline), then reports:
   DEADLINE_EXCEEDED for a request that had a deadline (the goal is 0);
 - whether the model is idle afterwards (no request left running or waiting);
 - the server's and the worker's resident memory at the start and at the end;
-- p50/p99 of time to first token, inter-token latency and end-to-end latency.
+- p50/p99 of time to first token, inter-token latency and end-to-end latency;
+- churn: meanwhile a second model (uid ``churn``) is launched and terminated over and over,
+  with --churn-lanes streams sent to it; their acceptable ends are a complete stream or
+  UNAVAILABLE / NOT_FOUND saying the model is loading, terminated or absent. Afterwards
+  only the soaked model is listed and exactly one worker process runs (nothing orphaned).
 
-    python benchmarks/soak.py --duration 120 --concurrency 32 [--json soak.json]
+    python benchmarks/soak.py --duration 120 --concurrency 32 [--churn-lanes 4] [--json soak.json]
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -118,6 +124,55 @@ class Tally:
         self.tokens = 0
 
 
+CHURN_UID = "churn"
+# How a stream to the churning model may end besides completing: it was loading, terminated or gone.
+CHURN_ENDINGS = {
+    ("UNAVAILABLE", "MODEL_LOADING"),
+    ("UNAVAILABLE", "MODEL_TERMINATED"),
+    ("NOT_FOUND", "MODEL_NOT_FOUND"),
+}
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+def worker_processes(server_pid: int) -> int:
+    """How many llmgrpc worker processes the server has (its children running the worker module)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        count += parent == server_pid and b"llmgrpc.server.worker" in arguments
+    return count
+
+
+async def churn(models, family: str, ends: float, rng: random.Random, tally: Tally) -> None:
+    """Launch and terminate CHURN_UID until ends, each life a random 0.5-3 s."""
+    while time.monotonic() < ends:
+        request = models_pb2.LaunchModelRequest(model_name=family, model_uid=CHURN_UID)
+        try:
+            await models.LaunchModel(request, timeout=300)
+            tally.outcomes["churn: launched"] += 1
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            await models.TerminateModel(models_pb2.TerminateModelRequest(model_uid=CHURN_UID), timeout=60)
+            tally.outcomes["churn: terminated"] += 1
+        except grpc.aio.AioRpcError as error:
+            tally.outcomes[f"churn: error {error.code().name}"] += 1
+            tally.errors.append(f"churn: {error.code().name}: {error.details()}")
+
+
 async def one_stream(stub, model_uid: str, rng: random.Random, tally: Tally) -> None:
     plan = rng.choices(["complete", "cancel", "deadline"], weights=[70, 15, 15])[0]
     max_tokens = rng.randint(8, 256)
@@ -157,6 +212,8 @@ async def one_stream(stub, model_uid: str, rng: random.Random, tally: Tally) -> 
     except grpc.aio.AioRpcError as error:
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
             tally.outcomes["deadline exceeded (as asked)"] += 1
+        elif model_uid == CHURN_UID and (error.code().name, error_reason(error)) in CHURN_ENDINGS:
+            tally.outcomes[f"churn: {error.code().name} {error_reason(error)}"] += 1
         elif error.code() == grpc.StatusCode.CANCELLED and cancel_after is not None:
             tally.outcomes["cancelled by the caller"] += 1
         else:
@@ -166,7 +223,9 @@ async def one_stream(stub, model_uid: str, rng: random.Random, tally: Tally) -> 
         tally.outcomes["cancelled by the caller"] += 1
 
 
-async def soak(endpoint: str, model_uid: str, duration: float, concurrency: int, seed: int) -> dict:
+async def soak(
+    endpoint: str, model_uid: str, duration: float, concurrency: int, churn_lanes: int, seed: int
+) -> dict:
     tally = Tally()
     async with grpc.aio.insecure_channel(endpoint) as channel:
         await wait_ready(channel)
@@ -182,16 +241,23 @@ async def soak(endpoint: str, model_uid: str, duration: float, concurrency: int,
         start_worker_rss = model.memory_bytes
         ends = time.monotonic() + duration
 
-        async def lane(index: int) -> None:
+        async def lane(index: int, uid: str) -> None:
             rng = random.Random(seed * 1000 + index)
             while time.monotonic() < ends:
-                await one_stream(stub, model_uid, rng, tally)
+                await one_stream(stub, uid, rng, tally)
+                if uid == CHURN_UID:
+                    await asyncio.sleep(0.05)  # not a busy loop while the model is absent
 
         began = time.monotonic()
-        await asyncio.gather(*(lane(i) for i in range(concurrency)))
+        lanes = [lane(i, model_uid) for i in range(concurrency)]
+        if churn_lanes:
+            lanes += [lane(concurrency + i, CHURN_UID) for i in range(churn_lanes)]
+            lanes.append(churn(models, model.model_name, ends, random.Random(seed), tally))
+        await asyncio.gather(*lanes)
         elapsed = time.monotonic() - began
         await asyncio.sleep(1.0)  # let cancellations reach the engine
         model = (await models.GetModel(models_pb2.GetModelRequest(model_uid=model_uid))).model
+        listed = [m.model_uid for m in (await models.ListModels(models_pb2.ListModelsRequest())).models]
         return {
             "duration_s": round(elapsed, 1),
             "concurrency": concurrency,
@@ -201,6 +267,7 @@ async def soak(endpoint: str, model_uid: str, duration: float, concurrency: int,
             "error_examples": tally.errors[:10],
             "idle_after": model.running_requests == 0 and model.waiting_requests == 0,
             "state_after": models_pb2.ModelState.Name(model.state),
+            "listed_after": listed,
             "tokens": tally.tokens,
             "tokens_per_s": round(tally.tokens / elapsed, 1),
             "worker_rss_mib": {"start": start_worker_rss / 2**20, "end": model.memory_bytes / 2**20},
@@ -226,6 +293,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="streams at a time (default 32)")
     parser.add_argument("--model", default="tiny-llama-3.1", help="model family to launch (its uid too)")
     parser.add_argument("--endpoint", help="use this running server instead of starting one")
+    parser.add_argument(
+        "--churn-lanes", type=int, default=4, help="streams at a time to the churning model (0: no churn)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
@@ -235,8 +305,11 @@ def main() -> None:
     server_pid = server.process.pid if server else None
     try:
         start_server_rss = rss_bytes(server_pid) if server_pid else 0
-        report = asyncio.run(soak(endpoint, args.model, args.duration, args.concurrency, args.seed))
+        report = asyncio.run(
+            soak(endpoint, args.model, args.duration, args.concurrency, args.churn_lanes, args.seed)
+        )
         if server_pid:
+            report["worker_processes_after"] = worker_processes(server_pid)
             report["server_rss_mib"] = {
                 "start": start_server_rss / 2**20,
                 "end": rss_bytes(server_pid) / 2**20,
@@ -251,7 +324,13 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    failed = report["errors"] or not report["idle_after"] or report.get("server_exit_code", 0) != 0
+    failed = (
+        report["errors"]
+        or not report["idle_after"]
+        or report["listed_after"] != [args.model]
+        or report.get("worker_processes_after", 1) != 1
+        or report.get("server_exit_code", 0) != 0
+    )
     raise SystemExit(1 if failed else 0)
 
 

@@ -64,10 +64,10 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def list_specs(self, **filters: str) -> list[models_pb2.ModelFamily]:
+    def list_specs(self, *, timeout: float | None = None, **filters: str) -> list[models_pb2.ModelFamily]:
         """Families of the registry, filtered by any of: model_name, model_format, model_engine,
         size_in_billions, quantization."""
-        return list(self.models.ListSpecs(models_pb2.ListSpecsRequest(**filters)).families)
+        return list(self.models.ListSpecs(models_pb2.ListSpecsRequest(**filters), timeout=timeout).families)
 
     def launch(
         self,
@@ -125,14 +125,15 @@ class Client:
         )
         return self.models.DownloadModel(request, timeout=timeout)
 
-    def list_models(self) -> list[models_pb2.ModelDescription]:
-        return list(self.models.ListModels(models_pb2.ListModelsRequest()).models)
+    def list_models(self, *, timeout: float | None = None) -> list[models_pb2.ModelDescription]:
+        return list(self.models.ListModels(models_pb2.ListModelsRequest(), timeout=timeout).models)
 
-    def get_model(self, model_uid: str) -> models_pb2.ModelDescription:
-        return self.models.GetModel(models_pb2.GetModelRequest(model_uid=model_uid)).model
+    def get_model(self, model_uid: str, *, timeout: float | None = None) -> models_pb2.ModelDescription:
+        return self.models.GetModel(models_pb2.GetModelRequest(model_uid=model_uid), timeout=timeout).model
 
-    def terminate(self, model_uid: str) -> models_pb2.ModelDescription:
-        return self.models.TerminateModel(models_pb2.TerminateModelRequest(model_uid=model_uid)).model
+    def terminate(self, model_uid: str, *, timeout: float | None = None) -> models_pb2.ModelDescription:
+        request = models_pb2.TerminateModelRequest(model_uid=model_uid)
+        return self.models.TerminateModel(request, timeout=timeout).model
 
     def generate(
         self,

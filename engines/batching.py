@@ -4,13 +4,19 @@ An engine supplies a ``ModelRunner`` (forward passes over its own KV state); the
 ``ContinuousBatcher`` owns everything else: admitting requests between steps,
 tokenizing, sampling each sequence with its own parameters and seed, settling text,
 stop rules, and aborting a request at the next step after its caller goes away. All
-runner calls happen on the batcher's one thread, so runners need no locking.
+runner calls but ``tokenize`` happen on the batcher's one thread, so runners need no locking.
+
+No request may stall the others for long: a prompt is tokenized and checked before it
+reaches the batcher's thread (a multi-megabyte one takes seconds), and a long prompt is
+prefilled in parts of at most ``prefill_chunk_tokens``, one part per step, between the
+decode steps of the sequences already running.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, GenerationRequest, Usage
-from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, Reason, Unavailable
+from llmgrpc.engines.errors import InvalidArgument, Reason, Unavailable
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 
@@ -31,7 +37,9 @@ log = logging.getLogger(__name__)
 class ModelRunner(abc.ABC):
     """Forward passes of one model for the batcher, each sequence keyed by an int id.
 
-    Called from the batcher's thread only. Logits come back as float32 numpy rows.
+    Called from the batcher's thread only, except ``tokenize``: it runs on other threads,
+    beside the other methods, so it must only read the tokenizer. Logits come back as
+    float32 numpy rows.
     """
 
     context_length: int
@@ -48,7 +56,11 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        """Start new sequences from their prompts; logits of each prompt's last token."""
+        """Feed each sequence the next part of its prompt; logits of each part's last token.
+
+        A sequence's first part starts it; a long prompt comes in several calls, in order.
+        A sequence is decoded only once its whole prompt is in (its first ``decode``).
+        """
 
     @abc.abstractmethod
     def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
@@ -56,7 +68,7 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def release(self, sequence_id: int) -> None:
-        """Forget a sequence and free its KV state."""
+        """Forget a sequence, decoding or still being prefilled, and free its KV state."""
 
 
 @dataclass
@@ -65,6 +77,8 @@ class _Sequence:
     request: GenerationRequest
     deliver: Callable[[Chunk | BaseException], None]
     prompt_ids: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens the runner has been fed
+    stop_ids: frozenset[int] = frozenset()
     output_ids: list[int] = field(default_factory=list)
     sampler: Sampler | None = None
     detokenizer: IncrementalDetokenizer | None = None
@@ -75,9 +89,16 @@ class _Sequence:
 class ContinuousBatcher:
     """Serves generate() calls on one runner, decoding all live sequences together."""
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int):
+    # Prompt tokens prefilled per step: long enough to keep prefill efficient, short enough
+    # that the sequences decoding beside a long prompt wait for one part, not the whole.
+    PREFILL_CHUNK_TOKENS = 512
+    # Prompts tokenized at once, off the batcher's thread: a huge one occupies one thread.
+    TOKENIZER_THREADS = 2
+
+    def __init__(self, runner: ModelRunner, max_batch_size: int, prefill_chunk_tokens: int | None = None):
         self.runner = runner
         self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens or self.PREFILL_CHUNK_TOKENS
         self.peak_batch_size = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -85,14 +106,18 @@ class ContinuousBatcher:
         self._pending: deque[_Sequence] = deque()
         self._aborted: set[int] = set()
         self._active: dict[int, _Sequence] = {}
+        self._prefilling: dict[int, _Sequence] = {}  # admitted, prompt not yet all fed; oldest first
         self._closed = False
+        self._tokenizers = concurrent.futures.ThreadPoolExecutor(
+            self.TOKENIZER_THREADS, thread_name_prefix="tokenize"
+        )
         self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
         self._thread.start()
 
     @property
     def running_requests(self) -> int:
         with self._lock:
-            return len(self._active) + len(self._pending)
+            return len(self._active) + len(self._prefilling) + len(self._pending)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
@@ -105,6 +130,11 @@ class ContinuousBatcher:
                 pass
 
         sequence = _Sequence(id=next(self._ids), request=request, deliver=deliver)
+        if self._closed:
+            raise Unavailable("the engine is shutting down")
+        # Tokenizing costs time in proportion to the prompt (seconds for megabytes): it runs
+        # here, before the sequence is queued, so no decoding stream ever waits for it.
+        await loop.run_in_executor(self._tokenizers, self._prepare, sequence)
         with self._lock:
             if self._closed:
                 raise Unavailable("the engine is shutting down")
@@ -133,91 +163,119 @@ class ContinuousBatcher:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=30)
+        self._tokenizers.shutdown(wait=False)
+
+    def _prepare(self, sequence: _Sequence) -> None:
+        """Tokenize and check a new request (raising if it is invalid) and set up its state."""
+        request, runner = sequence.request, self.runner
+        if request.prompt_token_ids is not None:
+            prompt_ids = list(request.prompt_token_ids)
+            out_of_range = [t for t in prompt_ids if not 0 <= t < runner.vocab_size]
+            if out_of_range:
+                raise InvalidArgument(
+                    f"prompt_token_ids has ids outside the vocabulary [0, {runner.vocab_size}): "
+                    f"{out_of_range[:5]}",
+                    reason=Reason.TOKEN_OUT_OF_VOCABULARY,
+                )
+        else:
+            prompt_ids = runner.tokenize(request.prompt or "")
+        if not prompt_ids:
+            raise InvalidArgument(
+                "the prompt is empty: give prompt or prompt_token_ids", reason=Reason.PROMPT_EMPTY
+            )
+        if len(prompt_ids) >= runner.context_length:
+            raise InvalidArgument(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
+                f"{runner.context_length}: shorten the prompt to at most {runner.context_length - 1} "
+                "tokens to leave room for generated ones",
+                reason=Reason.PROMPT_TOO_LONG,
+            )
+        params = request.sampling
+        sequence.prompt_ids = prompt_ids
+        sequence.stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else runner.eos_token_ids
+        )
+        sequence.sampler = Sampler(params, prompt_ids)
+        sequence.detokenizer = IncrementalDetokenizer(runner.detokenize)
+        sequence.stops = StopStringMatcher(params.stop)
 
     # The batcher thread.
+
+    def _has_work(self) -> bool:
+        return bool(self._pending or self._active or self._prefilling or self._aborted)
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not (self._closed or self._pending or self._active or self._aborted):
+                while not (self._closed or self._has_work()):
                     self._wake.wait()
                 if self._closed:
-                    doomed = list(self._active.values()) + list(self._pending)
+                    doomed = [*self._active.values(), *self._prefilling.values(), *self._pending]
                     break
                 aborted, self._aborted = self._aborted, set()
                 if aborted:
                     self._pending = deque(s for s in self._pending if s.id not in aborted)
-                room = self.max_batch_size - len(self._active)
-                joiners = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                room = self.max_batch_size - len(self._active) - len(self._prefilling)
+                for _ in range(min(room, len(self._pending))):
+                    joiner = self._pending.popleft()
+                    self._prefilling[joiner.id] = joiner
             for sequence_id in aborted:
-                if self._active.pop(sequence_id, None) is not None:
-                    self.runner.release(sequence_id)
+                sequence = self._active.get(sequence_id) or self._prefilling.get(sequence_id)
+                if sequence is not None:
+                    self._forget(sequence)
             try:
-                self._step(joiners)
+                self._step()
             except Exception as error:  # a broken forward pass fails its requests, not the worker
                 log.exception("decode step failed")
-                for sequence in list(self._active.values()) + joiners:
+                for sequence in [*self._active.values(), *self._prefilling.values()]:
                     sequence.deliver(error)
                     self._forget(sequence)
         for sequence in doomed:
             sequence.deliver(Unavailable("the engine was shut down"))
 
-    def _step(self, joiners: list[_Sequence]) -> None:
+    def _step(self) -> None:
         if self._active:
             batch = list(self._active.values())
             self.peak_batch_size = max(self.peak_batch_size, len(batch))
             logits = self.runner.decode({s.id: s.output_ids[-1] for s in batch})
             for sequence, row in zip(batch, logits, strict=True):
                 self._advance(sequence, row)
-        admitted = [s for s in joiners if self._admit(s)]
-        if admitted:
-            logits = self.runner.prefill([(s.id, s.prompt_ids) for s in admitted])
-            for sequence, row in zip(admitted, logits, strict=True):
+        if self._prefilling:
+            self._prefill_next_parts()
+
+    def _prefill_next_parts(self) -> None:
+        """Feed the runner at most prefill_chunk_tokens prompt tokens (the first waiting prompt's
+        next part, then whichever others fit); a sequence whose prompt is all in starts decoding.
+
+        Each prompt is cut at multiples of prefill_chunk_tokens, whatever runs beside it, so
+        its output does not depend on its neighbours; one fed only in part goes to the back,
+        so a long prompt never holds up the short ones that arrive after it.
+        """
+        chunk, budget = self.prefill_chunk_tokens, self.prefill_chunk_tokens
+        fed: list[tuple[_Sequence, list[int]]] = []
+        for sequence in self._prefilling.values():
+            part = sequence.prompt_ids[sequence.prefilled : sequence.prefilled + chunk]
+            if fed and len(part) > budget:
+                continue
+            fed.append((sequence, part))
+            budget -= len(part)
+            if budget <= 0:
+                break
+        logits = self.runner.prefill([(sequence.id, part) for sequence, part in fed])
+        for (sequence, part), row in zip(fed, logits, strict=True):
+            sequence.prefilled += len(part)
+            del self._prefilling[sequence.id]
+            if sequence.prefilled < len(sequence.prompt_ids):
+                self._prefilling[sequence.id] = sequence
+            else:
                 self._active[sequence.id] = sequence
                 self._advance(sequence, row)
-
-    def _admit(self, sequence: _Sequence) -> bool:
-        """Tokenize and check a new request; tell its caller and return False if it is invalid."""
-        request, runner = sequence.request, self.runner
-        try:
-            if request.prompt_token_ids is not None:
-                prompt_ids = list(request.prompt_token_ids)
-                out_of_range = [t for t in prompt_ids if not 0 <= t < runner.vocab_size]
-                if out_of_range:
-                    raise InvalidArgument(
-                        f"prompt_token_ids has ids outside the vocabulary [0, {runner.vocab_size}): "
-                        f"{out_of_range[:5]}",
-                        reason=Reason.TOKEN_OUT_OF_VOCABULARY,
-                    )
-            else:
-                prompt_ids = runner.tokenize(request.prompt or "")
-            if not prompt_ids:
-                raise InvalidArgument(
-                    "the prompt is empty: give prompt or prompt_token_ids", reason=Reason.PROMPT_EMPTY
-                )
-            if len(prompt_ids) >= runner.context_length:
-                raise InvalidArgument(
-                    f"the prompt has {len(prompt_ids)} tokens but the model's context length is "
-                    f"{runner.context_length}: shorten the prompt to at most {runner.context_length - 1} "
-                    "tokens to leave room for generated ones",
-                    reason=Reason.PROMPT_TOO_LONG,
-                )
-        except LlmgrpcError as error:
-            sequence.deliver(error)
-            return False
-        sequence.prompt_ids = prompt_ids
-        sequence.sampler = Sampler(request.sampling, prompt_ids)
-        sequence.detokenizer = IncrementalDetokenizer(runner.detokenize)
-        sequence.stops = StopStringMatcher(request.sampling.stop)
-        return True
 
     def _advance(self, sequence: _Sequence, logits: np.ndarray) -> None:
         """Sample one token for sequence, release its settled text, finish it if it is done."""
         params = sequence.request.sampling
         assert sequence.sampler and sequence.detokenizer and sequence.stops
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= self.runner.eos_token_ids
+        stop_ids = sequence.stop_ids
         early = len(sequence.output_ids) < params.min_tokens
         token = sequence.sampler.sample(logits, banned=stop_ids if early else ())
         sequence.output_ids.append(token)
@@ -250,7 +308,8 @@ class ContinuousBatcher:
         sequence.deliver(chunk)
 
     def _forget(self, sequence: _Sequence) -> None:
-        if self._active.pop(sequence.id, None) is not None:
+        known = self._active.pop(sequence.id, None) or self._prefilling.pop(sequence.id, None)
+        if known is not None and sequence.prefilled:  # the runner has seen it
             self.runner.release(sequence.id)
 
 
@@ -260,10 +319,12 @@ class BatchedEngine(Engine):
     Subclasses implement ``load`` and build themselves with ``cls(runner, ...)``.
     """
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int, device: str):
+    def __init__(
+        self, runner: ModelRunner, max_batch_size: int, device: str, prefill_chunk_tokens: int | None = None
+    ):
         self.runner = runner
         self.device = device
-        self.batcher = ContinuousBatcher(runner, max_batch_size)
+        self.batcher = ContinuousBatcher(runner, max_batch_size, prefill_chunk_tokens)
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         return self.batcher.generate(request)

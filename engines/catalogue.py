@@ -15,12 +15,92 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from llmgrpc.engines.base import Engine
 from llmgrpc.engines.errors import InvalidArgument, Reason
+
+# Bounds shared by several engines' options.
+MAX_THREADS = 1024
+MAX_CONTEXT_TOKENS = 2**24
+MAX_GPUS = 256
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """One engine_options key an engine takes: its JSON type, what it does, and its valid values.
+
+    Numbers must lie in [minimum, maximum] (or (minimum, maximum] with exclusive_minimum);
+    strings with choices must be one of them. validate_engine_options checks all of it on the
+    server, before a worker starts, so a value the engine would refuse is refused first.
+    """
+
+    name: str
+    kind: type  # bool, int, float or str
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The option for a message or a listing: "n_threads (an int in [1, 1024]: what it does)"."""
+        return f"{self.name} ({self.valid_values()}: {self.help})"
+
+    def valid_values(self) -> str:
+        """What the option takes, as words that follow "must be": "one of f16, f32", "an int in [1, 8]"."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        article = "an" if self.kind is int else "a"
+        if self.minimum is None and self.maximum is None:
+            return f"{article} {self.kind.__name__}"
+        low = "-inf" if self.minimum is None else _shown(self.minimum)
+        high = "inf" if self.maximum is None else _shown(self.maximum)
+        return f"{article} {self.kind.__name__} in {'(' if self.exclusive_minimum else '['}{low}, {high}]"
+
+    def accepts(self, value: object) -> bool:
+        """Whether value, as JSON gave it, is of this option's type and among its valid values."""
+        if isinstance(value, bool) is not (self.kind is bool):
+            return False
+        if self.kind not in (int, float):
+            return isinstance(value, self.kind) and (not self.choices or value in self.choices)
+        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+            return False
+        # JSON (and so protobuf Struct) numbers are floats: accept whole ones for int options.
+        if self.kind is int and isinstance(value, float) and not value.is_integer():
+            return False
+        if self.minimum is not None and (
+            value <= self.minimum if self.exclusive_minimum else value < self.minimum
+        ):
+            return False
+        return self.maximum is None or value <= self.maximum
+
+
+def _shown(value: object) -> str:
+    """value for a message: numbers to 6 significant digits (never a 300-digit echo), text clipped."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and abs(value) < 10**15:
+        return str(value)
+    if isinstance(value, (int, float)):
+        try:
+            return f"{float(value):.6g}"
+        except OverflowError:  # an int beyond any float
+            return "a number above 1e308" if value > 0 else "a number below -1e308"
+    return _clipped(repr(value))
+
+
+def _clipped(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# The dtype option of the engines that choose their own precision (vLLM, SGLang).
+LIBRARY_DTYPE = EngineOption(
+    "dtype", str, "auto, bfloat16, float16 or float32", choices=("auto", "bfloat16", "float16", "float32")
+)
 
 
 @dataclass(frozen=True)
@@ -33,8 +113,8 @@ class EngineInfo:
     extra: str
     required_modules: tuple[str, ...]
     formats: tuple[str, ...]
-    # engine_options the engine takes: name -> (JSON type, what it does).
-    options: tuple[tuple[str, type, str], ...] = ()
+    # The engine_options keys the engine takes, with their types and valid values.
+    options: tuple[EngineOption, ...] = ()
     needs_cuda: bool = False
     # Name of a check in llmgrpc.engines.probe that asks the engine which device it can use.
     platform_check: str = ""
@@ -64,16 +144,32 @@ ENGINES: tuple[EngineInfo, ...] = (
         required_modules=("torch", "transformers", "tokenizers", "safetensors"),
         formats=("pytorch",),
         options=(
-            ("dtype", str, "auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16"),
-            ("n_threads", int, "CPU threads for torch (default: all cores)"),
-            ("context_length", int, "longest prompt plus output, at most the model's own"),
-            ("attn_implementation", str, "sdpa (default) or eager"),
-            ("trust_remote_code", bool, "run the repository's own code (needs allow_trust_remote_code)"),
-            (
+            EngineOption(
+                "dtype",
+                str,
+                "auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
+                choices=("auto", "float32", "bfloat16", "float16"),
+            ),
+            EngineOption(
+                "n_threads", int, "CPU threads for torch (default: all cores)", minimum=1, maximum=MAX_THREADS
+            ),
+            EngineOption(
+                "context_length",
+                int,
+                "longest prompt plus output, at most the model's own",
+                minimum=2,
+                maximum=MAX_CONTEXT_TOKENS,
+            ),
+            EngineOption("attn_implementation", str, "sdpa (default) or eager", choices=("sdpa", "eager")),
+            EngineOption(
+                "trust_remote_code", bool, "run the repository's own code (needs allow_trust_remote_code)"
+            ),
+            EngineOption(
                 "decode",
                 str,
                 "plain (CPU default: growing KV cache), compiled (CUDA default: static KV cache and a "
                 "decode step compiled with CUDA graphs) or static (static KV cache, not compiled)",
+                choices=("plain", "static", "compiled"),
             ),
         ),
     ),
@@ -85,17 +181,38 @@ ENGINES: tuple[EngineInfo, ...] = (
         required_modules=("llama_cpp", "gguf"),
         formats=("ggufv2",),
         options=(
-            ("n_threads", int, "CPU threads for decoding (default: all cores)"),
-            (
+            EngineOption(
+                "n_threads",
+                int,
+                "CPU threads for decoding (default: all cores)",
+                minimum=1,
+                maximum=MAX_THREADS,
+            ),
+            EngineOption(
                 "context_length",
                 int,
                 "KV cache size in tokens, shared by all sequences; each may use context_length divided by "
                 "the batch size (default: 4096 per sequence, at most the model's trained context)",
+                minimum=2,
+                maximum=MAX_CONTEXT_TOKENS,
             ),
-            ("n_gpu_layers", int, "layers offloaded to a CUDA GPU (default: -1, all, on CUDA; 0 on the CPU)"),
-            ("kv_cache_type", str, "f16 (default) or f32: element type of the KV cache"),
-            ("flash_attention", bool, "use flash attention (default: where llama.cpp supports it)"),
-            (
+            EngineOption(
+                "n_gpu_layers",
+                int,
+                "layers offloaded to a CUDA GPU (default: -1, all, on CUDA; 0 on the CPU)",
+                minimum=-1,
+                maximum=10_000,
+            ),
+            EngineOption(
+                "kv_cache_type",
+                str,
+                "f16 (default) or f32: element type of the KV cache",
+                choices=("f16", "f32"),
+            ),
+            EngineOption(
+                "flash_attention", bool, "use flash attention (default: where llama.cpp supports it)"
+            ),
+            EngineOption(
                 "kv_unified",
                 bool,
                 "one KV buffer for all sequences instead of one stream each (default: false, which keeps "
@@ -111,17 +228,45 @@ ENGINES: tuple[EngineInfo, ...] = (
         required_modules=("vllm",),
         formats=("pytorch",),
         options=(
-            ("tensor_parallel_size", int, "GPUs to shard the model over"),
-            ("gpu_memory_utilization", float, "fraction of GPU memory vLLM may take (weights and KV cache)"),
-            ("max_model_len", int, "context length (default: the model's)"),
-            ("dtype", str, "auto, bfloat16, float16 or float32"),
-            ("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
-            ("max_num_seqs", int, "sequences decoded together (default: the server's max_running_requests)"),
-            ("kv_cache_dtype", str, "auto or fp8"),
-            (
+            EngineOption(
+                "tensor_parallel_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS
+            ),
+            EngineOption(
+                "gpu_memory_utilization",
+                float,
+                "fraction of GPU memory vLLM may take (weights and KV cache)",
+                minimum=0,
+                maximum=1,
+                exclusive_minimum=True,
+            ),
+            EngineOption(
+                "max_model_len",
+                int,
+                "context length (default: the model's)",
+                minimum=1,
+                maximum=MAX_CONTEXT_TOKENS,
+            ),
+            LIBRARY_DTYPE,
+            EngineOption("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
+            EngineOption(
+                "max_num_seqs",
+                int,
+                "sequences decoded together (default: the server's max_running_requests)",
+                minimum=1,
+                maximum=65_536,
+            ),
+            EngineOption(
+                "kv_cache_dtype",
+                str,
+                "auto, or fp8 (fp8_e4m3, fp8_e5m2): element type of the KV cache",
+                choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+            ),
+            EngineOption(
                 "kv_cache_memory_bytes",
                 int,
                 "KV cache size in bytes (on the CPU backend, instead of VLLM_CPU_KVCACHE_SPACE)",
+                minimum=1,
+                maximum=2**50,
             ),
         ),
         # The PyPI wheels run on CUDA only; a CPU build of vLLM reports the CPU platform.
@@ -147,11 +292,29 @@ ENGINES: tuple[EngineInfo, ...] = (
         required_modules=("sglang",),
         formats=("pytorch",),
         options=(
-            ("tp_size", int, "GPUs to shard the model over"),
-            ("mem_fraction_static", float, "fraction of GPU memory for weights and KV cache"),
-            ("context_length", int, "context length (default: the model's)"),
-            ("dtype", str, "auto, bfloat16, float16 or float32"),
-            ("kv_cache_dtype", str, "auto or fp8_e5m2"),
+            EngineOption("tp_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS),
+            EngineOption(
+                "mem_fraction_static",
+                float,
+                "fraction of GPU memory for weights and KV cache",
+                minimum=0,
+                maximum=1,
+                exclusive_minimum=True,
+            ),
+            EngineOption(
+                "context_length",
+                int,
+                "context length (default: the model's)",
+                minimum=1,
+                maximum=MAX_CONTEXT_TOKENS,
+            ),
+            LIBRARY_DTYPE,
+            EngineOption(
+                "kv_cache_dtype",
+                str,
+                "auto, fp8_e5m2 or fp8_e4m3: element type of the KV cache",
+                choices=("auto", "fp8_e5m2", "fp8_e4m3"),
+            ),
         ),
         needs_cuda=True,
         support_note=(
@@ -180,6 +343,8 @@ def load_plugins(plugins: Iterable[str]) -> list[EngineInfo]:
         info = getattr(importlib.import_module(module_name), attribute, None)
         if not isinstance(info, EngineInfo):
             raise ValueError(f"engine plugin {plugin!r} names {type(info).__name__}, not an EngineInfo")
+        if not all(isinstance(option, EngineOption) for option in info.options):
+            raise ValueError(f"engine plugin {plugin!r}: each of its options must be an EngineOption")
         if _BY_KEY.get(info.key, info) != info:
             raise ValueError(f"engine plugin {plugin!r}: an engine called {info.name} exists already")
         _BY_KEY[info.key] = info
@@ -193,22 +358,21 @@ def load_plugins_from_environment() -> list[EngineInfo]:
 
 
 def validate_engine_options(info: EngineInfo, options: dict) -> None:
-    """Refuse engine_options the engine does not take, or of the wrong JSON type."""
-    known = {name: (kind, help_text) for name, kind, help_text in info.options}
-    valid = "; ".join(f"{name} ({kind.__name__}: {help_text})" for name, (kind, help_text) in known.items())
+    """Refuse engine_options the engine does not take, of the wrong JSON type, out of range or
+    not one of the option's choices, naming the option and what it takes."""
+    known = {option.name: option for option in info.options}
     for name, value in options.items():
-        if name not in known:
+        option = known.get(name)
+        if option is None:
+            valid = "; ".join(each.describe() for each in info.options)
             raise InvalidArgument(
-                f"engine_options.{name} is not an option of {info.name}; valid options: {valid or 'none'}",
+                f"engine_options.{_clipped(name)} is not an option of {info.name}; "
+                f"valid options: {valid or 'none'}",
                 reason=Reason.ENGINE_OPTION_INVALID,
             )
-        kind = known[name][0]
-        # JSON (and so protobuf Struct) numbers are floats: accept whole ones for int options.
-        if kind is int and isinstance(value, float) and value.is_integer():
-            continue
-        if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        if not option.accepts(value):
             raise InvalidArgument(
-                f"engine_options.{name} must be a {kind.__name__}, got {value!r}; valid options: {valid}",
+                f"engine_options.{name} must be {option.valid_values()}, got {_shown(value)}",
                 reason=Reason.ENGINE_OPTION_INVALID,
             )
 

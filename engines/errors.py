@@ -29,7 +29,7 @@ class Reason:
     ENGINE_NOT_SUPPORTED = "ENGINE_NOT_SUPPORTED"  # the engine does not serve this spec
     ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"  # the engine cannot run on this server
     UNKNOWN_ENGINE = "UNKNOWN_ENGINE"
-    ENGINE_OPTION_INVALID = "ENGINE_OPTION_INVALID"  # unknown engine_options key, or the wrong type
+    ENGINE_OPTION_INVALID = "ENGINE_OPTION_INVALID"  # unknown key, wrong type, out of range, not a choice
     DEVICE_UNAVAILABLE = "DEVICE_UNAVAILABLE"  # the device asked for is not there
     PROMPT_EMPTY = "PROMPT_EMPTY"
     PROMPT_TOO_LONG = "PROMPT_TOO_LONG"  # prompt plus one token exceeds the context
@@ -51,6 +51,8 @@ class Reason:
     HUB_ACCESS_DENIED = "HUB_ACCESS_DENIED"  # gated or private: set the hub's token variable
     WEIGHTS_NOT_FOUND = "WEIGHTS_NOT_FOUND"  # the hub has no such repository, revision or file
     WEIGHTS_MISSING = "WEIGHTS_MISSING"  # not on disk, and nothing may be fetched (offline, model_path)
+    # A model folder's config.json or tokenizer files are missing, not JSON, or impossible (zero heads)
+    MODEL_FILES_INVALID = "MODEL_FILES_INVALID"
     INSUFFICIENT_DISK = "INSUFFICIENT_DISK"  # (metadata: needed and free bytes)
     TOKEN_MISSING = "TOKEN_MISSING"
     TOKEN_INVALID = "TOKEN_INVALID"

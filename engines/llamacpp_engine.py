@@ -52,6 +52,7 @@ import numpy as np
 
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
+from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("llmgrpc.llama_cpp")
@@ -142,17 +143,20 @@ class LlamaCppRunner(ModelRunner):
         return data.decode("utf-8", errors="replace")
 
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        if len(sequences) > len(self._free_slots):
+        # A sequence's first part takes a slot; later parts carry on at its next position.
+        new = [sequence_id for sequence_id, _ in sequences if sequence_id not in self._slot_of]
+        if len(new) > len(self._free_slots):
             raise ResourceExhausted(
-                f"{len(sequences)} new sequences but only {len(self._free_slots)} llama.cpp slots are free"
+                f"{len(new)} new sequences but only {len(self._free_slots)} llama.cpp slots are free"
             )
-        for sequence_id, _ in sequences:
+        for sequence_id in new:
             self._slot_of[sequence_id] = self._free_slots.pop()
             self._next_position[sequence_id] = 0
         try:
             return self._prefill(sequences)
         except BaseException:
-            # The batcher releases only sequences that joined the batch: these did not.
+            # These sequences fail (the batcher tells their callers); a half-fed part leaves
+            # cells behind, so free their slots now (release is idempotent).
             for sequence_id, _ in sequences:
                 self.release(sequence_id)
             raise
@@ -241,6 +245,9 @@ class LlamaCppEngine(BatchedEngine):
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> LlamaCppEngine:
         options = plan.engine_options
+        # Checked by the server too; here as well because ctypes wraps an int too large for its
+        # C field (2**32 + 4 threads would become 4) instead of refusing it.
+        validate_engine_options(engine_info("llama.cpp"), options)
         n_seq_max = plan.max_batch_size
         if not 1 <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
             raise InvalidArgument(

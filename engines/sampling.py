@@ -15,6 +15,11 @@ import numpy as np
 
 from llmgrpc.engines.base import SamplingParams
 
+# Below this temperature, sampling is greedy (vLLM's threshold): dividing logits by a
+# temperature near 0 tells nothing more than argmax, and overflows float32.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class Sampler:
     """Samples the tokens of one sequence; deterministic for a given seed and logits."""
@@ -34,7 +39,7 @@ class Sampler:
         banned = [token for token in banned if 0 <= token < logits.shape[0]]
         if banned:
             logits[banned] = -np.inf
-        if params.greedy:
+        if params.greedy or params.temperature < GREEDY_BELOW_TEMPERATURE:
             token = int(np.argmax(logits))
         else:
             token = self._draw(logits)
@@ -48,9 +53,12 @@ class Sampler:
             seen = np.fromiter(self._seen, dtype=np.int64)
             seen = seen[seen < logits.shape[0]]
             values = logits[seen]
-            logits[seen] = np.where(
-                values > 0, values / params.repetition_penalty, values * params.repetition_penalty
-            )
+            with np.errstate(over="ignore", divide="ignore"):  # clipped below
+                penalized = np.where(
+                    values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+                )
+            # A tiny penalty (1e-45) divides logits to inf, and inf - inf in softmax is NaN.
+            logits[seen] = np.minimum(penalized, FLOAT32_MAX)
         if (params.presence_penalty or params.frequency_penalty) and self._output_counts:
             tokens = np.fromiter(self._output_counts.keys(), dtype=np.int64)
             counts = np.fromiter(self._output_counts.values(), dtype=np.float32)
@@ -59,12 +67,15 @@ class Sampler:
 
     def _draw(self, logits: np.ndarray) -> int:
         params = self.params
-        logits = logits / params.temperature
+        # Shifted to a largest logit of 0 before dividing: large logits over a small temperature
+        # would overflow to inf otherwise.
+        with np.errstate(over="ignore"):  # to -inf, whose probability is 0
+            logits = (logits - np.max(logits)) / params.temperature
         vocab = logits.shape[0]
         if 0 < params.top_k < vocab:
             kth_largest = np.partition(logits, vocab - params.top_k)[vocab - params.top_k]
             logits[logits < kth_largest] = -np.inf
-        probs = np.exp(logits - np.max(logits))
+        probs = np.exp(logits)  # the largest is exp(0) = 1
         if params.min_p > 0.0:
             probs[probs < params.min_p * probs.max()] = 0.0
         if params.top_p < 1.0:

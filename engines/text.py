@@ -42,10 +42,19 @@ class IncrementalDetokenizer:
 
 
 class StopStringMatcher:
-    """Holds back text that may become a stop string; cuts the output at the first one."""
+    """Holds back text that may become a stop string; cuts the output at the first one.
+
+    Each feed looks only at the text a stop string could still end in (the held-back
+    text and the new text), and for held-back suffixes only at positions whose character
+    begins some stop string: its cost follows the new text, not the number of stop strings.
+    """
 
     def __init__(self, stops: Sequence[str]):
         self._stops = [stop for stop in stops if stop]
+        self._by_first: dict[str, list[str]] = {}
+        for stop in self._stops:
+            self._by_first.setdefault(stop[0], []).append(stop)
+        self._longest = max((len(stop) for stop in self._stops), default=0)
         self._pending = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -53,12 +62,11 @@ class StopStringMatcher:
         if not self._stops:
             return text, False
         self._pending += text
-        found = [index for index in (self._pending.find(stop) for stop in self._stops) if index >= 0]
-        if found:
-            released, self._pending = self._pending[: min(found)], ""
+        found = self._first_stop()
+        if found >= 0:
+            released, self._pending = self._pending[:found], ""
             return released, True
-        held = self._longest_stop_prefix_suffix()
-        cut = len(self._pending) - held
+        cut = self._held_from()
         released, self._pending = self._pending[:cut], self._pending[cut:]
         return released, False
 
@@ -66,12 +74,20 @@ class StopStringMatcher:
         released, self._pending = self._pending, ""
         return released
 
-    def _longest_stop_prefix_suffix(self) -> int:
-        """Length of the longest end of the pending text that begins some stop string."""
-        best = 0
-        for stop in self._stops:
-            for length in range(min(len(stop) - 1, len(self._pending)), best, -1):
-                if self._pending.endswith(stop[:length]):
-                    best = length
-                    break
-        return best
+    def _first_stop(self) -> int:
+        """Where the first stop string in the pending text starts, or -1."""
+        pending, by_first = self._pending, self._by_first
+        for start, character in enumerate(pending):
+            for stop in by_first.get(character, ()):
+                if pending.startswith(stop, start):
+                    return start
+        return -1
+
+    def _held_from(self) -> int:
+        """Start of the longest end of the pending text that begins some stop string."""
+        pending, by_first = self._pending, self._by_first
+        for start in range(max(0, len(pending) - self._longest + 1), len(pending)):
+            tail = pending[start:]
+            if any(stop.startswith(tail) for stop in by_first.get(pending[start], ())):
+                return start
+        return len(pending)

@@ -8,13 +8,15 @@ Concurrent requests share forward passes, through one of two runners chosen by
 - ``compiled`` (the CUDA default), or ``static`` (the same without compiling): a KV cache
   of fixed size and a decode step compiled by torch.compile, with CUDA graphs on CUDA.
 
-Either way a new request is prefilled alone, then joins the batch between steps; a
-finished or aborted one leaves it at the next step."""
+Either way a new request is prefilled alone, into a KV cache of its own, part by part
+as the batcher feeds it; it joins the batch at its first decode step, and a finished or
+aborted one leaves it at the next step."""
 
 from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,14 +24,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Stat
 
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
+from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.errors import InvalidArgument
+from llmgrpc.engines.model_folder import check_tokenizer_files, read_model_config
 
 STATIC_CONTEXT_DEFAULT = 4096
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HuggingFaceRunner(ModelRunner):
-    """What both runners share: the model, its tokenizer, and prefilling one prompt."""
+    """What both runners share: the model, its tokenizer, and prefilling prompts part by part."""
 
     def __init__(self, model, tokenizer, context_length: int):
         self.model = model
@@ -42,6 +46,7 @@ class HuggingFaceRunner(ModelRunner):
         if tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self._prefilling: dict[int, DynamicCache] = {}  # prompt KV of sequences yet to join
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
@@ -49,12 +54,23 @@ class HuggingFaceRunner(ModelRunner):
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _prefill_one(self, prompt_ids: list[int]) -> tuple[np.ndarray, DynamicCache]:
-        """Logits after the prompt, and the prompt's own KV cache."""
-        cache = DynamicCache()
-        input_ids = torch.tensor([prompt_ids], device=self.device)
+    @torch.inference_mode()
+    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        return np.stack([self._prefill_part(sequence_id, part) for sequence_id, part in sequences])
+
+    def _prefill_part(self, sequence_id: int, part: list[int]) -> np.ndarray:
+        """Feed the next part of a prompt into the sequence's own KV cache; logits after it."""
+        cache = self._prefilling.get(sequence_id)
+        if cache is None:
+            cache = DynamicCache()
+        input_ids = torch.tensor([part], device=self.device)
         output = self.model(input_ids=input_ids, cache=cache, use_cache=True)
-        return output.logits[0, -1].float().cpu().numpy(), cache
+        self._prefilling[sequence_id] = cache
+        return output.logits[0, -1].float().cpu().numpy()
+
+    def _prefilled(self, sequence_ids) -> list[tuple[int, DynamicCache]]:
+        """The sequences among sequence_ids whose prompts are all in, with their KV caches."""
+        return [(s, self._prefilling.pop(s)) for s in sequence_ids if s in self._prefilling]
 
 
 class DynamicCacheRunner(HuggingFaceRunner):
@@ -68,16 +84,9 @@ class DynamicCacheRunner(HuggingFaceRunner):
         self._positions: torch.Tensor | None = None  # [rows]: position of each row's next token
 
     @torch.inference_mode()
-    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        rows = []
-        for sequence_id, prompt_ids in sequences:
-            logits, cache = self._prefill_one(prompt_ids)
-            rows.append(logits)
-            self._join(sequence_id, cache, len(prompt_ids))
-        return np.stack(rows)
-
-    @torch.inference_mode()
     def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
+        for sequence_id, cache in self._prefilled(last_tokens):
+            self._join(sequence_id, cache, cache.get_seq_length())
         assert self._cache is not None and self._mask is not None and self._positions is not None
         input_ids = torch.tensor([[last_tokens[s]] for s in self._order], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._order), 1))], dim=1)
@@ -94,6 +103,8 @@ class DynamicCacheRunner(HuggingFaceRunner):
         return logits[[row_of[s] for s in last_tokens]]
 
     def release(self, sequence_id: int) -> None:
+        if self._prefilling.pop(sequence_id, None) is not None:
+            return
         row = self._order.index(sequence_id)
         del self._order[row]
         if not self._order:
@@ -199,28 +210,25 @@ class StaticCacheRunner(HuggingFaceRunner):
         )
         return output.logits[:, -1]
 
-    @torch.inference_mode()
-    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        rows = []
-        for sequence_id, prompt_ids in sequences:
-            logits, cache = self._prefill_one(prompt_ids)
-            rows.append(logits)
-            length = len(prompt_ids)
-            if self._column < length:
-                self._realign(end=length)
-            row = self._free_rows.pop(0)
-            start = self._column - length
-            for static_layer, prompt_layer in zip(self.cache.layers, cache.layers, strict=True):
-                static_layer.keys[row, :, start : self._column] = prompt_layer.keys[0]
-                static_layer.values[row, :, start : self._column] = prompt_layer.values[0]
-            self._valid[row] = False
-            self._valid[row, start : self._column] = True
-            self._row_of[sequence_id] = row
-            self._length[sequence_id] = length
-        return np.stack(rows)
+    def _join(self, sequence_id: int, cache: DynamicCache) -> None:
+        """Copy a prefilled prompt's KV into a free row, ending at the write column."""
+        length = cache.get_seq_length()
+        if self._column < length:
+            self._realign(end=length)
+        row = self._free_rows.pop(0)
+        start = self._column - length
+        for static_layer, prompt_layer in zip(self.cache.layers, cache.layers, strict=True):
+            static_layer.keys[row, :, start : self._column] = prompt_layer.keys[0]
+            static_layer.values[row, :, start : self._column] = prompt_layer.values[0]
+        self._valid[row] = False
+        self._valid[row, start : self._column] = True
+        self._row_of[sequence_id] = row
+        self._length[sequence_id] = length
 
     @torch.inference_mode()
     def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
+        for sequence_id, cache in self._prefilled(last_tokens):
+            self._join(sequence_id, cache)
         if self._column >= self.columns:
             self._realign()
         host = self._host_inputs.numpy()  # writing through numpy: no per-element torch calls
@@ -259,6 +267,8 @@ class StaticCacheRunner(HuggingFaceRunner):
         return self._step(self._input_ids, self._position_ids, self._mask)
 
     def release(self, sequence_id: int) -> None:
+        if self._prefilling.pop(sequence_id, None) is not None:
+            return
         row = self._row_of.pop(sequence_id)
         del self._length[sequence_id]
         self._valid[row] = False
@@ -298,6 +308,10 @@ class TransformersEngine(BatchedEngine):
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> TransformersEngine:
         options = plan.engine_options
+        validate_engine_options(engine_info("transformers"), options)  # the server checked too
+        # A broken folder would fail deep inside transformers (a JSONDecodeError, a division by zero).
+        read_model_config(Path(weights))
+        check_tokenizer_files(Path(weights))
         torch.set_num_threads(int(options.get("n_threads") or os.cpu_count() or 1))
         device = torch.device(plan.device)
         dtype_name = options.get("dtype", "auto")

@@ -32,6 +32,8 @@ SERVICE_NAMES = (
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After the grace, how long calls get to send the status their model's stopping gave them.
+STATUS_SEND_GRACE_S = 2.0
 
 
 class LlmgrpcServer:
@@ -89,11 +91,13 @@ class LlmgrpcServer:
                 self.interceptor.in_flight,
                 grace,
             )
-        # Only health and reflection calls (Watch streams never end) are left: no need to wait.
+        # Calls still in flight end with UNAVAILABLE (SHUTTING_DOWN) as their models stop; then
+        # only health and reflection calls (Watch streams never end) are left: no need to wait.
+        await self.manager.close()
+        await self.interceptor.wait_idle(STATUS_SEND_GRACE_S)
         await self.grpc_server.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
-        await self.manager.close()
         await self.manager.availability.close()
         self.metrics.stop_http()
         if self.owns_tracer_provider:

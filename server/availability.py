@@ -15,6 +15,7 @@ from typing import Any
 from llmgrpc.engines.catalogue import PLUGINS_ENV, engines
 from llmgrpc.engines.errors import FailedPrecondition, Reason
 from llmgrpc.server.settings import Settings
+from llmgrpc.server.worker_environment import inherited_environment
 
 PROBE_TIMEOUT_S = 120.0
 
@@ -39,7 +40,7 @@ class EngineAvailability:
         return {info.name: await self.reason(info.name) for info in engines()}
 
     async def reason(self, engine: str) -> str | None:
-        report = await self._probe(self.python_for(engine))
+        report = await self._report(self.python_for(engine))
         if "error" in report:
             return report["error"]
         return report["engines"].get(
@@ -49,8 +50,10 @@ class EngineAvailability:
     async def cuda_devices(self, engine: str) -> list[dict[str, Any]]:
         """CUDA devices seen by engine's environment, with free memory read now."""
         python = self.python_for(engine)
-        self._probes.pop(python, None)  # free memory changes: ask again
-        return (await self._probe(python)).get("cuda_devices", [])
+        probe = self._probes.get(python)
+        if probe is not None and probe.done():  # free memory changes: ask again (a running probe is fresh)
+            del self._probes[python]
+        return (await self._report(python)).get("cuda_devices", [])
 
     async def require(self, engine: str) -> None:
         reason = await self.reason(engine)
@@ -68,11 +71,40 @@ class EngineAvailability:
     def _probe(self, python: str) -> asyncio.Task[dict[str, Any]]:
         if python not in self._probes:
             plugins = json.dumps(self._settings.engine_plugins)
-            self._probes[python] = asyncio.ensure_future(_run_probe(python, plugins))
+            self._probes[python] = asyncio.ensure_future(
+                _run_probe(python, probe_environment(self._settings, plugins))
+            )
         return self._probes[python]
 
+    async def _report(self, python: str) -> dict[str, Any]:
+        """The probe's answer for python. The probe is shared by every caller that waits for it:
+        one caller going away (cancelled, past its deadline) must not cancel it for the others,
+        and a probe that ended without an answer is not kept, so the next caller asks again."""
+        probe = self._probe(python)
+        try:
+            report = await asyncio.shield(probe)
+        except asyncio.CancelledError:
+            if probe.cancelled() and self._probes.get(python) is probe:
+                del self._probes[python]
+            raise
+        except BaseException:
+            if self._probes.get(python) is probe:
+                del self._probes[python]
+            raise
+        if "error" in report and self._probes.get(python) is probe:
+            del self._probes[python]  # the environment could not answer: ask again next time
+        return report
 
-async def _run_probe(python: str, plugins: str) -> dict[str, Any]:
+
+def probe_environment(settings: Settings, plugins: str) -> dict[str, str]:
+    """What a probe process sees: a worker's allow-listed environment (no secrets) and the plugins."""
+    inherited = inherited_environment(
+        os.environ, hub_credentials=False, also=settings.worker_environment_names
+    )
+    return {**inherited, PLUGINS_ENV: plugins}
+
+
+async def _run_probe(python: str, env: dict[str, str]) -> dict[str, Any]:
     try:
         process = await asyncio.create_subprocess_exec(
             python,
@@ -80,7 +112,7 @@ async def _run_probe(python: str, plugins: str) -> dict[str, Any]:
             "llmgrpc.engines.probe",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, PLUGINS_ENV: plugins},
+            env=env,
         )
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(), PROBE_TIMEOUT_S)

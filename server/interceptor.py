@@ -137,9 +137,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(request, context):
-                call = await self._enter(method, context)
+                call = self._enter(method, context)
                 token = otel_context.attach(trace.set_span_in_context(call.span))
                 try:
+                    await self._send_request_id(call, context)
                     request = self._admit(call, request, context, streaming_requests)
                     async for response in behavior(request, context):
                         yield response
@@ -151,9 +152,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return factory(streaming, request_deserializer=deserializer, response_serializer=serializer)
 
         async def unary(request, context):
-            call = await self._enter(method, context)
+            call = self._enter(method, context)
             token = otel_context.attach(trace.set_span_in_context(call.span))
             try:
+                await self._send_request_id(call, context)
                 request = self._admit(call, request, context, streaming_requests)
                 return await behavior(request, context)
             except BaseException as error:
@@ -165,7 +167,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     # The steps of a call.
 
-    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+    def _enter(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+        """Open the call's books (request id, span, in-flight count); nothing here may fail or
+        wait, so that _exit always closes them: a call whose deadline passes as it arrives is
+        counted, logged and uncounted like any other."""
         metadata = context.invocation_metadata() or ()
         given = next((v for k, v in metadata if k == REQUEST_ID_METADATA and isinstance(v, str)), "")
         request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -189,8 +194,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._in_flight += 1
             self._idle.clear()
             call.counted = True
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
         return call
+
+    async def _send_request_id(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, call.request_id),))
 
     def _admit(self, call: _Call, request, context: grpc.aio.ServicerContext, streaming_requests: bool):
         """The request to hand the servicer, or a domain error refusing the call."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
-import json
 import logging
 import time
 import uuid
@@ -30,17 +30,21 @@ from llmgrpc.engines.errors import (
     AlreadyExists,
     Cancelled,
     FailedPrecondition,
+    LlmgrpcError,
     NotFound,
     Reason,
     ResourceExhausted,
     Unavailable,
 )
+from llmgrpc.engines.model_folder import CONFIG_FILE, read_model_config
 from llmgrpc.server import resources
+from llmgrpc.server.auth import check_engine_options, check_model_path
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.registry import Registry, Selection, SpecQuery
 from llmgrpc.server.settings import Settings
-from llmgrpc.server.worker_client import WorkerProcess, worker_environment
+from llmgrpc.server.worker_client import WorkerProcess
+from llmgrpc.server.worker_environment import worker_environment
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 log = logging.getLogger(__name__)
@@ -105,6 +109,8 @@ def progress_to_pb(event: dict[str, Any]) -> models_pb2.LoadProgress:
 # How long a caller should wait before retrying a full queue, or a model still loading.
 QUEUE_RETRY_AFTER_S = 1.0
 LOADING_RETRY_AFTER_S = 5.0
+# How long GetModel and ListModels wait for a worker's numbers before showing the last ones.
+STATS_TIMEOUT_S = 1.0
 
 
 class AdmissionGate:
@@ -140,13 +146,39 @@ class AdmissionGate:
             self._slots.release()
 
 
+# Why a model's calls in flight end when it goes away: the error each of them gets.
+Ending = Callable[[str], LlmgrpcError]
+
+
+def terminated(model_uid: str) -> LlmgrpcError:
+    return Unavailable(
+        f"model {model_uid} was terminated; launch it again to use it",
+        reason=Reason.MODEL_TERMINATED,
+        metadata={"model_uid": model_uid},
+    )
+
+
+def shutting_down(model_uid: str) -> LlmgrpcError:
+    return Unavailable(
+        f"the server is shutting down and stopped model {model_uid}; call another replica",
+        reason=Reason.SHUTTING_DOWN,
+        metadata={"model_uid": model_uid},
+    )
+
+
 @dataclass
 class LaunchedModel:
+    """One launch, listed from the moment it is asked for until it is terminated.
+
+    ``selection`` is None while the launch is still being checked (the spec not yet chosen);
+    ``ending`` is set once the model is being terminated: what its calls in flight get."""
+
     uid: str
-    selection: Selection
+    query: SpecQuery
     device: str
     gate: AdmissionGate
-    estimated_bytes: int
+    selection: Selection | None = None
+    estimated_bytes: int = 0
     state: ModelState = ModelState.LOADING
     error: str = ""
     worker: WorkerProcess | None = None
@@ -155,18 +187,21 @@ class LaunchedModel:
     engine_stats: dict[str, Any] = field(default_factory=dict)
     progress: dict[str, Any] = field(default_factory=dict)
     loading: asyncio.Task | None = None
+    terminating: asyncio.Task | None = None
+    ending: Ending | None = None
+    unresponsive: bool = False  # READY, but its worker has stopped answering pings
 
     def to_pb(self) -> models_pb2.ModelDescription:
-        selection, stats = self.selection, self.engine_stats
+        selection, stats, query = self.selection, self.engine_stats, self.query
         pid = self.worker.pid if self.worker else 0
         progress = progress_to_pb(self.progress) if self.state is ModelState.LOADING else None
         return models_pb2.ModelDescription(
             model_uid=self.uid,
-            model_name=selection.family.model_name,
-            model_engine=selection.engine,
-            model_format=selection.spec.model_format,
-            size_in_billions=selection.spec.size_in_billions,
-            quantization=selection.quantization,
+            model_name=selection.family.model_name if selection else query.model_name,
+            model_engine=selection.engine if selection else query.model_engine,
+            model_format=selection.spec.model_format if selection else query.model_format,
+            size_in_billions=selection.spec.size_in_billions if selection else query.size_in_billions,
+            quantization=selection.quantization if selection else query.quantization,
             state=self.state.value,
             device=self.device,
             memory_bytes=resources.process_memory_bytes(pid) if pid else 0,
@@ -210,6 +245,7 @@ class EngineManager:
         self.metrics = metrics or Metrics()
         self.tracer = tracer  # spans around worker calls (None: not traced)
         self._models: dict[str, LaunchedModel] = {}
+        self._background: set[asyncio.Task] = set()  # launches, terminations, watchers
 
     # Queries.
 
@@ -228,91 +264,180 @@ class EngineManager:
         return model
 
     async def refresh(self, model: LaunchedModel) -> LaunchedModel:
-        """Update a READY model's engine numbers from its worker (best effort)."""
-        if model.state is ModelState.READY and model.worker is not None:
+        """Update a READY model's engine numbers from its worker (best effort, briefly: a worker
+        that does not answer keeps its last numbers, and one known not to answer is not asked)."""
+        if model.state is ModelState.READY and model.worker is not None and not model.unresponsive:
             with contextlib.suppress(Exception):
-                model.engine_stats = await model.worker.stats()
+                model.engine_stats = await model.worker.stats(timeout=STATS_TIMEOUT_S)
         return model
+
+    async def refresh_all(self) -> list[LaunchedModel]:
+        """Every model, its numbers refreshed from all workers at once."""
+        return list(await asyncio.gather(*(self.refresh(model) for model in self.list())))
 
     # Launch and terminate.
 
     async def launch(self, request: LaunchRequest) -> LaunchedModel:
+        """Launch a model and wait until it is READY. The model is listed (LOADING) at once; a
+        launch that fails leaves nothing behind. The launch belongs to the manager, not to its
+        caller: a caller that goes away leaves it running; TerminateModel stops it."""
         if request.model_uid in self._models:
-            raise AlreadyExists(
-                f"a model with uid {request.model_uid!r} is already launched; terminate it first",
+            raise self._uid_taken(self._models[request.model_uid])
+        uid = request.model_uid or f"{request.query.model_name}-{uuid.uuid4().hex[:8]}"
+        model = LaunchedModel(
+            uid=uid,
+            query=request.query,
+            device=request.device or self.settings.device,
+            gate=AdmissionGate(self.settings.max_running_requests, self.settings.max_waiting_requests),
+        )
+        self._models[uid] = model
+        self._health(health_name(uid), False)
+        model.loading = self._spawn(self._launch(model, request))
+        try:
+            await asyncio.shield(model.loading)
+        except asyncio.CancelledError:
+            if model.loading.cancelled() and model.ending is not None:  # terminated while loading
+                raise _launch_ended(model.ending(uid)) from None
+            raise
+        return model
+
+    async def terminate(self, model_uid: str) -> LaunchedModel:
+        """Stop a model (loading, serving or failed) and free its uid. Its streams in flight end
+        with UNAVAILABLE (MODEL_TERMINATED); a launch waiting on it with CANCELLED. The work is the
+        manager's: it completes even when its caller goes away, and concurrent calls share it."""
+        return await self._end(self.get(model_uid), terminated)
+
+    async def close(self) -> None:
+        """Stop every model; their calls in flight end with UNAVAILABLE (SHUTTING_DOWN)."""
+        await asyncio.gather(
+            *(self._end(model, shutting_down) for model in list(self._models.values())),
+            return_exceptions=True,
+        )
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _end(self, model: LaunchedModel, ending: Ending) -> LaunchedModel:
+        if model.terminating is None:
+            model.ending = ending
+            model.terminating = self._spawn(self._terminate(model))
+        await asyncio.shield(model.terminating)
+        return model
+
+    async def _terminate(self, model: LaunchedModel) -> None:
+        model.state = ModelState.TERMINATING
+        self._health(health_name(model.uid), False)
+        if model.loading is not None and not model.loading.done():
+            model.loading.cancel()
+            await asyncio.wait({model.loading})
+        if model.worker is not None:
+            await model.worker.stop()  # its streams in flight end now (see generate)
+        self._forget(model)
+        log.info("model %s terminated", model.uid)
+
+    def _forget(self, model: LaunchedModel) -> None:
+        """Unlist model; never another model launched since under the same uid."""
+        if self._models.get(model.uid) is model:
+            del self._models[model.uid]
+            self._health(health_name(model.uid), False)
+
+    def _uid_taken(self, model: LaunchedModel) -> AlreadyExists:
+        if model.state is ModelState.TERMINATING:
+            return AlreadyExists(
+                f"model {model.uid} is being terminated; launch it again once TerminateModel returns",
                 reason=Reason.MODEL_UID_TAKEN,
+                metadata={"model_uid": model.uid},
             )
+        return AlreadyExists(
+            f"a model with uid {model.uid!r} is already launched ({model.state.name}); terminate it first",
+            reason=Reason.MODEL_UID_TAKEN,
+            metadata={"model_uid": model.uid},
+        )
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        """A task the manager owns: kept referenced until done, its failure retrieved (callers that
+        wait on it see the failure themselves)."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self._background.discard(task)
+            if not task.cancelled():
+                task.exception()
+
+        task.add_done_callback(done)
+        return task
+
+    async def _launch(self, model: LaunchedModel, request: LaunchRequest) -> None:
+        """Check everything a launch needs, then start its worker and load; on any failure (or
+        cancellation by TerminateModel) stop the worker and unlist the model."""
+        try:
+            await self._check_and_place(model, request)
+            assert model.worker is not None
+            await model.worker.start(self.settings.worker_start_timeout_s)
+            model.engine_stats = await model.worker.load(model.progress.update)
+        except BaseException:
+            if model.worker is not None:
+                await model.worker.stop()
+            if model.state is not ModelState.TERMINATING:  # Terminate unlists what it terminates
+                self._forget(model)
+            raise
+        model.load_seconds = time.monotonic() - model.launched_at
+        model.state = ModelState.READY
+        assert model.selection is not None
+        self.metrics.observe_model_load(
+            model.selection.family.model_name, model.selection.engine, model.load_seconds
+        )
+        self._health(health_name(model.uid), True)
+        log.info("model %s READY on %s in %.1f s", model.uid, model.device, model.load_seconds)
+        self._spawn(self._watch(model))
+
+    async def _check_and_place(self, model: LaunchedModel, request: LaunchRequest) -> None:
+        """Everything that can refuse a launch, before any worker starts or any byte is fetched:
+        the spec, the engine and its options, the caller's rights, the hub, the device, memory.
+        File system work runs in a thread: a slow or strange file never blocks the event loop."""
+        settings = self.settings
+        check_engine_options(request.engine_options, settings.allow_trust_remote_code)
+        # The worker gets the resolved path: what was checked is what is loaded.
+        model_path = await asyncio.to_thread(
+            check_model_path, request.model_path, settings.allowed_model_dirs
+        )
+        request = dataclasses.replace(request, model_path=model_path)
         selection = self.registry.select(request.query, await self._first_available_engine())
         info = engine_info(selection.engine)
         await self.availability.require(info.name)
         validate_engine_options(info, request.engine_options)
         if not request.model_path:
             _check_hubs(selection, request.download_hub)
-        device, visible_gpu = await self._place(info.name, request.device or self.settings.device)
-        estimated = self._estimate_bytes(selection, request, device)
-        resources.check_fits(
-            estimated, await self._free_bytes(info.name, device, visible_gpu), _label(selection), device
-        )
-
-        uid = request.model_uid or f"{selection.family.model_name}-{uuid.uuid4().hex[:8]}"
-        if uid in self._models:  # launched meanwhile, while this one was being checked
-            raise AlreadyExists(
-                f"a model with uid {uid!r} is already launched; terminate it first",
-                reason=Reason.MODEL_UID_TAKEN,
-            )
-        model = LaunchedModel(
-            uid=uid,
-            selection=selection,
-            device=device,
-            gate=AdmissionGate(self.settings.max_running_requests, self.settings.max_waiting_requests),
-            estimated_bytes=estimated,
-        )
-        self._models[uid] = model
-        self._health(health_name(uid), False)
+        device, visible_gpu = await self._place(info.name, model.device)
+        model.selection, model.device = selection, device
+        estimated = await asyncio.to_thread(self._estimate_bytes, selection, request, device)
+        # No await between reading what is free and counting this launch in: concurrent
+        # launches each see the others' estimates (see _free_bytes).
+        free = await self._free_bytes(info.name, device, visible_gpu)
+        resources.check_fits(estimated, free, _label(selection), device)
+        model.estimated_bytes = estimated
         plan = LoadPlan(
-            model_uid=uid,
+            model_uid=model.uid,
             engine=info.name,
             spec=selection.spec.ref(selection.family.model_name, selection.quantization),
             device="cuda:0" if visible_gpu is not None else "cpu",
-            cache_dir=str(self.settings.cache_dir),
-            max_batch_size=self.settings.max_running_requests,
+            cache_dir=str(settings.cache_dir),
+            max_batch_size=settings.max_running_requests,
             model_path=request.model_path,
             engine_options=request.engine_options,
             download_hub=request.download_hub or hubs.AUTO,
-            hub_cache_dir=str(self.settings.hub_cache_dir or ""),
+            hub_cache_dir=str(settings.hub_cache_dir or ""),
         )
         model.worker = WorkerProcess(
             plan,
             self.availability.python_for(info.name),
             visible_gpu,
             tracer=self.tracer,
-            env=worker_environment(self.settings, info.cpu_environment if plan.device == "cpu" else ()),
+            env=worker_environment(
+                settings,
+                info.cpu_environment if plan.device == "cpu" else (),
+                hub_credentials=_may_download(plan),
+            ),
         )
-        model.loading = asyncio.ensure_future(self._load(model))
-        try:
-            await asyncio.shield(model.loading)
-        except asyncio.CancelledError:
-            if model.loading.cancelled():  # terminated while loading, not the caller going away
-                raise Cancelled(
-                    f"model {uid} was terminated while it was loading", reason=Reason.MODEL_TERMINATED
-                ) from None
-            raise
-        return model
-
-    async def terminate(self, model_uid: str) -> LaunchedModel:
-        model = self.get(model_uid)
-        model.state = ModelState.TERMINATING
-        self._health(health_name(model_uid), False)
-        if model.loading is not None and not model.loading.done():
-            model.loading.cancel()
-        if model.worker is not None:
-            await model.worker.stop()
-        self._models.pop(model_uid, None)
-        self._health(health_name(model_uid), False)
-        return model
-
-    async def close(self) -> None:
-        await asyncio.gather(*(self.terminate(uid) for uid in list(self._models)), return_exceptions=True)
 
     # Downloads.
 
@@ -341,7 +466,7 @@ class EngineManager:
             plan,
             self.availability.python_for(selection.engine),
             tracer=self.tracer,
-            env=worker_environment(self.settings),
+            env=worker_environment(self.settings, hub_credentials=True),
         )
         try:
             await worker.start(self.settings.worker_start_timeout_s)
@@ -357,15 +482,23 @@ class EngineManager:
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         model = self.get(request.model_uid)
         self._require_ready(model)
-        if not request.HasField("max_tokens"):
-            request.max_tokens = self.settings.default_max_tokens
+        if not request.HasField("max_tokens"):  # the caller's message stays as it was sent
+            resolved = generate_pb2.GenerateRequest()
+            resolved.CopyFrom(request)
+            resolved.max_tokens = self.settings.default_max_tokens
+            request = resolved
         queued = time.monotonic()
         async with model.gate.slot(model.uid):
             self.metrics.observe_queue_time(model.uid, time.monotonic() - queued)
             self._require_ready(model)
             assert model.worker is not None
-            async for response in model.worker.generate(request, request_id, timeout):
-                yield response
+            try:
+                async for response in model.worker.generate(request, request_id, timeout):
+                    yield response
+            except LlmgrpcError:
+                if model.ending is not None:  # the stream broke because the model is going away
+                    raise model.ending(model.uid) from None
+                raise
 
     # Internals.
 
@@ -378,12 +511,8 @@ class EngineManager:
                 reason=Reason.MODEL_FAILED,
                 metadata={"model_uid": model.uid},
             )
-        if model.state is ModelState.TERMINATING:
-            raise Unavailable(
-                f"model {model.uid} is TERMINATING",
-                reason=Reason.MODEL_TERMINATED,
-                metadata={"model_uid": model.uid},
-            )
+        if model.ending is not None:
+            raise model.ending(model.uid)
         raise Unavailable(
             f"model {model.uid} is {model.state.name}, not READY; retry once it is READY",
             reason=Reason.MODEL_LOADING,
@@ -391,35 +520,41 @@ class EngineManager:
             metadata={"model_uid": model.uid},
         )
 
-    async def _load(self, model: LaunchedModel) -> None:
-        worker = model.worker
-        assert worker is not None
-        try:
-            await worker.start(self.settings.worker_start_timeout_s)
-            model.engine_stats = await worker.load(model.progress.update)
-        except BaseException:
-            self._models.pop(model.uid, None)
-            self._health(health_name(model.uid), False)
-            await worker.stop()
-            raise
-        model.load_seconds = time.monotonic() - model.launched_at
-        model.state = ModelState.READY
-        self.metrics.observe_model_load(
-            model.selection.family.model_name, model.selection.engine, model.load_seconds
-        )
-        self._health(health_name(model.uid), True)
-        log.info("model %s READY on %s in %.1f s", model.uid, model.device, model.load_seconds)
-        asyncio.ensure_future(self._watch(model))
-
     async def _watch(self, model: LaunchedModel) -> None:
-        """Mark the model FAILED if its worker exits while the model is meant to be serving."""
-        assert model.worker is not None
-        await model.worker.wait()
-        if model.state is ModelState.READY:
-            model.state = ModelState.FAILED
-            model.error = model.worker.exit_reason
-            self._health(health_name(model.uid), False)
-            log.error("model %s FAILED: %s", model.uid, model.error)
+        """While the model is READY, ping its worker every worker_ping_interval_s: one that does
+        not answer within worker_ping_timeout_s (frozen, swapping) makes the model's health
+        NOT_SERVING until it answers again; one that exits marks the model FAILED, listed with
+        the reason until it is terminated."""
+        worker, settings = model.worker, self.settings
+        assert worker is not None
+        exited = asyncio.ensure_future(worker.wait())
+        try:
+            while model.state is ModelState.READY:
+                await asyncio.wait({exited}, timeout=settings.worker_ping_interval_s)
+                if exited.done() or model.state is not ModelState.READY:
+                    break
+                try:
+                    model.engine_stats = await worker.stats(timeout=settings.worker_ping_timeout_s)
+                except Exception:
+                    if not model.unresponsive and model.state is ModelState.READY and not exited.done():
+                        model.unresponsive = True
+                        model.error = (
+                            f"the worker process did not answer within {settings.worker_ping_timeout_s:g} s"
+                        )
+                        self._health(health_name(model.uid), False)
+                        log.warning("model %s: %s", model.uid, model.error)
+                    continue
+                if model.unresponsive and model.state is ModelState.READY:
+                    model.unresponsive, model.error = False, ""
+                    self._health(health_name(model.uid), True)
+                    log.info("model %s: its worker answers again", model.uid)
+            if exited.done() and model.state is ModelState.READY:
+                model.state = ModelState.FAILED
+                model.error = worker.exit_reason
+                self._health(health_name(model.uid), False)
+                log.error("model %s FAILED: %s", model.uid, model.error)
+        finally:
+            exited.cancel()
 
     async def _first_available_engine(self) -> Callable[[tuple[str, ...]], str]:
         reasons = await self.availability.reasons()
@@ -469,11 +604,18 @@ class EngineManager:
             spec.size_billions, spec.model_format, selection.quantization, dtype
         )
         estimate = int(weights * self.settings.memory_overhead)
-        config_file = local / "config.json" if local and local.is_dir() else None
+        # A folder of Hugging Face weights: the caller's own must have a sound config.json (a
+        # generated model's has one once it is generated).
+        has_config = (
+            local is not None
+            and local.is_dir()
+            and (bool(request.model_path) or (local / CONFIG_FILE).is_file())
+        )
         if "kv_cache_memory_bytes" in request.engine_options:  # an engine told its KV cache size
             estimate += int(request.engine_options["kv_cache_memory_bytes"])
-        elif config_file and config_file.exists():
-            config = json.loads(config_file.read_text())
+        elif has_config:
+            assert local is not None
+            config = read_model_config(local)
             context = int(
                 request.engine_options.get("context_length")
                 or min(
@@ -497,6 +639,22 @@ def _check_hubs(selection: Selection, download_hub: str) -> None:
     spec = selection.spec
     if not spec.generator:
         hubs.hub_order([hub.name for hub in spec.hubs], download_hub, hubs.unavailable_reasons())
+
+
+def _may_download(plan: LoadPlan) -> bool:
+    """Whether a worker may fetch weights from a hub (and so needs the hub tokens)."""
+    return not plan.model_path and not plan.spec.generator
+
+
+def _launch_ended(error: LlmgrpcError) -> LlmgrpcError:
+    """What a caller waiting on a launch gets when the model is terminated before it is READY."""
+    if error.reason == Reason.MODEL_TERMINATED:
+        return Cancelled(
+            f"model {error.metadata.get('model_uid')} was terminated while it was loading",
+            reason=Reason.MODEL_TERMINATED,
+            metadata=error.metadata,
+        )
+    return error
 
 
 def _label(selection: Selection) -> str:

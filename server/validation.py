@@ -13,6 +13,10 @@ from llmgrpc.v1 import generate_pb2, models_pb2
 
 MODEL_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+# Every decode step of a request checks its stop strings: bounded, so one request cannot
+# slow the steps of everything batched with it.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARACTERS = 4096
 
 
 def _raise_if_any(what: str, violations: list[FieldViolation]) -> None:
@@ -54,8 +58,12 @@ def check_generate(request: generate_pb2.GenerateRequest) -> None:
         and request.min_tokens > request.max_tokens
     ):
         bad("min_tokens", f"{request.min_tokens} is more than max_tokens {request.max_tokens}")
-    if any(not stop for stop in request.stop):
+    if len(request.stop) > MAX_STOP_STRINGS:  # checked first: then no need to read them all
+        bad("stop", f"{len(request.stop)} stop strings: at most {MAX_STOP_STRINGS}")
+    elif any(not stop for stop in request.stop):
         bad("stop", "stop strings must not be empty")
+    elif (characters := sum(len(stop) for stop in request.stop)) > MAX_STOP_CHARACTERS:
+        bad("stop", f"stop strings of {characters} characters in all: at most {MAX_STOP_CHARACTERS}")
     if any(token < 0 for token in request.stop_token_ids):
         bad("stop_token_ids", "token ids must be 0 or more")
     _raise_if_any("GenerateRequest", violations)

@@ -61,6 +61,7 @@ class Worker:
 
     @grpc_errors
     async def Load(self, request: dict, context: grpc.aio.ServicerContext):
+        _adopt_request_id(context)
         if self.engine is not None:
             yield {"stats": asdict(self.engine.stats())}
             return
@@ -78,6 +79,7 @@ class Worker:
     @grpc_errors
     async def Download(self, request: dict, context: grpc.aio.ServicerContext):
         """Fetch the plan's weights without loading an engine: progress, then {"path": ...}."""
+        _adopt_request_id(context)
         downloading = _Reporting(lambda report: weights.resolve(self.plan, report))
         async for event in downloading.events():
             yield event
@@ -87,9 +89,8 @@ class Worker:
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         if self.engine is None:
             raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
+        request_id = _adopt_request_id(context, fallback=uuid.uuid4().hex)
         metadata = context.invocation_metadata() or ()
-        request_id = dict(metadata).get(REQUEST_ID_METADATA) or uuid.uuid4().hex
-        logs.REQUEST_ID.set(request_id)
         generation = GenerationRequest.from_pb(request, request_id)
         # The engine's part of the request's trace: a child of the server's call to this worker.
         with tracing.current_span(
@@ -112,6 +113,7 @@ class Worker:
 
     @grpc_errors
     async def Stats(self, request: dict, context: grpc.aio.ServicerContext) -> dict:
+        _adopt_request_id(context)
         if self.engine is None:
             raise Unavailable("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         return asdict(self.engine.stats())
@@ -136,6 +138,20 @@ class Worker:
                 ),
             },
         )
+
+
+def _adopt_request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> str:
+    """The server's request id for this call (fallback when it sent none), set for every log line of it.
+
+    Set before anything can fail: grpc_errors logs an unexpected error in this context, and
+    the threads a call starts (asyncio.to_thread) copy it, so the traceback of a failed load
+    carries the id of the server's call that asked for it.
+    """
+    metadata = context.invocation_metadata() or ()
+    sent = next((v for k, v in metadata if k == REQUEST_ID_METADATA and isinstance(v, str)), "")
+    request_id = sent or fallback
+    logs.REQUEST_ID.set(request_id)
+    return request_id
 
 
 class _Reporting:

@@ -10,17 +10,15 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 from opentelemetry.trace import SpanKind
 
 from llmgrpc.engines.base import LoadPlan
-from llmgrpc.engines.catalogue import PLUGINS_ENV
 from llmgrpc.engines.errors import Reason, Unavailable
-from llmgrpc.server import tracing
-from llmgrpc.server.settings import Settings
+from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import from_rpc_error
 from llmgrpc.server.worker import REQUEST_ID_METADATA, SERVICE, decode_json, encode_json
 from llmgrpc.v1 import generate_pb2
@@ -43,25 +41,22 @@ def describe_exit(returncode: int | None) -> str:
     return f"the worker process exited with code {returncode}"
 
 
-def worker_environment(settings: Settings, engine_defaults: Iterable[tuple[str, str]] = ()) -> dict[str, str]:
-    """What a worker process needs to know of the server's settings (how to log and trace,
-    which engine plugins to load), and the engine's own defaults for where it runs, each one
-    unless the server's environment already sets it."""
-    defaults = {name: value for name, value in engine_defaults if name not in os.environ}
-    return {
-        **defaults,
-        PLUGINS_ENV: json.dumps(settings.engine_plugins),
-        "LLMGRPC_LOG_LEVEL": settings.log_level,
-        "LLMGRPC_LOG_FORMAT": settings.log_format,
-        "LLMGRPC_TRACE_EXPORTER": settings.trace_exporter,
-    }
-
-
 def end_process_group(leader_pid: int) -> None:
     """Kill what is left of a stopped worker's process group (processes its engine library
     started and did not end). Nothing happens when the group is already empty."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(leader_pid, signal.SIGKILL)
+
+
+def _request_id() -> tuple[tuple[str, str], ...]:
+    """The metadata that gives a worker the request id of the call it serves (for its logs)."""
+    request_id = logs.REQUEST_ID.get()
+    return ((REQUEST_ID_METADATA, request_id),) if request_id else ()
+
+
+def _this_task_is_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class WorkerProcess:
@@ -73,14 +68,14 @@ class WorkerProcess:
         python: str,
         visible_gpu: str | None = None,
         *,
+        env: dict[str, str],
         tracer=None,
-        env: dict[str, str] | None = None,
     ):
         self.plan = plan
         self.python = python
         self.visible_gpu = visible_gpu
         self.tracer = tracer
-        self.env = env or {}
+        self.env = env  # the worker's whole environment (worker_environment.worker_environment)
         self._folder = Path(tempfile.mkdtemp(prefix="llmgrpc-worker-"))
         self.socket_path = self._folder / "worker.sock"
         self.process: asyncio.subprocess.Process | None = None
@@ -96,7 +91,7 @@ class WorkerProcess:
 
     async def start(self, timeout_s: float) -> None:
         """Start the process and wait until its socket accepts connections."""
-        env = {**os.environ, **self.env}
+        env = dict(self.env)
         if self.visible_gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.visible_gpu
         self.process = await asyncio.create_subprocess_exec(
@@ -137,7 +132,7 @@ class WorkerProcess:
 
     async def load(self, on_progress: Callable[[dict], None]) -> dict:
         """Have the worker load its model; returns the engine's stats once it is ready."""
-        call = self._rpc_stream("Load", encode_json, decode_json)({})
+        call = self._rpc_stream("Load", encode_json, decode_json)({}, metadata=_request_id())
         async for event in self._relay(call):
             if "stats" in event:
                 return event["stats"]
@@ -149,7 +144,8 @@ class WorkerProcess:
 
     async def download(self) -> AsyncIterator[dict]:
         """Have the worker fetch its plan's weights, loading nothing: progress events, then {"path": ...}."""
-        async for event in self._relay(self._rpc_stream("Download", encode_json, decode_json)({})):
+        call = self._rpc_stream("Download", encode_json, decode_json)({}, metadata=_request_id())
+        async for event in self._relay(call):
             yield event
 
     async def generate(
@@ -220,6 +216,13 @@ class WorkerProcess:
                 yield message
         except grpc.aio.AioRpcError as error:
             raise self._translate(error) from None
+        except asyncio.CancelledError:
+            if _this_task_is_cancelled():
+                raise
+            # Not our caller leaving: the channel was closed under the call (the worker is stopping).
+            raise Unavailable(
+                "the model's worker process is stopping", reason=Reason.WORKER_UNAVAILABLE
+            ) from None
         finally:
             call.cancel()
 

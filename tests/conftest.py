@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 from collections import Counter
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from gated_engine import FAMILY as GATED_FAMILY
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
@@ -18,6 +20,7 @@ from llmgrpc.server.app import LlmgrpcServer, create_server
 from llmgrpc.server.settings import Settings
 
 TINY = "tiny-llama-3.1"
+TESTS = Path(__file__).parent
 
 # The robustness suite's budget: "ci" (default) keeps the run to a few thousand cases in
 # well under two minutes; HYPOTHESIS_PROFILE=thorough runs ten times as many.
@@ -117,6 +120,20 @@ def start_server(cache_dir: Path):
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def gated_server(start_server, tmp_path, monkeypatch):
+    """start(**settings) -> a server whose families include gated-model, served by the Gated double."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # the probe and the workers import the plugin
+    (tmp_path / "gated-model.json").write_text(json.dumps(GATED_FAMILY))
+
+    def start(**overrides):
+        return start_server(
+            device="cpu", engine_plugins=["gated_engine:ENGINE_INFO"], families_dir=tmp_path, **overrides
+        )
+
+    return start
 
 
 _TALLY = pytest.StashKey[Counter]()

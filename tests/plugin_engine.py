@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, Usage
-from llmgrpc.engines.catalogue import EngineInfo
+from llmgrpc.engines.catalogue import EngineInfo, EngineOption
 
 ENGINE_INFO = EngineInfo(
     name="Echo",
@@ -19,7 +19,7 @@ ENGINE_INFO = EngineInfo(
     extra="echo",
     required_modules=(),
     formats=("pytorch",),
-    options=(("shout", bool, "echo in capitals"),),
+    options=(EngineOption("shout", bool, "echo in capitals"),),
     cpu_environment=(("ECHO_OPEN", "["), ("ECHO_CLOSE", "]")),
 )
 
@@ -52,3 +52,27 @@ class EchoEngine(Engine):
 
 
 ENGINE = EchoEngine
+
+
+def plugin_family(model_name: str, engine_key: str, context_length: int = 1024) -> dict:
+    """A model family (registry JSON) with one spec served by the test engine plugin engine_key.
+    Its weights are the tiny model, generated locally: launching it never asks a hub."""
+    return {
+        "version": 1,
+        "model_name": model_name,
+        "model_description": f"A family served by the {engine_key} test engine plugin.",
+        "context_length": context_length,
+        "model_lang": ["en"],
+        "model_ability": ["generate"],
+        "model_specs": [
+            {
+                "model_format": "pytorch",
+                "model_size_in_billions": "0_002",
+                "quantizations": ["none"],
+                "model_engines": [engine_key],
+                "model_id": "llmgrpc/tiny-llama-3.1",
+                "model_hubs": [],
+                "generator": "tiny-llama-3.1",
+            }
+        ],
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -22,3 +24,13 @@ def collect(responses) -> tuple[list[int], str, list[generate_pb2.GenerateRespon
     messages = list(responses)
     token_ids = [token for message in messages for token in message.token_ids]
     return token_ids, "".join(message.text for message in messages), messages
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool:
+    """Whether predicate() became true within timeout seconds (asked every interval)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -6,31 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from plugin_engine import plugin_family
 
 from llmgrpc.clients import Client
 from llmgrpc.engines.catalogue import load_plugins
 
 TESTS = Path(__file__).parent
 PLUGIN = "plugin_engine:ENGINE_INFO"
-FAMILY = {
-    "version": 1,
-    "model_name": "echo-model",
-    "model_description": "A family served by the Echo test engine plugin.",
-    "context_length": 1024,
-    "model_lang": ["en"],
-    "model_ability": ["generate"],
-    "model_specs": [
-        {
-            "model_format": "pytorch",
-            "model_size_in_billions": "0_002",
-            "quantizations": ["none"],
-            "model_engines": ["echo"],
-            "model_id": "llmgrpc/tiny-llama-3.1",
-            "model_hubs": [],
-            "generator": "tiny-llama-3.1",
-        }
-    ],
-}
+FAMILY = plugin_family("echo-model", "echo")
 
 
 def test_a_plugin_engine_is_launched_and_streams_through_a_real_server(start_server, tmp_path, monkeypatch):

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import grpc
 import pytest
 from conftest import TINY
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rpc_helpers import wait_until
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
 
 ENDLESS = {"max_tokens": 10_000, "ignore_eos": True, "temperature": 0}
-
-
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def idle(client: Client, running_server, uid: str) -> bool:
