@@ -19,8 +19,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmgrpc.engines import tiny_model
 from llmgrpc.engines.transformers_engine import StaticCacheRunner
+from llmgrpc.engines.weights import tiny_model
 from llmgrpc.server import resources
 
 SHAPES = {

@@ -16,8 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
-from llmgrpc.engines import tiny_model
 from llmgrpc.engines.base import LoadPlan
+from llmgrpc.engines.weights import tiny_model
 from llmgrpc.server.registry import Registry, SpecQuery
 
 TINY = tiny_model.NAME
@@ -46,7 +46,7 @@ def build_bench_model(folder: Path) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llmgrpc.engines import gguf_convert
+    from llmgrpc.engines.weights import gguf_convert
 
     tiny = tiny_model.ensure(folder / "tiny-hf")
     tokenizer = AutoTokenizer.from_pretrained(tiny)

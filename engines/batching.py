@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmgrpc.clients.errors import InvalidArgument, Reason, Unavailable
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, GenerationRequest, Usage
-from llmgrpc.engines.errors import InvalidArgument, Reason, Unavailable
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 

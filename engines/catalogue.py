@@ -20,8 +20,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from llmgrpc.clients.errors import InvalidArgument, Reason
 from llmgrpc.engines.base import Engine
-from llmgrpc.engines.errors import InvalidArgument, Reason
 
 # Bounds shared by several engines' options.
 MAX_THREADS = 1024

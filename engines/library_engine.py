@@ -12,8 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from llmgrpc.clients.errors import InvalidArgument
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason
-from llmgrpc.engines.errors import InvalidArgument
 
 # The libraries' finish reasons, in the contract's terms.
 FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}

@@ -50,10 +50,10 @@ import os
 import llama_cpp
 import numpy as np
 
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
-from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger("llmgrpc.llama_cpp")
 

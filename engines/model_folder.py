@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from llmgrpc.engines.errors import FailedPrecondition, Reason
+from llmgrpc.clients.errors import FailedPrecondition, Reason
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

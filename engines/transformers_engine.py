@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
+from llmgrpc.clients.errors import InvalidArgument
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
-from llmgrpc.engines.errors import InvalidArgument
 from llmgrpc.engines.model_folder import check_tokenizer_files, read_model_config
 
 STATIC_CONTEXT_DEFAULT = 4096

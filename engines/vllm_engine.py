@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.base import (
     Chunk,
     EngineStats,
@@ -22,7 +23,6 @@ from llmgrpc.engines.base import (
     SamplingParams,
     Usage,
 )
-from llmgrpc.engines.errors import FailedPrecondition, Reason
 from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
 
 # On the CPU, vLLM reserves gpu_memory_utilization (0.92) of the host's memory unless told a

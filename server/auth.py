@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from llmgrpc.engines.errors import FieldViolation, InvalidArgument, PermissionDenied, Reason, Unauthenticated
+from llmgrpc.clients.errors import FieldViolation, InvalidArgument, PermissionDenied, Reason, Unauthenticated
 
 ADMIN = "admin"
 INFERENCE = "inference"

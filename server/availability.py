@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Any
 
+from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.catalogue import PLUGINS_ENV, engines
-from llmgrpc.engines.errors import FailedPrecondition, Reason
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.worker_environment import inherited_environment
 

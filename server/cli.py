@@ -1,15 +1,9 @@
 """The llmgrpc command: run the server, or talk to one over gRPC.
 
 llmgrpc serve [--host H] [--port P] [--launch tiny-llama-3.1] ...   (every setting is a flag)
-llmgrpc specs [--model-name llama-3.1] [--model-format ggufv2] ...
-llmgrpc launch --model-name tiny-llama-3.1 [--model-engine transformers] [--size-in-billions 8]
-               [--model-format pytorch] [--quantization none] [--model-uid U] [--device cpu]
-               [--download-hub auto]          (draws the download and load progress)
-llmgrpc download --model-name llama-3.1 [--model-format ggufv2] [--quantization Q4_K_M] ...
-llmgrpc models
-llmgrpc generate MODEL_UID "prompt" [--max-tokens 64] [--temperature 0] ...
-llmgrpc terminate MODEL_UID
 llmgrpc tiny-model OUTPUT_DIR
+llmgrpc specs | launch | download | models | get | generate | terminate ...
+                                              (the client commands: llmgrpc.clients.cli)
 """
 
 from __future__ import annotations
@@ -17,22 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import sys
-import threading
 import typing
-import uuid
 from pathlib import Path
-from typing import TextIO
 
-import grpc
-from google.protobuf.json_format import MessageToJson
 from pydantic import ValidationError
 
+from llmgrpc.clients.cli import add_client_commands, run_client_command
 from llmgrpc.server.settings import Settings
-
-DEFAULT_ENDPOINT = "127.0.0.1:50051"
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,97 +44,6 @@ def _settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"invalid settings:\n{error}") from None
 
 
-def _print_message(message) -> None:
-    print(MessageToJson(message, preserving_proto_field_name=True))
-
-
-def _parse_option(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
-
-
-def progress_line(progress, width: int = 24) -> str:
-    """One line for a LoadProgress: the phase, and a bar of bytes when they are known."""
-    if progress.total_bytes <= 0:
-        return progress.phase
-    fraction = min(progress.done_bytes / progress.total_bytes, 1.0)
-    bar = "#" * round(fraction * width)
-    return (
-        f"{progress.phase} [{bar:<{width}}] {fraction:4.0%} "
-        f"{_size(progress.done_bytes)} / {_size(progress.total_bytes)}"
-    )
-
-
-class ProgressLine:
-    """Draws progress on a stream: redrawn in place on a terminal, a line per phase otherwise."""
-
-    def __init__(self, stream: TextIO):
-        self.stream = stream
-        self.redraw = stream.isatty()
-        self._last_phase = ""
-        self._width = 0
-
-    def show(self, progress) -> None:
-        line = progress_line(progress)
-        if self.redraw:
-            self.stream.write("\r" + line.ljust(self._width))
-            self._width = len(line)
-        elif progress.phase != self._last_phase:
-            self.stream.write(line + "\n")
-        self._last_phase = progress.phase
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.redraw and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
-
-
-def _client_uid(model_name: str) -> str:
-    """A uid for a launch that names none, made here so that its progress can be asked for."""
-    stem = re.sub(r"[^A-Za-z0-9._-]", "-", model_name)[:48].lstrip("._-") or "model"
-    return f"{stem}-{uuid.uuid4().hex[:8]}"
-
-
-def launch_with_progress(client, stream: TextIO, poll_s: float = 0.5, **launch):
-    """client.launch(**launch), drawing the model's progress from GetModel while the call is in flight."""
-    import grpc
-
-    uid = launch.pop("model_uid", "") or _client_uid(launch.get("model_name", ""))
-    line = ProgressLine(stream)
-    launched = threading.Event()
-
-    def poll() -> None:
-        while not launched.wait(poll_s):
-            try:
-                model = client.get_model(uid)
-            except grpc.RpcError:  # not registered yet, or gone
-                continue
-            if model.HasField("progress"):
-                line.show(model.progress)
-
-    watcher = threading.Thread(target=poll, name="launch-progress", daemon=True)
-    watcher.start()
-    try:
-        return client.launch(model_uid=uid, **launch)
-    finally:
-        launched.set()
-        watcher.join()
-        line.close()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmgrpc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -159,172 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server")
     _add_settings_flags(serve)
 
-    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument(
-            "--endpoint", default=DEFAULT_ENDPOINT, help=f"server address (default {DEFAULT_ENDPOINT})"
-        )
-        command.add_argument(
-            "--token",
-            default=os.environ.get("LLMGRPC_TOKEN"),
-            help="bearer token (default: env LLMGRPC_TOKEN)",
-        )
-        command.add_argument(
-            "--cacert", type=Path, help="TLS: the CA that signed the server's certificate (PEM)"
-        )
-        command.add_argument("--cert", type=Path, help="mutual TLS: this client's certificate (PEM)")
-        command.add_argument("--key", type=Path, help="mutual TLS: this client's private key (PEM)")
-        return command
-
-    specs = client_command("specs", "list model families and specs")
-    launch = client_command("launch", "launch a model (flags as xinference launch)")
-    download = client_command("download", "download a spec's weights into the hub's cache, without launching")
-    for command in (specs, launch, download):
-        for flag in (
-            "--model-name",
-            "--model-engine",
-            "--model-format",
-            "--size-in-billions",
-            "--quantization",
-        ):
-            command.add_argument(flag, default="")
-    for command in (launch, download):
-        command.add_argument(
-            "--download-hub",
-            default="",
-            help="huggingface, modelscope or auto (default: the spec's hubs in order)",
-        )
-    launch.add_argument("--model-uid", default="")
-    launch.add_argument("--model-path", default="", help="local weights instead of a hub download")
-    launch.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N")
-    launch.add_argument(
-        "--engine-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="engine option (value as JSON)",
-    )
-    client_command("models", "list launched models")
-    get = client_command("get", "describe one launched model")
-    get.add_argument("model_uid")
-    terminate = client_command("terminate", "terminate a launched model")
-    terminate.add_argument("model_uid")
-
-    generate = client_command("generate", "stream a completion to stdout")
-    generate.add_argument("model_uid")
-    generate.add_argument("prompt")
-    for flag, kind in (
-        ("--max-tokens", int),
-        ("--temperature", float),
-        ("--top-p", float),
-        ("--top-k", int),
-        ("--min-p", float),
-        ("--repetition-penalty", float),
-        ("--presence-penalty", float),
-        ("--frequency-penalty", float),
-        ("--seed", int),
-        ("--min-tokens", int),
-    ):
-        generate.add_argument(flag, type=kind)
-    generate.add_argument("--stop", action="append", default=[])
-    generate.add_argument("--ignore-eos", action="store_true")
+    add_client_commands(commands)
 
     tiny = commands.add_parser("tiny-model", help="write the tiny Llama 3.1 model to a folder")
     tiny.add_argument("output_dir", type=Path)
     return parser
-
-
-def run_client_command(args: argparse.Namespace) -> None:
-    from llmgrpc.clients import Client
-
-    def read(path: Path | None) -> bytes | None:
-        return path.read_bytes() if path else None
-
-    with Client(
-        args.endpoint,
-        token=args.token,
-        root_certificates=read(args.cacert),
-        private_key=read(args.key),
-        certificate_chain=read(args.cert),
-    ) as client:
-        if args.command == "specs":
-            filters = {
-                k: getattr(args, k)
-                for k in ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")
-            }
-            from llmgrpc.v1 import models_pb2
-
-            _print_message(models_pb2.ListSpecsResponse(families=client.list_specs(**filters)))
-        elif args.command == "launch":
-            model = launch_with_progress(
-                client,
-                sys.stderr,
-                model_name=args.model_name,
-                model_engine=args.model_engine,
-                model_format=args.model_format,
-                size_in_billions=args.size_in_billions,
-                quantization=args.quantization,
-                model_uid=args.model_uid,
-                model_path=args.model_path,
-                device=args.device,
-                engine_options=dict(_parse_option(option) for option in args.engine_option),
-                download_hub=args.download_hub,
-            )
-            _print_message(model)
-        elif args.command == "download":
-            line = ProgressLine(sys.stderr)
-            try:
-                for message in client.download(
-                    args.model_name,
-                    model_engine=args.model_engine,
-                    model_format=args.model_format,
-                    size_in_billions=args.size_in_billions,
-                    quantization=args.quantization,
-                    download_hub=args.download_hub,
-                ):
-                    if message.model_path:
-                        line.close()
-                        print(message.model_path)
-                    else:
-                        line.show(message.progress)
-            finally:
-                line.close()
-        elif args.command == "models":
-            for model in client.list_models():
-                _print_message(model)
-        elif args.command == "get":
-            _print_message(client.get_model(args.model_uid))
-        elif args.command == "terminate":
-            _print_message(client.terminate(args.model_uid))
-        elif args.command == "generate":
-            names = (
-                "max_tokens",
-                "temperature",
-                "top_p",
-                "top_k",
-                "min_p",
-                "repetition_penalty",
-                "presence_penalty",
-                "frequency_penalty",
-                "seed",
-                "min_tokens",
-            )
-            sampling = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-            last = None
-            for last in client.generate(
-                args.model_uid, args.prompt, stop=args.stop, ignore_eos=args.ignore_eos, **sampling
-            ):
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
-            if last is not None:
-                from llmgrpc.v1 import generate_pb2
-
-                reason = generate_pb2.FinishReason.Name(last.finish_reason)
-                print(
-                    f"\n[{reason}; {last.usage.prompt_tokens} prompt + "
-                    f"{last.usage.completion_tokens} generated tokens]",
-                    file=sys.stderr,
-                )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -338,14 +71,11 @@ def main(argv: list[str] | None = None) -> None:
 
         asyncio.run(serve(settings))
     elif args.command == "tiny-model":
-        from llmgrpc.engines import tiny_model
+        from llmgrpc.engines.weights import tiny_model
 
         print(tiny_model.generate(args.output_dir))
     else:
-        try:
-            run_client_command(args)
-        except grpc.RpcError as error:
-            raise SystemExit(f"{error.code().name}: {error.details()}") from None
+        run_client_command(args)
 
 
 if __name__ == "__main__":

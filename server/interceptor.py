@@ -26,7 +26,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from llmgrpc.engines.errors import InvalidArgument, LlmgrpcError, Reason, Unavailable
+from llmgrpc.clients.errors import InvalidArgument, LlmgrpcError, Reason, Unavailable
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.auth import OPEN_SERVICES, TokenTable, authorize, service_of
 from llmgrpc.server.metrics import Metrics

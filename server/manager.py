@@ -23,10 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmgrpc.engines import hubs
-from llmgrpc.engines.base import LoadPlan
-from llmgrpc.engines.catalogue import engine_info, validate_engine_options
-from llmgrpc.engines.errors import (
+from llmgrpc.clients.errors import (
     AlreadyExists,
     Cancelled,
     FailedPrecondition,
@@ -36,7 +33,10 @@ from llmgrpc.engines.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llmgrpc.engines.base import LoadPlan
+from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.model_folder import CONFIG_FILE, read_model_config
+from llmgrpc.engines.weights import hubs
 from llmgrpc.server import resources
 from llmgrpc.server.auth import check_engine_options, check_model_path
 from llmgrpc.server.availability import EngineAvailability

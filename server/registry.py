@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmgrpc.clients.errors import InvalidArgument, NotFound, Reason
 from llmgrpc.engines.base import SpecRef
 from llmgrpc.engines.catalogue import engine_info
-from llmgrpc.engines.errors import InvalidArgument, NotFound, Reason
 from llmgrpc.v1 import models_pb2
 
 BUILTIN_FAMILIES = Path(__file__).parent / "families"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmgrpc.engines.errors import Reason, ResourceExhausted
+from llmgrpc.clients.errors import Reason, ResourceExhausted
 
 # Bits per weight of llama.cpp's quantization types, as llama.cpp's quantize tool lists them.
 GGUF_BITS_PER_WEIGHT = {

@@ -6,8 +6,8 @@ import uuid
 
 import grpc
 
-from llmgrpc.engines import hubs
 from llmgrpc.engines.catalogue import engines
+from llmgrpc.engines.weights import hubs
 from llmgrpc.server import logs
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest, progress_to_pb

@@ -1,6 +1,6 @@
 """Domain errors to gRPC statuses, in one place.
 
-``llmgrpc.engines.errors.CODE_NAMES`` is the table; ``grpc_errors`` applies it around
+``llmgrpc.clients.errors.CODE_NAMES`` is the table; ``grpc_errors`` applies it around
 every RPC, so servicers raise domain errors and never pick a status themselves. Only a
 real bug becomes INTERNAL, and it is logged with its traceback.
 
@@ -21,7 +21,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from llmgrpc.engines.errors import (
+from llmgrpc.clients.errors import (
     ERROR_DOMAIN,
     InvalidArgument,
     LlmgrpcError,

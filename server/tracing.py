@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from llmgrpc.engines.errors import FailedPrecondition
+from llmgrpc.clients.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 

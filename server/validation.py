@@ -7,8 +7,8 @@ import re
 
 from google.protobuf import struct_pb2
 
-from llmgrpc.engines.errors import FieldViolation, InvalidArgument, Reason
-from llmgrpc.engines.hubs import DOWNLOAD_HUBS
+from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
+from llmgrpc.engines.weights.hubs import DOWNLOAD_HUBS
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 MODEL_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

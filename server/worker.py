@@ -29,10 +29,10 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from llmgrpc.clients.errors import FailedPrecondition, Reason, Unavailable
 from llmgrpc.engines import weights
 from llmgrpc.engines.base import Engine, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
-from llmgrpc.engines.errors import FailedPrecondition, Reason, Unavailable
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.v1 import generate_pb2

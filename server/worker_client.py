@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 from opentelemetry.trace import SpanKind
 
+from llmgrpc.clients.errors import Reason, Unavailable
 from llmgrpc.engines.base import LoadPlan
-from llmgrpc.engines.errors import Reason, Unavailable
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import from_rpc_error
 from llmgrpc.server.worker import REQUEST_ID_METADATA, SERVICE, decode_json, encode_json

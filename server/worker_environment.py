@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Mapping
 
 from llmgrpc.engines.catalogue import PLUGINS_ENV
-from llmgrpc.engines.hubs import HUBS
+from llmgrpc.engines.weights.hubs import HUBS
 from llmgrpc.server.settings import Settings
 
 # Read by the interpreter, the C runtime, the linker, locales and TLS.

@@ -22,10 +22,10 @@ from rpc_helpers import collect, rpc_error
 from status_details import reason
 
 from llmgrpc.clients import Client
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines import model_folder
 from llmgrpc.engines.base import LoadPlan, SamplingParams, SpecRef
 from llmgrpc.engines.catalogue import ENGINES, engine_info, validate_engine_options
-from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.server import logs
 from llmgrpc.server.worker import SERVICE, Worker, decode_json, encode_json

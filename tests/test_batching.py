@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from doubles import CountingRunner
 
+from llmgrpc.clients.errors import InvalidArgument
 from llmgrpc.engines.base import FinishReason, GenerationRequest, SamplingParams
 from llmgrpc.engines.batching import ContinuousBatcher
-from llmgrpc.engines.errors import InvalidArgument
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 

@@ -24,8 +24,9 @@ from hub_stand_in import HUGGINGFACE, MODELSCOPE, HubStandIn, closed_port_url
 from status_details import bad_request, error_info, reason
 
 from llmgrpc.clients import Client
-from llmgrpc.engines import downloads, hubs
-from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, Reason, ResourceExhausted
+from llmgrpc.clients import cli as client_cli
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason, ResourceExhausted
+from llmgrpc.engines.weights import downloads, hubs
 from llmgrpc.server import cli
 from llmgrpc.server.settings import Settings
 from llmgrpc.v1 import models_pb2
@@ -104,7 +105,7 @@ def write_families(folder: Path) -> Path:
 def tiny_gguf(cache_dir: Path, tiny_files: Path) -> Path:
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
-    from llmgrpc.engines.gguf_convert import ensure_tiny_gguf
+    from llmgrpc.engines.weights.gguf_convert import ensure_tiny_gguf
 
     return ensure_tiny_gguf(cache_dir, "Q4_K_M")
 
@@ -581,5 +582,5 @@ def test_the_disk_check_names_the_numbers(tmp_path: Path):
 
 def test_progress_lines():
     progress = models_pb2.LoadProgress(phase="downloading", done_bytes=5 * MIB, total_bytes=20 * MIB)
-    assert cli.progress_line(progress, width=8) == "downloading [##      ]  25% 5.0 MiB / 20.0 MiB"
-    assert cli.progress_line(models_pb2.LoadProgress(phase="loading weights")) == "loading weights"
+    assert client_cli.progress_line(progress, width=8) == "downloading [##      ]  25% 5.0 MiB / 20.0 MiB"
+    assert client_cli.progress_line(models_pb2.LoadProgress(phase="loading weights")) == "loading weights"

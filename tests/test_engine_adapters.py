@@ -10,8 +10,8 @@ import pytest
 from engine_doubles import SCRIPT, FakeAsyncLLM, FakeSGLangEngine, fake_vllm_modules
 
 from llmgrpc.clients import Client
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.base import FinishReason, GenerationRequest, LoadPlan, SamplingParams, SpecRef
-from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.sglang_engine import SGLangEngine
 from llmgrpc.engines.vllm_engine import VllmEngine
 

@@ -13,7 +13,7 @@ from status_details import bad_request, error_info, reason, retry_info
 from test_lifecycle import ENDLESS, wait_until
 
 from llmgrpc.clients import Client
-from llmgrpc.engines.errors import NotFound, Reason, ResourceExhausted
+from llmgrpc.clients.errors import NotFound, Reason, ResourceExhausted
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.status import from_rpc_error, to_rpc_status
 from llmgrpc.v1 import models_pb2

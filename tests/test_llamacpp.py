@@ -19,7 +19,7 @@ from conftest import TINY
 from rpc_helpers import collect
 
 from llmgrpc.clients import Client  # noqa: E402
-from llmgrpc.engines import gguf_convert  # noqa: E402
+from llmgrpc.engines.weights import gguf_convert  # noqa: E402
 from llmgrpc.v1 import generate_pb2, models_pb2  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
@@ -163,9 +163,9 @@ def test_prefill_longer_than_one_batch_is_split_and_equals_prefill_alone(in_proc
 
 
 def test_model_path_folder_picks_the_quantization_the_template_names(gguf_f32, cache_dir: Path):
+    from llmgrpc.clients.errors import FailedPrecondition
     from llmgrpc.engines import weights
     from llmgrpc.engines.base import LoadPlan, SpecRef
-    from llmgrpc.engines.errors import FailedPrecondition
 
     folder = cache_dir / TINY / "ggufv2"
     template = f"{TINY}.{{quantization}}.gguf"

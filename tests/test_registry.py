@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmgrpc.engines.errors import InvalidArgument, NotFound
+from llmgrpc.clients.errors import InvalidArgument, NotFound
 from llmgrpc.server.registry import Registry, SpecQuery
 
 SEED = Path(__file__).parent / "data" / "llama-3.1.rst"

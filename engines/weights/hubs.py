@@ -2,7 +2,7 @@
 
 Importing this module imports no hub client: the server uses it to list the hubs as
 available or not (``ListSpecs``) and to refuse a launch that cannot download before any
-worker starts; the worker, to order the hubs it tries (``llmgrpc.engines.downloads``).
+worker starts; the worker, to order the hubs it tries (``llmgrpc.engines.weights.downloads``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import importlib.util
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from llmgrpc.engines.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
+from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 
 HUGGINGFACE = "huggingface"
 MODELSCOPE = "modelscope"

@@ -8,7 +8,7 @@ RoPE scaling, real safetensors and Hugging Face loading) anywhere, with no downl
 Hidden and intermediate sizes are multiples of 256, so every GGUF k-quant applies to it,
 and its head size (64) is one vLLM's CPU attention accepts.
 
-Usage: ``llmgrpc tiny-model OUTPUT_DIR`` or ``python -m llmgrpc.engines.tiny_model OUTPUT_DIR``.
+Usage: ``llmgrpc tiny-model OUTPUT_DIR`` or ``python -m llmgrpc.engines.weights.tiny_model OUTPUT_DIR``.
 """
 
 from __future__ import annotations
@@ -176,5 +176,5 @@ def ensure(output_dir: Path) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit(f"usage: python -m llmgrpc.engines.tiny_model OUTPUT_DIR\n\n{__doc__}")
+        raise SystemExit(f"usage: python -m llmgrpc.engines.weights.tiny_model OUTPUT_DIR\n\n{__doc__}")
     print(generate(Path(sys.argv[1])))

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from llmgrpc.engines import hubs
-from llmgrpc.engines.base import LoadPlan, ProgressReport
-from llmgrpc.engines.errors import (
+from llmgrpc.clients.errors import (
     FailedPrecondition,
     LlmgrpcError,
     NotFound,
@@ -32,6 +30,8 @@ from llmgrpc.engines.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from llmgrpc.engines.base import LoadPlan, ProgressReport
+from llmgrpc.engines.weights import hubs
 
 # A pytorch spec needs its configuration, tokenizer and safetensors weights; never pickles.
 PYTORCH_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt")

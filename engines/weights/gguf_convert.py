@@ -8,7 +8,7 @@ rotary permutation of the q/k projections and llama3 ``rope_freqs`` factors.
 ``ensure_tiny_gguf(cache_dir, quantization)`` gives the built-in tiny model in any of
 the registry's quantizations, generating, converting and quantizing it on first use.
 
-Usage: ``python -m llmgrpc.engines.gguf_convert MODEL_DIR OUTPUT.gguf [QUANTIZATION]``
+Usage: ``python -m llmgrpc.engines.weights.gguf_convert MODEL_DIR OUTPUT.gguf [QUANTIZATION]``
 (no QUANTIZATION: F32).
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from llmgrpc.engines import tiny_model
-from llmgrpc.engines.errors import FailedPrecondition, InvalidArgument
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument
+from llmgrpc.engines.weights import tiny_model
 
 # The quantizations llama.cpp's quantizer makes from an F32 file (F32 is the file itself).
 QUANTIZATIONS = (
@@ -49,7 +49,7 @@ QUANTIZATIONS = (
 )
 UNQUANTIZED = "F32"
 TINY_FILE_NAME_TEMPLATE = f"{tiny_model.NAME}.{{quantization}}.gguf"
-USAGE = "python -m llmgrpc.engines.gguf_convert MODEL_DIR OUTPUT.gguf [QUANTIZATION]"
+USAGE = "python -m llmgrpc.engines.weights.gguf_convert MODEL_DIR OUTPUT.gguf [QUANTIZATION]"
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 

@@ -1,7 +1,8 @@
 """Domain errors: what went wrong, in terms of the request, never of gRPC.
 
-Engines, the engine manager and validation raise these; the server turns each into a
-gRPC status through the one table in `llmgrpc.server.status`. Messages say what was
+The contract's error vocabulary, shared by every side: engines, the engine manager and
+validation raise these; the server turns each into a gRPC status through the one table in
+`llmgrpc.server.status`; callers branch on ``Reason`` (exported by ``llmgrpc.clients``). Messages say what was
 wrong and what is valid, because they reach the caller as the status details.
 
 Each error may also carry a stable ``reason`` (one of ``Reason``), set where it is raised,

@@ -1,7 +1,7 @@
 """Where a model's weights come from: a local path, the built-in generator, or a hub.
 
 Runs in the worker process, before the engine loads: the server itself never touches
-weight files. Hub downloads (``llmgrpc.engines.downloads``) go through the hubs' own
+weight files. Hub downloads (``llmgrpc.engines.weights.downloads``) go through the hubs' own
 client libraries, into their own caches, so weights a user already downloaded are found
 and reused.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmgrpc.engines import downloads, tiny_model
+from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.base import LoadPlan, ProgressReport
-from llmgrpc.engines.errors import FailedPrecondition, Reason
+from llmgrpc.engines.weights import downloads, tiny_model
 
 
 def resolve(plan: LoadPlan, report: ProgressReport) -> str:
@@ -31,7 +31,7 @@ def resolve(plan: LoadPlan, report: ProgressReport) -> str:
     if spec.generator == tiny_model.NAME:
         if spec.model_format.startswith("gguf"):
             # Imported here: gguf and llama_cpp are only in the llama.cpp engine's environment.
-            from llmgrpc.engines import gguf_convert
+            from llmgrpc.engines.weights import gguf_convert
 
             report("generating", 0, 0)
             path = gguf_convert.ensure_tiny_gguf(
