@@ -480,6 +480,9 @@ class EngineManager:
     async def generate(
         self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        # The caller's deadline as a moment (wall clock: the worker is another process), so that
+        # time spent waiting for admission counts against it.
+        deadline = time.time() + timeout if timeout is not None else None
         model = self.get(request.model_uid)
         self._require_ready(model)
         if not request.HasField("max_tokens"):  # the caller's message stays as it was sent
@@ -493,7 +496,7 @@ class EngineManager:
             self._require_ready(model)
             assert model.worker is not None
             try:
-                async for response in model.worker.generate(request, request_id, timeout):
+                async for response in model.worker.generate(request, request_id, deadline):
                     yield response
             except LlmgrpcError:
                 if model.ending is not None:  # the stream broke because the model is going away

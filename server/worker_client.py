@@ -149,8 +149,10 @@ class WorkerProcess:
             yield event
 
     async def generate(
-        self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
+        self, request: generate_pb2.GenerateRequest, request_id: str, deadline: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """Stream request from the worker; deadline: the caller's, as a time.time() moment."""
+        timeout = max(deadline - time.time(), 0.0) if deadline is not None else None
         rpc = self._rpc_stream(
             "Generate",
             generate_pb2.GenerateRequest.SerializeToString,
