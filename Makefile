@@ -40,10 +40,17 @@ lint: install
 	$(BUF) lint protos
 	$(VENV)/bin/ruff check .
 
-# Rewrite clients/v1 from protos/llmgrpc/v1 (never edit the generated files by hand).
+# Rewrite clients/v1 from protos/llmgrpc/v1 and server/worker_v1 from protos/llmgrpc/worker/v1
+# (never edit the generated files by hand).
 generate: $(VENV)/.installed
-	rm -rf clients/v1
+	rm -rf clients/v1 server/worker_v1
 	$(PY) protos/generate.py
+
+# On a release: the protos being released become the contract `buf breaking` guards
+# (protos/released/README.md). Only the public llmgrpc/v1; the worker protocol may change freely.
+.PHONY: release-contract
+release-contract: $(BUF)
+	$(BUF) build protos --path protos/llmgrpc/v1 -o protos/released/llmgrpc-v1.binpb
 
 # vLLM built for this CPU, in its own environment (deploy/vllm-cpu/build.sh): about 10 minutes
 # the first time, then the cached wheel installs in about a minute. Workers of engine vLLM

@@ -98,29 +98,41 @@ def _client_uid(model_name: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
-def launch_with_progress(client, stream: TextIO, poll_s: float = 0.5, **launch):
-    """client.launch(**launch), drawing the model's progress from GetModel while the call is in flight."""
+def launch_with_progress(client: Client, stream: TextIO, **launch) -> models_pb2.ModelDescription:
+    """client.launch(**launch), drawing the model's progress from WatchModel while the call waits.
+
+    The launch call itself waits (so leaving the command, Ctrl-C, stops the launch); the watch
+    starts as soon as the server lists the uid, which it does the moment the launch arrives.
+    """
     uid = launch.pop("model_uid", "") or _client_uid(launch.get("model_name", ""))
     line = ProgressLine(stream)
-    launched = threading.Event()
+    outcome: dict[str, object] = {}
 
-    def poll() -> None:
-        while not launched.wait(poll_s):
-            try:
-                model = client.get_model(uid)
-            except grpc.RpcError:  # not registered yet, or gone
-                continue
-            if model.HasField("progress"):
-                line.show(model.progress)
+    def run_launch() -> None:
+        try:
+            outcome["model"] = client.launch(model_uid=uid, **launch)
+        except grpc.RpcError as error:
+            outcome["error"] = error
 
-    watcher = threading.Thread(target=poll, name="launch-progress", daemon=True)
-    watcher.start()
+    launching = threading.Thread(target=run_launch, name="launch", daemon=True)
+    launching.start()
     try:
-        return client.launch(model_uid=uid, **launch)
+        while launching.is_alive():
+            try:
+                for model in client.watch(uid):
+                    if model.HasField("progress"):
+                        line.show(model.progress)
+                break
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: not listed yet, or gone
+                    break
+                launching.join(0.05)
+        launching.join()
     finally:
-        launched.set()
-        watcher.join()
         line.close()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["model"]  # type: ignore[return-value]
 
 
 def add_client_commands(commands) -> None:

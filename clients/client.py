@@ -82,9 +82,13 @@ class Client:
         device: str = "",
         engine_options: Mapping[str, Any] | None = None,
         download_hub: str = "",
+        wait: bool = True,
+        idle_unload_s: float | None = None,
         timeout: float | None = None,
     ) -> models_pb2.ModelDescription:
-        """Launch a model and wait until it is READY (get_model shows its progress meanwhile)."""
+        """Launch a model and wait until it is READY (watch() shows its progress meanwhile); with
+        wait=False, return its LOADING description at once. idle_unload_s: unload it after that
+        many seconds without requests (None: the server's default; 0: never)."""
         request = models_pb2.LaunchModelRequest(
             model_name=model_name,
             model_engine=model_engine,
@@ -95,7 +99,10 @@ class Client:
             model_path=model_path,
             device=device,
             download_hub=download_hub,
+            wait=wait,
         )
+        if idle_unload_s is not None:
+            request.idle_unload_s = idle_unload_s
         if engine_options:
             options = struct_pb2.Struct()
             options.update(dict(engine_options))
@@ -124,6 +131,13 @@ class Client:
             download_hub=download_hub,
         )
         return self.models.DownloadModel(request, timeout=timeout)
+
+    def watch(self, model_uid: str, *, timeout: float | None = None) -> Iterator[models_pb2.ModelDescription]:
+        """The model as it is, then after each change of state or load progress, until it settles
+        (READY, FAILED, UNLOADED or TERMINATED)."""
+        request = models_pb2.WatchModelRequest(model_uid=model_uid)
+        for event in self.models.WatchModel(request, timeout=timeout):
+            yield event.model
 
     def list_models(self, *, timeout: float | None = None) -> list[models_pb2.ModelDescription]:
         return list(self.models.ListModels(models_pb2.ListModelsRequest(), timeout=timeout).models)

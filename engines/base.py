@@ -86,21 +86,28 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to continue. Exactly one of prompt and prompt_token_ids is set."""
+    """One prompt to continue. Exactly one of prompt and prompt_token_ids is set.
+
+    deadline is the caller's, a time.time() moment (None: it set none); the worker closes
+    the request's stream when it passes, so an engine needs it only to plan ahead."""
 
     request_id: str
     sampling: SamplingParams
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    deadline: float | None = None
 
     @classmethod
-    def from_pb(cls, pb: generate_pb2.GenerateRequest, request_id: str) -> GenerationRequest:
+    def from_pb(
+        cls, pb: generate_pb2.GenerateRequest, request_id: str, deadline: float | None = None
+    ) -> GenerationRequest:
         """A validated request (see llmgrpc.server.validation) as the engine takes it."""
         return cls(
             request_id=request_id,
             sampling=SamplingParams.from_pb(pb),
             prompt=pb.prompt if not pb.prompt_token_ids else None,
             prompt_token_ids=tuple(pb.prompt_token_ids) if pb.prompt_token_ids else None,
+            deadline=deadline,
         )
 
 

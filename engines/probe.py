@@ -1,10 +1,11 @@
-"""Report, as JSON on stdout, which engines can run in this Python environment.
+"""Report, as JSON on stdout, which engines and model hubs can be used in this Python environment.
 
 The server runs ``python -m llmgrpc.engines.probe`` with each engine's interpreter, so
-that it never imports an engine library itself. Output:
-``{"engines": {"Transformers": null, "vLLM": "needs a CUDA GPU ..."}, "cuda_devices":
-[{"index": 0, "name": "...", "free_bytes": ..., "total_bytes": ...}], "python": "..."}``
-where a null reason means the engine can run.
+that it never imports an engine library itself, and so that a hub counts as usable only
+where that engine's workers would download from it. Output:
+``{"engines": {"Transformers": null, "vLLM": "needs a CUDA GPU ..."}, "hubs": {"huggingface":
+null, "modelscope": "the ModelScope client ..."}, "cuda_devices": [{"index": 0, "name": "...",
+"free_bytes": ..., "total_bytes": ...}], "python": "..."}`` where a null reason means it can be used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from typing import Any
 
 from llmgrpc.engines.catalogue import EngineInfo, engines, load_plugins_from_environment
+from llmgrpc.engines.weights import hubs
 
 
 def cuda_devices() -> list[dict[str, Any]]:
@@ -75,6 +77,7 @@ def probe() -> dict[str, Any]:
     return {
         "python": sys.executable,
         "engines": {info.name: unavailable_reason(info, bool(devices)) for info in engines()},
+        "hubs": hubs.unavailable_reasons(),
         "cuda_devices": devices,
     }
 

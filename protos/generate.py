@@ -1,13 +1,16 @@
-"""Generate the Python stubs of protos/llmgrpc/v1 into clients/v1 (package llmgrpc.v1).
+"""Generate the Python stubs of the protos: the public contract and the worker's internal API.
 
-Messages (_pb2.py), services (_pb2_grpc.py), typed stubs for both (.pyi, through
-mypy-protobuf, so the Stub, the async Stub and the Servicer are typed), and
-``descriptors.binpb``: the protos' descriptors with their comments, which protoc's Python
-output drops, so that server reflection (``grpcurl describe``) shows the documentation. The output is
-never edited by hand: `make generate` rewrites it and `tests/test_contract.py` fails
-when it differs from what the protos give.
+protos/llmgrpc/v1 (the contract) goes to clients/v1, installed as llmgrpc.v1;
+protos/llmgrpc/worker/v1 (the server's API to its worker processes, not public) goes to
+server/worker_v1, installed as llmgrpc.worker.v1. Each gets messages (_pb2.py), services
+(_pb2_grpc.py) and typed stubs for both (.pyi, through mypy-protobuf, so the Stub, the async
+Stub and the Servicer are typed). The contract also gets ``descriptors.binpb``: its
+descriptors with their comments, which protoc's Python output drops, so that server
+reflection (``grpcurl describe``) shows the documentation. The output is never edited by
+hand: `make generate` rewrites it and `tests/test_contract.py` fails when it differs from
+what the protos give.
 
-Usage: python protos/generate.py [OUTPUT_DIR]   (default: clients/v1)
+Usage: python protos/generate.py   (writes both folders)
 """
 
 from __future__ import annotations
@@ -19,20 +22,24 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
-PROTO_PACKAGE = Path("llmgrpc") / "v1"
+PUBLIC = Path("llmgrpc") / "v1"
+WORKER = Path("llmgrpc") / "worker" / "v1"
+# Each proto package and the folder its stubs are written to.
+OUTPUT_DIRS = {PUBLIC: REPO_ROOT / "clients" / "v1", WORKER: REPO_ROOT / "server" / "worker_v1"}
 DESCRIPTORS = "descriptors.binpb"
 
 
-def generate(output_dir: Path) -> list[Path]:
-    """Write the generated modules of every proto in llmgrpc/v1 into output_dir."""
+def generate(output_dir: Path, package: Path = PUBLIC) -> list[Path]:
+    """Write the generated modules of every proto in package (a folder of protos/) into output_dir;
+    the documented descriptors too for the public contract, the one reflection serves."""
     import grpc_tools
     from grpc_tools import protoc
 
     bin_dir = Path(sys.executable).parent
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PROTO_PACKAGE).glob("*.proto"))
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / package).glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as scratch:
-        (Path(scratch) / PROTO_PACKAGE).mkdir(parents=True)
+        (Path(scratch) / package).mkdir(parents=True)
         args = [
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
@@ -43,26 +50,25 @@ def generate(output_dir: Path) -> list[Path]:
             f"--grpc_python_out={scratch}",
             f"--mypy_out={scratch}",
             f"--mypy_grpc_out={scratch}",
-            "--include_source_info",
-            f"--descriptor_set_out={Path(scratch) / PROTO_PACKAGE / DESCRIPTORS}",
-            *protos,
         ]
-        if protoc.main(args) != 0:
+        if package == PUBLIC:
+            args += ["--include_source_info", f"--descriptor_set_out={Path(scratch) / package / DESCRIPTORS}"]
+        if protoc.main([*args, *protos]) != 0:
             raise SystemExit("protoc failed")
         output_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for produced in sorted((Path(scratch) / PROTO_PACKAGE).iterdir()):
+        for produced in sorted((Path(scratch) / package).iterdir()):
             target = output_dir / produced.name
             shutil.copyfile(produced, target)
             written.append(target)
     (output_dir / "__init__.py").write_text(
-        '"""Generated from protos/llmgrpc/v1 by protos/generate.py; do not edit."""\n'
+        f'"""Generated from protos/{package.as_posix()} by protos/generate.py; do not edit."""\n'
     )
     (output_dir / "py.typed").write_text("")
     return written
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_ROOT / "clients" / "v1"
-    for path in generate(out):
-        print(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+    for package, output_dir in OUTPUT_DIRS.items():
+        for path in generate(output_dir, package):
+            print(path.relative_to(REPO_ROOT))

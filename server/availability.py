@@ -1,4 +1,4 @@
-"""Which engines can run here: asked of each engine's own Python environment, once.
+"""Which engines and hubs can be used here: asked of each engine's own Python environment, once.
 
 The server never imports an engine library: it runs ``llmgrpc.engines.probe`` with the
 interpreter an engine's workers will use, and keeps the answer.
@@ -14,6 +14,7 @@ from typing import Any
 
 from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.catalogue import PLUGINS_ENV, engines
+from llmgrpc.engines.weights.hubs import HUBS
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.worker_environment import inherited_environment
 
@@ -46,6 +47,18 @@ class EngineAvailability:
         return report["engines"].get(
             engine, f"the environment {self.python_for(engine)} does not know {engine}"
         )
+
+    async def hub_reasons(self, engine: str) -> dict[str, str | None]:
+        """Each hub's reason it cannot be used by engine's workers, or None when it can: asked of
+        engine's environment, where they download (its hub clients, not the server's, count)."""
+        python = self.python_for(engine)
+        report = await self._report(python)
+        if "error" in report:
+            return dict.fromkeys(HUBS, report["error"])
+        reported = report.get("hubs", {})
+        return {
+            hub: reported.get(hub, f"the environment {python} does not know the hub {hub}") for hub in HUBS
+        }
 
     async def cuda_devices(self, engine: str) -> list[dict[str, Any]]:
         """CUDA devices seen by engine's environment, with free memory read now."""

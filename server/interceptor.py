@@ -31,7 +31,6 @@ from llmgrpc.server import logs, tracing
 from llmgrpc.server.auth import OPEN_SERVICES, TokenTable, authorize, service_of
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.status import to_rpc_status
-from llmgrpc.server.worker import REQUEST_ID_METADATA
 
 log = logging.getLogger("llmgrpc.rpc")
 
@@ -172,7 +171,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         wait, so that _exit always closes them: a call whose deadline passes as it arrives is
         counted, logged and uncounted like any other."""
         metadata = context.invocation_metadata() or ()
-        given = next((v for k, v in metadata if k == REQUEST_ID_METADATA and isinstance(v, str)), "")
+        given = next((v for k, v in metadata if k == logs.REQUEST_ID_METADATA and isinstance(v, str)), "")
         request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
         logs.REQUEST_ID.set(request_id)
         service = service_of(method)
@@ -197,7 +196,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     async def _send_request_id(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, call.request_id),))
+        await context.send_initial_metadata(((logs.REQUEST_ID_METADATA, call.request_id),))
 
     def _admit(self, call: _Call, request, context: grpc.aio.ServicerContext, streaming_requests: bool):
         """The request to hand the servicer, or a domain error refusing the call."""

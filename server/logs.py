@@ -18,6 +18,9 @@ from opentelemetry import trace
 
 # The request id of the call being served, "" outside a call. Context-local, not shared.
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("llmgrpc_request_id", default="")
+# The metadata key of a request id: a caller may send one, the server answers with it, and a
+# worker takes the server's from it for its own log lines.
+REQUEST_ID_METADATA = "x-request-id"
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged as a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}

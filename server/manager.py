@@ -46,6 +46,7 @@ from llmgrpc.server.settings import Settings
 from llmgrpc.server.worker_client import WorkerProcess
 from llmgrpc.server.worker_environment import worker_environment
 from llmgrpc.v1 import generate_pb2, models_pb2
+from llmgrpc.worker.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,43 @@ class ModelState(enum.Enum):
     READY = models_pb2.MODEL_STATE_READY
     FAILED = models_pb2.MODEL_STATE_FAILED
     TERMINATING = models_pb2.MODEL_STATE_TERMINATING
+    UNLOADED = models_pb2.MODEL_STATE_UNLOADED
+    TERMINATED = models_pb2.MODEL_STATE_TERMINATED
+
+
+# The states a WatchModel stream ends in: nothing more happens without a new request.
+SETTLED = frozenset({ModelState.READY, ModelState.FAILED, ModelState.UNLOADED, ModelState.TERMINATED})
+
+
+class Why:
+    """The stable reasons of a model's conditions (ModelCondition.reason)."""
+
+    LAUNCH_REQUESTED = "LaunchRequested"
+    LOADED = "Loaded"
+    LOAD_FAILED = "LoadFailed"
+    WORKER_EXITED = "WorkerExited"
+    IDLE_UNLOADED = "IdleUnloaded"
+    RELOADING = "Reloading"
+    TERMINATE_REQUESTED = "TerminateRequested"
+    LAUNCH_ABANDONED = "LaunchAbandoned"
+    TERMINATED = "Terminated"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """How a model came to its state, and when (wall clock)."""
+
+    state: ModelState
+    reason: str
+    message: str = ""
+    at: float = field(default_factory=time.time)
+
+    def to_pb(self) -> models_pb2.ModelCondition:
+        condition = models_pb2.ModelCondition(
+            state=self.state.value, reason=self.reason, message=self.message
+        )
+        condition.transition_time.FromNanoseconds(int(self.at * 1e9))
+        return condition
 
 
 @dataclass(frozen=True)
@@ -67,6 +105,8 @@ class LaunchRequest:
     device: str = ""
     engine_options: dict[str, Any] = field(default_factory=dict)
     download_hub: str = ""
+    wait: bool = True  # return once READY; False: at once, LOADING
+    idle_unload_s: float | None = None  # None: the server's setting; 0: never
 
     @classmethod
     def from_pb(cls, pb: models_pb2.LaunchModelRequest) -> LaunchRequest:
@@ -79,6 +119,8 @@ class LaunchRequest:
             device=pb.device,
             engine_options=MessageToDict(pb.engine_options) if pb.HasField("engine_options") else {},
             download_hub=pb.download_hub,
+            wait=pb.wait if pb.HasField("wait") else True,
+            idle_unload_s=pb.idle_unload_s if pb.HasField("idle_unload_s") else None,
         )
 
 
@@ -97,18 +139,19 @@ class DownloadRequest:
         )
 
 
-def progress_to_pb(event: dict[str, Any]) -> models_pb2.LoadProgress:
-    """A worker's progress event ({"phase", "done", "total"}) as the contract shows it."""
-    return models_pb2.LoadProgress(
-        phase=str(event.get("phase") or "starting"),
-        done_bytes=int(event.get("done") or 0),
-        total_bytes=int(event.get("total") or 0),
-    )
+def progress_to_pb(progress: models_pb2.LoadProgress) -> models_pb2.LoadProgress:
+    """A load's progress as the contract shows it: phase "starting" until the worker reports."""
+    shown = models_pb2.LoadProgress()
+    shown.CopyFrom(progress)
+    shown.phase = progress.phase or "starting"
+    return shown
 
 
 # How long a caller should wait before retrying a full queue, or a model still loading.
 QUEUE_RETRY_AFTER_S = 1.0
 LOADING_RETRY_AFTER_S = 5.0
+# How long before a caller's deadline a Generate waiting for a reload gives up, to answer in time.
+ANSWER_MARGIN_S = 0.1
 # How long GetModel and ListModels wait for a worker's numbers before showing the last ones.
 STATS_TIMEOUT_S = 1.0
 
@@ -171,21 +214,27 @@ class LaunchedModel:
     """One launch, listed from the moment it is asked for until it is terminated.
 
     ``selection`` is None while the launch is still being checked (the spec not yet chosen);
-    ``ending`` is set once the model is being terminated: what its calls in flight get."""
+    ``ending`` is set once the model is being terminated: what its calls in flight get.
+    ``new_worker`` makes the model's worker (again, to reload it after an idle unload)."""
 
     uid: str
     query: SpecQuery
     device: str
     gate: AdmissionGate
+    idle_unload_s: float = 0.0  # 0: never unloaded
+    condition: Condition = field(default_factory=lambda: Condition(ModelState.LOADING, Why.LAUNCH_REQUESTED))
+    new_worker: Callable[[], WorkerProcess] | None = None
+    last_active: float = field(default_factory=time.monotonic)  # when its last stream ended
+    unloading: asyncio.Task | None = None  # stopping the worker of an UNLOADED model
+    watchers: set[asyncio.Queue] = field(default_factory=set)  # WatchModel streams
     selection: Selection | None = None
     estimated_bytes: int = 0
-    state: ModelState = ModelState.LOADING
     error: str = ""
     worker: WorkerProcess | None = None
     launched_at: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
-    engine_stats: dict[str, Any] = field(default_factory=dict)
-    progress: dict[str, Any] = field(default_factory=dict)
+    engine_stats: worker_pb2.EngineStats = field(default_factory=worker_pb2.EngineStats)
+    progress: models_pb2.LoadProgress = field(default_factory=models_pb2.LoadProgress)
     loading: asyncio.Task | None = None
     terminating: asyncio.Task | None = None
     ending: Ending | None = None
@@ -205,17 +254,27 @@ class LaunchedModel:
             state=self.state.value,
             device=self.device,
             memory_bytes=resources.process_memory_bytes(pid) if pid else 0,
-            gpu_memory_bytes=int(stats.get("gpu_memory_bytes", 0)),
-            context_length=int(stats.get("context_length", 0)),
+            gpu_memory_bytes=stats.gpu_memory_bytes,
+            context_length=stats.context_length,
             running_requests=self.gate.running,
             waiting_requests=self.gate.waiting,
             error=self.error,
             worker_pid=pid,
-            peak_batch_size=int(stats.get("peak_batch_size", 0)),
+            peak_batch_size=stats.peak_batch_size,
             load_seconds=self.load_seconds,
             estimated_memory_bytes=self.estimated_bytes,
             progress=progress,
+            condition=self.condition.to_pb(),
+            idle_unload_s=self.idle_unload_s,
         )
+
+    @property
+    def state(self) -> ModelState:
+        return self.condition.state
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.running + self.gate.waiting
 
 
 # health(name, serving): tells the health service whether a model serves.
@@ -278,33 +337,43 @@ class EngineManager:
     # Launch and terminate.
 
     async def launch(self, request: LaunchRequest) -> LaunchedModel:
-        """Launch a model and wait until it is READY. The model is listed (LOADING) at once; a
-        launch that fails leaves nothing behind. The launch belongs to the manager, not to its
-        caller: a caller that goes away leaves it running; TerminateModel stops it."""
+        """Launch a model: listed LOADING at once, then checked, started and loaded. With
+        request.wait, return once it is READY; a caller that goes away meanwhile stops the launch
+        and leaves nothing behind. Without, return at once (WatchModel follows the load). A load
+        that fails after the worker started leaves the model FAILED, listed with the reason."""
         if request.model_uid in self._models:
             raise self._uid_taken(self._models[request.model_uid])
         uid = request.model_uid or f"{request.query.model_name}-{uuid.uuid4().hex[:8]}"
+        idle_unload_s = request.idle_unload_s
+        if idle_unload_s is None:
+            idle_unload_s = self.settings.idle_unload_s or 0.0
         model = LaunchedModel(
             uid=uid,
             query=request.query,
             device=request.device or self.settings.device,
             gate=AdmissionGate(self.settings.max_running_requests, self.settings.max_waiting_requests),
+            idle_unload_s=idle_unload_s,
         )
         self._models[uid] = model
         self._health(health_name(uid), False)
         model.loading = self._spawn(self._launch(model, request))
+        if not request.wait:
+            return model
         try:
             await asyncio.shield(model.loading)
         except asyncio.CancelledError:
             if model.loading.cancelled() and model.ending is not None:  # terminated while loading
                 raise _launch_ended(model.ending(uid)) from None
+            if not model.loading.done():  # the caller went away: so does its launch
+                self._spawn(self._end(model, terminated, Why.LAUNCH_ABANDONED))
             raise
         return model
 
     async def terminate(self, model_uid: str) -> LaunchedModel:
-        """Stop a model (loading, serving or failed) and free its uid. Its streams in flight end
-        with UNAVAILABLE (MODEL_TERMINATED); a launch waiting on it with CANCELLED. The work is the
-        manager's: it completes even when its caller goes away, and concurrent calls share it."""
+        """Stop a model (loading, serving, unloaded or failed) and free its uid. Its streams in
+        flight end with UNAVAILABLE (MODEL_TERMINATED); a launch waiting on it with CANCELLED. The
+        work is the manager's: it completes even when its caller goes away, and concurrent calls
+        share it."""
         return await self._end(self.get(model_uid), terminated)
 
     async def close(self) -> None:
@@ -315,23 +384,60 @@ class EngineManager:
         )
         await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _end(self, model: LaunchedModel, ending: Ending) -> LaunchedModel:
+    async def watch(self, model_uid: str) -> AsyncIterator[models_pb2.ModelDescription]:
+        """The model as it is, then as it is after each change of state or of load progress,
+        until it settles (READY, FAILED, UNLOADED or TERMINATED)."""
+        model = self.get(model_uid)
+        changes: asyncio.Queue[models_pb2.ModelDescription] = asyncio.Queue()
+        model.watchers.add(changes)
+        try:
+            description = model.to_pb()
+            yield description
+            while ModelState(description.state) not in SETTLED:
+                description = await changes.get()
+                yield description
+        finally:
+            model.watchers.discard(changes)
+
+    async def _end(
+        self, model: LaunchedModel, ending: Ending, why: str = Why.TERMINATE_REQUESTED
+    ) -> LaunchedModel:
         if model.terminating is None:
             model.ending = ending
-            model.terminating = self._spawn(self._terminate(model))
+            model.terminating = self._spawn(self._terminate(model, why))
         await asyncio.shield(model.terminating)
         return model
 
-    async def _terminate(self, model: LaunchedModel) -> None:
-        model.state = ModelState.TERMINATING
-        self._health(health_name(model.uid), False)
+    async def _terminate(self, model: LaunchedModel, why: str) -> None:
+        self._transition(model, ModelState.TERMINATING, why)
         if model.loading is not None and not model.loading.done():
             model.loading.cancel()
             await asyncio.wait({model.loading})
+        if model.unloading is not None:
+            await asyncio.wait({model.unloading})
         if model.worker is not None:
             await model.worker.stop()  # its streams in flight end now (see generate)
+        self._transition(model, ModelState.TERMINATED, Why.TERMINATED)
         self._forget(model)
         log.info("model %s terminated", model.uid)
+
+    def _transition(self, model: LaunchedModel, state: ModelState, why: str, message: str = "") -> None:
+        """Move model to state (its health follows: SERVING only when READY) and tell its watchers."""
+        model.condition = Condition(state, why, message)
+        if state is ModelState.FAILED:
+            model.error = message
+        self._health(health_name(model.uid), state is ModelState.READY)
+        self._tell_watchers(model)
+
+    def _tell_watchers(self, model: LaunchedModel) -> None:
+        if model.watchers:
+            description = model.to_pb()
+            for changes in model.watchers:
+                changes.put_nowait(description)
+
+    def _on_progress(self, model: LaunchedModel, progress: models_pb2.LoadProgress) -> None:
+        model.progress.CopyFrom(progress)
+        self._tell_watchers(model)
 
     def _forget(self, model: LaunchedModel) -> None:
         """Unlist model; never another model launched since under the same uid."""
@@ -367,28 +473,99 @@ class EngineManager:
         return task
 
     async def _launch(self, model: LaunchedModel, request: LaunchRequest) -> None:
-        """Check everything a launch needs, then start its worker and load; on any failure (or
-        cancellation by TerminateModel) stop the worker and unlist the model."""
+        """Check everything a launch needs, then start its worker and load. A launch refused by
+        its checks is unlisted; one whose worker fails to load is FAILED (listed until terminated);
+        one cancelled by TerminateModel stops its worker and is unlisted by the terminate."""
         try:
             await self._check_and_place(model, request)
-            assert model.worker is not None
-            await model.worker.start(self.settings.worker_start_timeout_s)
-            model.engine_stats = await model.worker.load(model.progress.update)
         except BaseException:
-            if model.worker is not None:
-                await model.worker.stop()
             if model.state is not ModelState.TERMINATING:  # Terminate unlists what it terminates
                 self._forget(model)
             raise
-        model.load_seconds = time.monotonic() - model.launched_at
-        model.state = ModelState.READY
+        await self._load(model)
+
+    async def _load(self, model: LaunchedModel) -> None:
+        """Start the model's worker and load it: READY, or FAILED with the reason."""
+        assert model.new_worker is not None
+        model.worker = worker = model.new_worker()
+        model.progress.Clear()
+        model.unresponsive, model.error = False, ""
+        started = time.monotonic()
+        try:
+            await worker.start(self.settings.worker_start_timeout_s)
+            model.engine_stats = await worker.load(lambda event: self._on_progress(model, event))
+        except BaseException as error:
+            await worker.stop()
+            if model.state is not ModelState.TERMINATING:
+                failure = (
+                    str(error) if isinstance(error, LlmgrpcError) else f"{type(error).__name__}: {error}"
+                )
+                self._transition(model, ModelState.FAILED, Why.LOAD_FAILED, failure)
+                log.error("model %s FAILED to load: %s", model.uid, failure)
+            raise
+        model.load_seconds = time.monotonic() - started
+        model.last_active = time.monotonic()
+        self._transition(model, ModelState.READY, Why.LOADED)
         assert model.selection is not None
         self.metrics.observe_model_load(
             model.selection.family.model_name, model.selection.engine, model.load_seconds
         )
-        self._health(health_name(model.uid), True)
         log.info("model %s READY on %s in %.1f s", model.uid, model.device, model.load_seconds)
         self._spawn(self._watch(model))
+        if model.idle_unload_s > 0:
+            self._spawn(self._unload_when_idle(model))
+
+    # Idle unload and reload.
+
+    async def _unload_when_idle(self, model: LaunchedModel) -> None:
+        """While READY, unload the model once it has had no request in flight for idle_unload_s
+        (counted from the end of its last stream, so a live stream is never cut)."""
+        while model.state is ModelState.READY:
+            idle_for = time.monotonic() - model.last_active if model.in_flight == 0 else 0.0
+            if idle_for >= model.idle_unload_s:
+                self._unload(model)
+                return
+            await asyncio.sleep(model.idle_unload_s - idle_for)
+
+    def _unload(self, model: LaunchedModel) -> None:
+        worker, model.worker = model.worker, None
+        self._transition(
+            model,
+            ModelState.UNLOADED,
+            Why.IDLE_UNLOADED,
+            f"no request for {model.idle_unload_s:g} s; the next Generate loads it again",
+        )
+        model.engine_stats = worker_pb2.EngineStats()
+        if worker is not None:
+            model.unloading = self._spawn(worker.stop())
+        log.info("model %s UNLOADED after %g s without requests", model.uid, model.idle_unload_s)
+
+    async def _reload(self, model: LaunchedModel) -> None:
+        if model.unloading is not None:
+            await asyncio.wait({model.unloading})  # the old worker is gone before the new starts
+            model.unloading = None
+        await self._load(model)
+
+    async def _ready_within(self, model: LaunchedModel, deadline: float | None) -> None:
+        """For a Generate: an UNLOADED model is loaded again (one reload, shared by every caller),
+        and waited for within the caller's own deadline."""
+        if model.state is ModelState.UNLOADED:
+            self._transition(model, ModelState.LOADING, Why.RELOADING, "a Generate arrived")
+            model.loading = self._spawn(self._reload(model))
+        if model.state is not ModelState.LOADING or model.condition.reason != Why.RELOADING:
+            return
+        assert model.loading is not None
+        # Give up a little before the deadline, so the caller hears why (and when to retry).
+        remaining = max(deadline - time.time() - ANSWER_MARGIN_S, 0.0) if deadline is not None else None
+        done, _ = await asyncio.wait({model.loading}, timeout=remaining)
+        if not done:
+            raise Unavailable(
+                f"model {model.uid} is loading again after an idle unload and was not READY within "
+                "the call's deadline; retry",
+                reason=Reason.MODEL_LOADING,
+                retry_after_s=LOADING_RETRY_AFTER_S,
+                metadata={"model_uid": model.uid},
+            )
 
     async def _check_and_place(self, model: LaunchedModel, request: LaunchRequest) -> None:
         """Everything that can refuse a launch, before any worker starts or any byte is fetched:
@@ -406,7 +583,7 @@ class EngineManager:
         await self.availability.require(info.name)
         validate_engine_options(info, request.engine_options)
         if not request.model_path:
-            _check_hubs(selection, request.download_hub)
+            await self._check_hubs(selection, request.download_hub)
         device, visible_gpu = await self._place(info.name, model.device)
         model.selection, model.device = selection, device
         estimated = await asyncio.to_thread(self._estimate_bytes, selection, request, device)
@@ -427,23 +604,19 @@ class EngineManager:
             download_hub=request.download_hub or hubs.AUTO,
             hub_cache_dir=str(settings.hub_cache_dir or ""),
         )
-        model.worker = WorkerProcess(
-            plan,
-            self.availability.python_for(info.name),
-            visible_gpu,
-            tracer=self.tracer,
-            env=worker_environment(
-                settings,
-                info.cpu_environment if plan.device == "cpu" else (),
-                hub_credentials=_may_download(plan),
-            ),
+        python = self.availability.python_for(info.name)
+        env = worker_environment(
+            settings,
+            info.cpu_environment if plan.device == "cpu" else (),
+            hub_credentials=_may_download(plan),
         )
+        model.new_worker = lambda: WorkerProcess(plan, python, visible_gpu, tracer=self.tracer, env=env)
 
     # Downloads.
 
-    async def download(self, request: DownloadRequest) -> AsyncIterator[dict[str, Any]]:
+    async def download(self, request: DownloadRequest) -> AsyncIterator[worker_pb2.DownloadResponse]:
         """Fetch a spec's weights in a short-lived worker process (this process never imports a hub
-        client's heavy dependencies): its progress events, then {"path": ...}. Leaving early stops it."""
+        client's heavy dependencies): its progress, then the model_path. Leaving early stops it."""
         reasons = await self.availability.reasons()
 
         def runnable_or_first(engines: tuple[str, ...]) -> str:
@@ -451,7 +624,7 @@ class EngineManager:
             return next((engine for engine in engines if reasons.get(engine) is None), engines[0])
 
         selection = self.registry.select(request.query, runnable_or_first)
-        _check_hubs(selection, request.download_hub)
+        await self._check_hubs(selection, request.download_hub)
         plan = LoadPlan(
             model_uid=f"download-{uuid.uuid4().hex[:8]}",
             engine=selection.engine,
@@ -484,6 +657,7 @@ class EngineManager:
         # time spent waiting for admission counts against it.
         deadline = time.time() + timeout if timeout is not None else None
         model = self.get(request.model_uid)
+        await self._ready_within(model, deadline)
         self._require_ready(model)
         if not request.HasField("max_tokens"):  # the caller's message stays as it was sent
             resolved = generate_pb2.GenerateRequest()
@@ -502,6 +676,8 @@ class EngineManager:
                 if model.ending is not None:  # the stream broke because the model is going away
                     raise model.ending(model.uid) from None
                 raise
+            finally:
+                model.last_active = time.monotonic()
 
     # Internals.
 
@@ -551,13 +727,19 @@ class EngineManager:
                     model.unresponsive, model.error = False, ""
                     self._health(health_name(model.uid), True)
                     log.info("model %s: its worker answers again", model.uid)
-            if exited.done() and model.state is ModelState.READY:
-                model.state = ModelState.FAILED
-                model.error = worker.exit_reason
-                self._health(health_name(model.uid), False)
+            if exited.done() and model.state is ModelState.READY and model.worker is worker:
+                self._transition(model, ModelState.FAILED, Why.WORKER_EXITED, worker.exit_reason)
                 log.error("model %s FAILED: %s", model.uid, model.error)
         finally:
             exited.cancel()
+
+    async def _check_hubs(self, selection: Selection, download_hub: str) -> None:
+        """Refuse, before any worker starts, a hub download that cannot happen in the environment
+        of the engine whose worker would fetch it."""
+        spec = selection.spec
+        if not spec.generator:
+            reasons = await self.availability.hub_reasons(selection.engine)
+            hubs.hub_order([hub.name for hub in spec.hubs], download_hub, reasons)
 
     async def _first_available_engine(self) -> Callable[[tuple[str, ...]], str]:
         reasons = await self.availability.reasons()
@@ -635,13 +817,6 @@ class EngineManager:
             return max(resources.free_cpu_bytes() - loading, 0)
         gpus = await self.availability.cuda_devices(engine)
         return int(gpus[int(visible_gpu)]["free_bytes"])
-
-
-def _check_hubs(selection: Selection, download_hub: str) -> None:
-    """Refuse, before any worker starts, a hub download that cannot happen here."""
-    spec = selection.spec
-    if not spec.generator:
-        hubs.hub_order([hub.name for hub in spec.hubs], download_hub, hubs.unavailable_reasons())
 
 
 def _may_download(plan: LoadPlan) -> bool:

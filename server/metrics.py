@@ -202,17 +202,23 @@ class _ModelCollector(Collector):
             "1 per launched model, with its family, engine, device and state",
             labels=["model_uid", "model_name", "engine", "device", "state"],
         )
-        for model in list(self._models()):
+        models = list(self._models())
+        for model in models:
             uid = model.uid
             running.add_metric([uid], model.gate.running)
             waiting.add_metric([uid], model.gate.waiting)
             pid = model.worker.pid if model.worker else 0
             memory.add_metric([uid, "rss"], resources.process_memory_bytes(pid) if pid else 0)
-            memory.add_metric([uid, "gpu"], float(model.engine_stats.get("gpu_memory_bytes", 0)))
+            memory.add_metric([uid, "gpu"], model.engine_stats.gpu_memory_bytes)
             memory.add_metric([uid, "estimated"], model.estimated_bytes)
             load.add_metric([uid], model.load_seconds)
-            selection = model.selection
+            described = model.to_pb()  # names from the request while the spec is being chosen
             info.add_metric(
-                [uid, selection.family.model_name, selection.engine, model.device, model.state.name], 1
+                [uid, described.model_name, described.model_engine, model.device, model.state.name], 1
             )
-        return [running, waiting, memory, load, info]
+        loaded = GaugeMetricFamily(
+            "llmgrpc:models_loaded",
+            "Launched models whose weights are in memory (READY; not UNLOADED, FAILED or LOADING)",
+            value=sum(model.state.name == "READY" for model in models),
+        )
+        return [running, waiting, memory, load, info, loaded]

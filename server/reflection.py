@@ -3,15 +3,20 @@
 protoc's Python output leaves the comments out of the descriptors it embeds, so plain
 reflection would give ``grpcurl describe`` an undocumented contract. protos/generate.py
 also writes the documented descriptors (``llmgrpc/v1/descriptors.binpb``); this servicer
-answers with those in place of the embedded ones.
+answers with those in place of the embedded ones. The worker's internal API
+(llmgrpc/worker/v1) is in this process's descriptor pool too, but not part of the contract:
+asked for, it is not found.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 
+import grpc
 from google.protobuf import descriptor_pb2
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+INTERNAL_PROTOS = "llmgrpc/worker/"
 
 
 def documented_descriptors() -> dict[str, bytes]:
@@ -30,10 +35,22 @@ class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):
         async for response in super().ServerReflectionInfo(request_iterator, context):
             if response.HasField("file_descriptor_response"):
                 files = response.file_descriptor_response.file_descriptor_proto
-                for index, data in enumerate(files):
-                    name = descriptor_pb2.FileDescriptorProto.FromString(data).name
-                    files[index] = self._documented.get(name, data)
+                names = [descriptor_pb2.FileDescriptorProto.FromString(data).name for data in files]
+                if any(name.startswith(INTERNAL_PROTOS) for name in names):
+                    yield _not_found(response.original_request)
+                    continue
+                for index, name in enumerate(names):
+                    files[index] = self._documented.get(name, files[index])
             yield response
+
+
+def _not_found(request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+    """The answer reflection gives for a symbol or file it does not know."""
+    code, message = grpc.StatusCode.NOT_FOUND.value
+    return reflection_pb2.ServerReflectionResponse(
+        original_request=request,
+        error_response=reflection_pb2.ErrorResponse(error_code=code, error_message=message),
+    )
 
 
 def enable_reflection(service_names, server) -> None:

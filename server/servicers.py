@@ -7,10 +7,9 @@ import uuid
 import grpc
 
 from llmgrpc.engines.catalogue import engines
-from llmgrpc.engines.weights import hubs
 from llmgrpc.server import logs
 from llmgrpc.server.availability import EngineAvailability
-from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest, progress_to_pb
+from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery
 from llmgrpc.server.settings import Settings
@@ -23,8 +22,9 @@ def family_to_pb(
     family: ModelFamily,
     specs: list[ModelSpec],
     reasons: dict[str, str | None],
-    hub_reasons: dict[str, str | None] | None = None,
+    hub_reasons: dict[str, dict[str, str | None]] | None = None,
 ) -> models_pb2.ModelFamily:
+    """reasons: each engine's reason it cannot run; hub_reasons: each engine's environment's hub reasons."""
     hub_reasons = hub_reasons or {}
     support_notes = {info.name: info.support_note for info in engines()}
     return models_pb2.ModelFamily(
@@ -39,7 +39,10 @@ def family_to_pb(
                 size_in_billions=spec.size_in_billions,
                 quantizations=spec.quantizations,
                 model_id=spec.model_id,
-                hubs=[hub.to_pb(hub_reasons.get(hub.name)) for hub in spec.hubs],
+                hubs=[
+                    hub.to_pb(hub_reasons.get(serving_engine(spec, reasons), {}).get(hub.name))
+                    for hub in spec.hubs
+                ],
                 engines=[
                     models_pb2.EngineAvailability(
                         name=engine,
@@ -52,6 +55,13 @@ def family_to_pb(
             )
             for spec in specs
         ],
+    )
+
+
+def serving_engine(spec: ModelSpec, reasons: dict[str, str | None]) -> str | None:
+    """The engine whose workers would fetch spec's weights: the first that can run here, else the first."""
+    return next(
+        (engine for engine in spec.engines if reasons.get(engine) is None), next(iter(spec.engines), None)
     )
 
 
@@ -68,7 +78,8 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     async def ListSpecs(self, request, context):
         found = self.registry.search(SpecQuery.from_pb(request))
         reasons = await self.availability.reasons()
-        hub_reasons = hubs.unavailable_reasons()
+        # Workers download in their engine's environment: its hub clients count, not the server's.
+        hub_reasons = {info.name: await self.availability.hub_reasons(info.name) for info in engines()}
         return models_pb2.ListSpecsResponse(
             families=[family_to_pb(family, specs, reasons, hub_reasons) for family, specs in found]
         )
@@ -97,13 +108,19 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         return models_pb2.TerminateModelResponse(model=model.to_pb())
 
     @grpc_errors
+    async def WatchModel(self, request, context):
+        check_model_uid(request.model_uid)
+        async for model in self.manager.watch(request.model_uid):
+            yield models_pb2.WatchModelResponse(model=model)
+
+    @grpc_errors
     async def DownloadModel(self, request, context):
         check_download(request)
         async for event in self.manager.download(DownloadRequest.from_pb(request)):
-            if "path" in event:
-                yield models_pb2.DownloadModelResponse(model_path=event["path"])
+            if event.HasField("progress"):
+                yield models_pb2.DownloadModelResponse(progress=event.progress)
             else:
-                yield models_pb2.DownloadModelResponse(progress=progress_to_pb(event))
+                yield models_pb2.DownloadModelResponse(model_path=event.model_path)
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):

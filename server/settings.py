@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(
         60.0, gt=0, description="seconds a worker may take to start listening"
     )
+    idle_unload_s: float | None = Field(
+        None,
+        ge=0,
+        description="unload a model after this many seconds without requests (its next Generate loads it "
+        "again); a launch's idle_unload_s overrides it; unset or 0: never",
+    )
     worker_ping_interval_s: float = Field(
         2.0, gt=0, description="seconds between pings of a READY model's worker"
     )

@@ -90,6 +90,14 @@ def check_launch(request: models_pb2.LaunchModelRequest) -> None:
     if request.HasField("engine_options"):
         for path in _non_finite_numbers(request.engine_options, "engine_options"):
             violations.append(FieldViolation(path, "numbers must be finite (JSON has no NaN or Infinity)"))
+    if request.HasField("idle_unload_s") and not (
+        math.isfinite(request.idle_unload_s) and request.idle_unload_s >= 0
+    ):
+        violations.append(
+            FieldViolation(
+                "idle_unload_s", f"{request.idle_unload_s!r} is not valid: seconds, 0 or more (0: never)"
+            )
+        )
     violations += _download_hub_violations(request.download_hub)
     _raise_if_any("LaunchModelRequest", violations)
 

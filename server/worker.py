@@ -1,12 +1,12 @@
 """The worker process: one launched model, served to the server over a Unix socket.
 
 The server starts ``python -m llmgrpc.server.worker --socket PATH --plan JSON`` with the
-engine's interpreter. The worker answers three RPCs of an internal service,
-``llmgrpc.worker.Worker``: ``Load`` (streams progress, then the engine's stats),
-``Generate`` (the public GenerateRequest/GenerateResponse messages), ``Stats``, and
-``Download`` (fetch the weights only, for DownloadModel: progress, then their path).
-Cancelling a Generate call closes the engine's stream, which aborts the request. The
-worker exits when the server closes its standard input, so it never outlives the server.
+engine's interpreter. The worker serves the internal API of protos/llmgrpc/worker/v1,
+``llmgrpc.worker.v1.WorkerService``: ``Load`` (progress, then the engine's stats),
+``Generate`` (a resolved request with the caller's deadline), ``Stats``, and ``Download``
+(fetch the weights only, for DownloadModel: progress, then their path). Cancelling a
+Generate call closes the engine's stream, which aborts the request. The worker exits when
+the server closes its standard input, so it never outlives the server.
 """
 
 from __future__ import annotations
@@ -31,27 +31,21 @@ from opentelemetry import trace
 
 from llmgrpc.clients.errors import FailedPrecondition, Reason, Unavailable
 from llmgrpc.engines import weights
-from llmgrpc.engines.base import Engine, GenerationRequest, LoadPlan, ProgressReport
+from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
-from llmgrpc.v1 import generate_pb2
-
-SERVICE = "llmgrpc.worker.Worker"
-REQUEST_ID_METADATA = "x-request-id"
+from llmgrpc.v1 import models_pb2
+from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("llmgrpc.worker")
 
 
-def encode_json(message: dict) -> bytes:
-    return json.dumps(message).encode()
+def stats_to_pb(stats: EngineStats) -> worker_pb2.EngineStats:
+    return worker_pb2.EngineStats(**asdict(stats))
 
 
-def decode_json(data: bytes) -> dict:
-    return json.loads(data)
-
-
-class Worker:
+class Worker(worker_pb2_grpc.WorkerServiceServicer):
     """Holds the one engine of this process and serves the internal RPCs."""
 
     def __init__(self, plan: LoadPlan, tracer: trace.Tracer | None = None):
@@ -60,38 +54,43 @@ class Worker:
         self.tracer = tracer or trace.NoOpTracer()
 
     @grpc_errors
-    async def Load(self, request: dict, context: grpc.aio.ServicerContext):
+    async def Load(
+        self, request: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.LoadResponse]:
         _adopt_request_id(context)
-        if self.engine is not None:
-            yield {"stats": asdict(self.engine.stats())}
-            return
+        if self.engine is None:
 
-        def load(report: ProgressReport) -> Engine:
-            engine_class = engine_info(self.plan.engine).load_class()
-            return engine_class.load(self.plan, weights.resolve(self.plan, report), report)
+            def load(report: ProgressReport) -> Engine:
+                engine_class = engine_info(self.plan.engine).load_class()
+                return engine_class.load(self.plan, weights.resolve(self.plan, report), report)
 
-        loading = _Reporting(load)
-        async for event in loading.events():
-            yield event
-        self.engine = loading.result
-        yield {"stats": asdict(self.engine.stats())}
+            loading = _Reporting(load)
+            async for progress in loading.events():
+                yield worker_pb2.LoadResponse(progress=progress)
+            self.engine = loading.result
+        assert self.engine is not None
+        yield worker_pb2.LoadResponse(stats=stats_to_pb(self.engine.stats()))
 
     @grpc_errors
-    async def Download(self, request: dict, context: grpc.aio.ServicerContext):
-        """Fetch the plan's weights without loading an engine: progress, then {"path": ...}."""
+    async def Download(
+        self, request: worker_pb2.DownloadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DownloadResponse]:
         _adopt_request_id(context)
         downloading = _Reporting(lambda report: weights.resolve(self.plan, report))
-        async for event in downloading.events():
-            yield event
-        yield {"path": downloading.result}
+        async for progress in downloading.events():
+            yield worker_pb2.DownloadResponse(progress=progress)
+        yield worker_pb2.DownloadResponse(model_path=downloading.result)
 
     @grpc_errors
-    async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         if self.engine is None:
             raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         request_id = _adopt_request_id(context, fallback=uuid.uuid4().hex)
         metadata = context.invocation_metadata() or ()
-        generation = GenerationRequest.from_pb(request, request_id)
+        deadline = request.deadline.ToNanoseconds() / 1e9 if request.HasField("deadline") else None
+        generation = GenerationRequest.from_pb(request.request, request_id, deadline)
         # The engine's part of the request's trace: a child of the server's call to this worker.
         with tracing.current_span(
             self.tracer,
@@ -108,36 +107,17 @@ class Worker:
             async with contextlib.aclosing(self.engine.generate(generation)) as chunks:
                 async for chunk in chunks:
                     generated += len(chunk.token_ids)
-                    yield chunk.to_pb()
+                    yield worker_pb2.GenerateResponse(response=chunk.to_pb())
             span.set_attribute("llmgrpc.generated_tokens", generated)
 
     @grpc_errors
-    async def Stats(self, request: dict, context: grpc.aio.ServicerContext) -> dict:
+    async def Stats(
+        self, request: worker_pb2.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.StatsResponse:
         _adopt_request_id(context)
         if self.engine is None:
             raise Unavailable("the model is not loaded yet", reason=Reason.MODEL_LOADING)
-        return asdict(self.engine.stats())
-
-    def handlers(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "Load": grpc.unary_stream_rpc_method_handler(
-                    self.Load, request_deserializer=decode_json, response_serializer=encode_json
-                ),
-                "Generate": grpc.unary_stream_rpc_method_handler(
-                    self.Generate,
-                    request_deserializer=generate_pb2.GenerateRequest.FromString,
-                    response_serializer=generate_pb2.GenerateResponse.SerializeToString,
-                ),
-                "Download": grpc.unary_stream_rpc_method_handler(
-                    self.Download, request_deserializer=decode_json, response_serializer=encode_json
-                ),
-                "Stats": grpc.unary_unary_rpc_method_handler(
-                    self.Stats, request_deserializer=decode_json, response_serializer=encode_json
-                ),
-            },
-        )
+        return worker_pb2.StatsResponse(stats=stats_to_pb(self.engine.stats()))
 
 
 def _adopt_request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> str:
@@ -148,7 +128,7 @@ def _adopt_request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> 
     carries the id of the server's call that asked for it.
     """
     metadata = context.invocation_metadata() or ()
-    sent = next((v for k, v in metadata if k == REQUEST_ID_METADATA and isinstance(v, str)), "")
+    sent = next((v for k, v in metadata if k == logs.REQUEST_ID_METADATA and isinstance(v, str)), "")
     request_id = sent or fallback
     logs.REQUEST_ID.set(request_id)
     return request_id
@@ -161,12 +141,13 @@ class _Reporting:
         self.work = work
         self.result: Any = None
 
-    async def events(self) -> AsyncIterator[dict]:
+    async def events(self) -> AsyncIterator[models_pb2.LoadProgress]:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict] = asyncio.Queue()
+        events: asyncio.Queue[models_pb2.LoadProgress] = asyncio.Queue()
 
         def report(phase: str, done: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, {"phase": phase, "done": done, "total": total})
+            progress = models_pb2.LoadProgress(phase=phase, done_bytes=done, total_bytes=total)
+            loop.call_soon_threadsafe(events.put_nowait, progress)
 
         running = asyncio.ensure_future(asyncio.to_thread(self.work, report))
         while not running.done():
@@ -206,7 +187,7 @@ async def run(socket_path: str, plan: LoadPlan, tracer_provider: trace.TracerPro
     provider = tracer_provider or trace.NoOpTracerProvider()
     worker = Worker(plan, provider.get_tracer(tracing.TRACER_NAME))
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((worker.handlers(),))
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker, server)
     server.add_insecure_port(f"unix:{socket_path}")
     await server.start()
     loop = asyncio.get_running_loop()

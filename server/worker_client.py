@@ -20,8 +20,11 @@ from llmgrpc.clients.errors import Reason, Unavailable
 from llmgrpc.engines.base import LoadPlan
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import from_rpc_error
-from llmgrpc.server.worker import REQUEST_ID_METADATA, SERVICE, decode_json, encode_json
-from llmgrpc.v1 import generate_pb2
+from llmgrpc.v1 import generate_pb2, models_pb2
+from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
+
+# The worker's service as the spans of calls to it name it.
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 # Reconnect fast: the worker binds its socket moments after it starts.
 CHANNEL_OPTIONS = [
@@ -51,7 +54,7 @@ def end_process_group(leader_pid: int) -> None:
 def _request_id() -> tuple[tuple[str, str], ...]:
     """The metadata that gives a worker the request id of the call it serves (for its logs)."""
     request_id = logs.REQUEST_ID.get()
-    return ((REQUEST_ID_METADATA, request_id),) if request_id else ()
+    return ((logs.REQUEST_ID_METADATA, request_id),) if request_id else ()
 
 
 def _this_task_is_cancelled() -> bool:
@@ -80,6 +83,7 @@ class WorkerProcess:
         self.socket_path = self._folder / "worker.sock"
         self.process: asyncio.subprocess.Process | None = None
         self.channel: grpc.aio.Channel | None = None
+        self._stub: worker_pb2_grpc.WorkerServiceAsyncStub | None = None
 
     @property
     def pid(self) -> int:
@@ -123,6 +127,7 @@ class WorkerProcess:
                 )
             await asyncio.sleep(0.02)
         self.channel = grpc.aio.insecure_channel(f"unix:{self.socket_path}", options=CHANNEL_OPTIONS)
+        self._stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
         try:
             await asyncio.wait_for(self.channel.channel_ready(), max(deadline - time.monotonic(), 1.0))
         except asyncio.TimeoutError:
@@ -130,60 +135,59 @@ class WorkerProcess:
                 "the worker process did not accept a connection in time", reason=Reason.WORKER_UNAVAILABLE
             ) from None
 
-    async def load(self, on_progress: Callable[[dict], None]) -> dict:
+    async def load(self, on_progress: Callable[[models_pb2.LoadProgress], None]) -> worker_pb2.EngineStats:
         """Have the worker load its model; returns the engine's stats once it is ready."""
-        call = self._rpc_stream("Load", encode_json, decode_json)({}, metadata=_request_id())
+        call = self.stub.Load(worker_pb2.LoadRequest(), metadata=_request_id())
         async for event in self._relay(call):
-            if "stats" in event:
-                return event["stats"]
-            on_progress(event)
+            if event.HasField("stats"):
+                return event.stats
+            on_progress(event.progress)
         raise Unavailable(
             f"the worker ended its load without a result; {self.exit_reason}",
             reason=Reason.WORKER_UNAVAILABLE,
         )
 
-    async def download(self) -> AsyncIterator[dict]:
-        """Have the worker fetch its plan's weights, loading nothing: progress events, then {"path": ...}."""
-        call = self._rpc_stream("Download", encode_json, decode_json)({}, metadata=_request_id())
+    async def download(self) -> AsyncIterator[worker_pb2.DownloadResponse]:
+        """Have the worker fetch its plan's weights, loading nothing: progress, then the model_path."""
+        call = self.stub.Download(worker_pb2.DownloadRequest(), metadata=_request_id())
         async for event in self._relay(call):
             yield event
 
     async def generate(
         self, request: generate_pb2.GenerateRequest, request_id: str, deadline: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """Stream request from the worker; deadline: the caller's, as a time.time() moment."""
-        timeout = max(deadline - time.time(), 0.0) if deadline is not None else None
-        rpc = self._rpc_stream(
-            "Generate",
-            generate_pb2.GenerateRequest.SerializeToString,
-            generate_pb2.GenerateResponse.FromString,
-        )
+        """Stream request (resolved: max_tokens set) from the worker; deadline: the caller's, as a
+        time.time() moment, sent as it is and as the call's own deadline."""
+        call_request = worker_pb2.GenerateRequest(request=request)
+        timeout = None
+        if deadline is not None:
+            call_request.deadline.FromNanoseconds(int(deadline * 1e9))
+            timeout = max(deadline - time.time(), 0.0)
         if self.tracer is None:
-            call = rpc(request, timeout=timeout, metadata=((REQUEST_ID_METADATA, request_id),))
-            async for response in self._relay(call):
-                yield response
+            call = self.stub.Generate(
+                call_request, timeout=timeout, metadata=((logs.REQUEST_ID_METADATA, request_id),)
+            )
+            async for event in self._relay(call):
+                yield event.response
             return
         # A CLIENT span for the hop to the worker; its context travels as the call's traceparent.
         with tracing.current_span(
             self.tracer,
-            "llmgrpc.worker.Worker/Generate",
+            f"{WORKER_SERVICE}/Generate",
             kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "llmgrpc.model_uid": self.plan.model_uid},
         ):
-            metadata = ((REQUEST_ID_METADATA, request_id), *tracing.inject())
-            call = rpc(request, timeout=timeout, metadata=metadata)
-            async for response in self._relay(call):
-                yield response
+            metadata = ((logs.REQUEST_ID_METADATA, request_id), *tracing.inject())
+            call = self.stub.Generate(call_request, timeout=timeout, metadata=metadata)
+            async for event in self._relay(call):
+                yield event.response
 
-    async def stats(self, timeout: float = 2.0) -> dict:
-        assert self.channel is not None
-        rpc = self.channel.unary_unary(
-            f"/{SERVICE}/Stats", request_serializer=encode_json, response_deserializer=decode_json
-        )
+    async def stats(self, timeout: float = 2.0) -> worker_pb2.EngineStats:
         try:
-            return await rpc({}, timeout=timeout)
+            response = await self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise self._translate(error) from None
+        return response.stats
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit (close its standard input), then kill it if it lingers."""
@@ -205,11 +209,10 @@ class WorkerProcess:
         assert self.process is not None
         return await self.process.wait()
 
-    def _rpc_stream(self, method: str, serializer, deserializer):
-        assert self.channel is not None
-        return self.channel.unary_stream(
-            f"/{SERVICE}/{method}", request_serializer=serializer, response_deserializer=deserializer
-        )
+    @property
+    def stub(self) -> worker_pb2_grpc.WorkerServiceAsyncStub:
+        assert self._stub is not None, "the worker has not started"
+        return self._stub
 
     async def _relay(self, call) -> AsyncIterator:
         """Iterate a worker stream; its errors become domain errors; leaving early cancels it."""

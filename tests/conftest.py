@@ -18,6 +18,7 @@ from hypothesis import settings as hypothesis_settings
 from llmgrpc.clients import Client
 from llmgrpc.server.app import LlmgrpcServer, create_server
 from llmgrpc.server.settings import Settings
+from llmgrpc.worker.v1 import worker_pb2
 
 TINY = "tiny-llama-3.1"
 TESTS = Path(__file__).parent
@@ -48,7 +49,7 @@ class RunningServer:
         """Run a coroutine on the server's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def engine_stats(self, model_uid: str) -> dict:
+    def engine_stats(self, model_uid: str) -> worker_pb2.EngineStats:
         """What the model's engine reports about itself, read from its worker now (GetModel's
         running_requests is the server's own count; this is the engine's)."""
         worker = self.server.manager.get(model_uid).worker

@@ -129,12 +129,26 @@ def worker_uids() -> set[str]:
     return {worker["model_uid"] for worker in gated_workers()}
 
 
+def fleet_disagreement(client: Client) -> str:
+    """How ListModels and the Gated workers disagree ("" when they agree): every running worker
+    is of a listed model, and a listed model shows a worker pid exactly when its worker runs
+    (READY and LOADING ones do; UNLOADED and FAILED ones do not)."""
+    listed = {model.model_uid: model.worker_pid for model in client.list_models(timeout=30)}
+    running = {
+        worker["model_uid"]: pid for pid, worker in live_workers().items() if worker["engine"] == "Gated"
+    }
+    unlisted = set(running) - set(listed)
+    wrong = {uid for uid, pid in listed.items() if pid != running.get(uid, 0)}
+    return (
+        f"workers of unlisted models {unlisted}, listed pids that do not run {wrong}"
+        if unlisted or wrong
+        else ""
+    )
+
+
 def assert_fleet_agrees(client: Client, folders_before: set[Path]) -> None:
     """ListModels, the worker processes and the socket folders tell the same story."""
-    assert wait_until(lambda: listed_uids(client) == worker_uids(), timeout=20), (
-        listed_uids(client),
-        worker_uids(),
-    )
+    assert wait_until(lambda: not fleet_disagreement(client), timeout=20), fleet_disagreement(client)
     sockets = {Path(worker["socket"]).parent for worker in live_workers().values()}  # any server's
     assert wait_until(lambda: socket_folders() - folders_before <= sockets, timeout=20), (
         socket_folders() - folders_before - sockets

@@ -4,12 +4,14 @@ Loaded as a plugin, like ``plugin_engine``. Its load waits until the file named 
 ``load_gate`` option exists (creating ``<load_gate>.waiting`` when it starts waiting), so
 a test holds a launch in LOADING (and its worker slow to stop) exactly as long as it needs.
 It streams ``max_tokens`` tokens ("a", "b", ...), ``token_delay_s`` apart, so a test holds
-streams in flight as long as it needs too.
+streams in flight as long as it needs too. With ``request_log``, it appends each request as
+it arrived (prompt, max_tokens, deadline) to that file, one JSON object a line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import string
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ ENGINE_INFO = EngineInfo(
     options=(
         EngineOption("load_gate", str, "a file whose existence lets the load finish"),
         EngineOption("token_delay_s", float, "seconds between streamed tokens", minimum=0, maximum=10),
+        EngineOption("request_log", str, "a file each request is appended to as it arrives"),
     ),
 )
 
@@ -39,8 +42,9 @@ FAMILY = plugin_family("gated-model", "gated")
 
 
 class GatedEngine(Engine):
-    def __init__(self, token_delay_s: float):
+    def __init__(self, token_delay_s: float, request_log: str = ""):
         self.token_delay_s = token_delay_s
+        self.request_log = request_log
         self.running = 0
 
     @classmethod
@@ -51,10 +55,15 @@ class GatedEngine(Engine):
             give_up = time.monotonic() + GATE_LIMIT_S
             while not Path(gate).exists() and time.monotonic() < give_up:
                 time.sleep(0.02)
-        return cls(float(plan.engine_options.get("token_delay_s", 0.0)))
+        options = plan.engine_options
+        return cls(float(options.get("token_delay_s", 0.0)), options.get("request_log", ""))
 
     async def generate(self, request):
         limit = request.sampling.max_tokens
+        if self.request_log:
+            entry = {"prompt": request.prompt, "max_tokens": limit, "deadline": request.deadline}
+            with open(self.request_log, "a") as log:
+                log.write(json.dumps(entry) + "\n")
         self.running += 1
         try:
             for index in range(limit):

@@ -28,7 +28,8 @@ from llmgrpc.engines.base import LoadPlan, SamplingParams, SpecRef
 from llmgrpc.engines.catalogue import ENGINES, engine_info, validate_engine_options
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.server import logs
-from llmgrpc.server.worker import SERVICE, Worker, decode_json, encode_json
+from llmgrpc.server.worker import Worker
+from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
 # Engine options.
 
@@ -270,17 +271,16 @@ def test_a_worker_logs_an_unexpected_load_error_with_the_servers_request_id(tmp_
 
     async def scenario() -> grpc.StatusCode:
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((Worker(plan).handlers(),))
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(Worker(plan), server)
         socket = tmp_path / "worker.sock"
         server.add_insecure_port(f"unix:{socket}")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
-                load = channel.unary_stream(
-                    f"/{SERVICE}/Load", request_serializer=encode_json, response_deserializer=decode_json
-                )
+                load = worker_pb2_grpc.WorkerServiceStub(channel).Load
                 try:
-                    [event async for event in load({}, metadata=(("x-request-id", "launch-42"),))]
+                    request, metadata = worker_pb2.LoadRequest(), (("x-request-id", "launch-42"),)
+                    [event async for event in load(request, metadata=metadata)]
                 except grpc.aio.AioRpcError as error:
                     return error.code()
                 return grpc.StatusCode.OK

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROTOS = REPO / "protos"
 GENERATED = REPO / "clients" / "v1"
 BUF = PROTOS / "node_modules" / ".bin" / "buf"
+RELEASED_CONTRACT = PROTOS / "released" / "llmgrpc-v1.binpb"
 
 
 def test_buf_lint_standard_and_comments_is_clean():
@@ -20,24 +21,36 @@ def test_buf_lint_standard_and_comments_is_clean():
 
 
 def test_generated_code_matches_the_protos(tmp_path: Path):
+    """Both the contract's stubs (clients/v1) and the worker API's (server/worker_v1)."""
     spec = importlib.util.spec_from_file_location("generate", PROTOS / "generate.py")
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
-    generate.generate(tmp_path)
-    fresh = sorted(p.name for p in tmp_path.iterdir())
-    committed = sorted(p.name for p in GENERATED.iterdir() if p.name != "__pycache__")
-    assert fresh == committed
-    _, mismatch, errors = filecmp.cmpfiles(tmp_path, GENERATED, fresh, shallow=False)
-    assert not mismatch and not errors, (
-        f"clients/v1 is out of date: run `make generate` ({mismatch + errors})"
-    )
+    assert generate.OUTPUT_DIRS[generate.PUBLIC] == GENERATED
+    for package, committed_dir in generate.OUTPUT_DIRS.items():
+        fresh_dir = tmp_path / package
+        generate.generate(fresh_dir, package)
+        fresh = sorted(p.name for p in fresh_dir.iterdir())
+        committed = sorted(p.name for p in committed_dir.iterdir() if p.name != "__pycache__")
+        assert fresh == committed, committed_dir
+        _, mismatch, errors = filecmp.cmpfiles(fresh_dir, committed_dir, fresh, shallow=False)
+        assert not mismatch and not errors, (
+            f"{committed_dir.relative_to(REPO)} is out of date: run `make generate` ({mismatch + errors})"
+        )
 
 
-def test_field_numbers_are_never_reused():
-    """Removed fields must be reserved, not renumbered: compare against the last committed protos."""
+def test_buf_lint_covers_the_worker_api():
+    """The worker's internal API is held to the contract's lint rules too."""
+    result = subprocess.run([str(BUF), "ls-files"], cwd=PROTOS, capture_output=True, text=True)
+    assert "llmgrpc/worker/v1/worker.proto" in result.stdout.split(), result.stdout + result.stderr
+
+
+def test_the_released_contract_is_not_broken():
+    """Removed fields must be reserved, not renumbered: compare the protos as they are (committed
+    or not) with the last released contract, an image `make release-contract` writes on a release."""
+    assert RELEASED_CONTRACT.exists(), "the released contract is missing: see protos/released/README.md"
     result = subprocess.run(
-        [str(BUF), "breaking", "--against", f"{REPO}/.git#subdir=protos"],
-        cwd=PROTOS,
+        [str(BUF), "breaking", "protos", "--against", str(RELEASED_CONTRACT.relative_to(REPO))],
+        cwd=REPO,
         capture_output=True,
         text=True,
     )

@@ -20,7 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import RunningServer
+from fleet import live_workers, socket_folders
 from hub_stand_in import HUGGINGFACE, MODELSCOPE, HubStandIn, closed_port_url
+from rpc_helpers import wait_until
 from status_details import bad_request, error_info, reason
 
 from llmgrpc.clients import Client
@@ -75,6 +77,9 @@ FAMILIES = {
     "hub-tiny": [pytorch_spec((HUGGINGFACE, f"{ORG}/tiny-llama")), gguf_spec(f"{ORG}/tiny-llama-GGUF")],
     "hub-big": [pytorch_spec((HUGGINGFACE, f"{ORG}/big"))],
     "hub-slow": [pytorch_spec((HUGGINGFACE, f"{ORG}/slow"))],
+    "hub-watched": [pytorch_spec((HUGGINGFACE, f"{ORG}/watched"))],
+    "hub-abandoned": [pytorch_spec((HUGGINGFACE, f"{ORG}/abandoned"))],
+    "hub-untouched": [pytorch_spec((HUGGINGFACE, f"{ORG}/untouched"))],
     "hub-gated-401": [pytorch_spec((HUGGINGFACE, f"{ORG}/gated-401"))],
     "hub-gated-403": [pytorch_spec((HUGGINGFACE, f"{ORG}/gated-403"))],
     "hub-missing": [pytorch_spec((HUGGINGFACE, f"{ORG}/never-uploaded"))],
@@ -133,6 +138,15 @@ def hub(tiny_files: Path) -> HubStandIn:
             {**config, "model.safetensors": BIG},
             delay_per_chunk_s={"model.safetensors": 0.05},
         )
+        # Slowed so that a watch sees bytes arrive, or a caller can leave mid-download.
+        stand_in.add(HUGGINGFACE, f"{ORG}/watched", tiny, delay_per_chunk_s={"model.safetensors": 0.05})
+        stand_in.add(
+            HUGGINGFACE,
+            f"{ORG}/abandoned",
+            {**config, "model.safetensors": BIG},
+            delay_per_chunk_s={"model.safetensors": 0.05},
+        )
+        stand_in.add(HUGGINGFACE, f"{ORG}/untouched", tiny)
         stand_in.add(HUGGINGFACE, f"{ORG}/gated-401", tiny, file_status=401)
         stand_in.add(HUGGINGFACE, f"{ORG}/gated-403", tiny, file_status=403)
         stand_in.add(
@@ -405,6 +419,56 @@ def test_terminating_a_loading_model_stops_its_download_and_frees_the_uid(
     assert hub.sent_bytes == sent < len(BIG)  # the connection went with the process
 
 
+# The lifecycle around a download: watched, abandoned, refused before it starts.
+
+
+def test_watch_model_shows_loading_then_ready_with_the_download_progress(hub_client: Client):
+    started = hub_client.launch("hub-watched", model_uid="watched", wait=False, timeout=30)
+    assert started.state == models_pb2.MODEL_STATE_LOADING
+    events = list(hub_client.watch("watched", timeout=120))
+    assert events[0].state == models_pb2.MODEL_STATE_LOADING
+    assert events[-1].state == models_pb2.MODEL_STATE_READY
+    downloading = [e.progress for e in events if e.progress.phase == "downloading" and e.progress.total_bytes]
+    assert downloading, [e.progress.phase for e in events]
+    done = [progress.done_bytes for progress in downloading]
+    assert done == sorted(done) and 0 < done[-1] <= downloading[-1].total_bytes
+    assert {"downloading", "loading weights"} <= {e.progress.phase for e in events}
+    hub_client.terminate("watched")
+
+
+def test_a_waiting_launch_whose_caller_leaves_mid_download_leaves_nothing(
+    hub_client: Client, hub: HubStandIn, server: RunningServer
+):
+    hub.clear()
+    folders_before = socket_folders()
+    request = models_pb2.LaunchModelRequest(model_name="hub-abandoned", model_uid="abandoned")
+    call = hub_client.models.LaunchModel.future(request, timeout=120)
+    assert wait_until(lambda: progress_of(hub_client, "abandoned").done_bytes > 0, 60)
+    pid = hub_client.get_model("abandoned").worker_pid
+    call.cancel()
+    assert wait_until(lambda: "abandoned" not in {m.model_uid for m in hub_client.list_models()}, 30)
+    assert wait_until(lambda: not any(w["model_uid"] == "abandoned" for w in live_workers().values()))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert wait_until(lambda: socket_folders() - folders_before == set())
+    sent = hub.sent_bytes
+    time.sleep(0.5)
+    assert hub.sent_bytes == sent < len(BIG)  # the download stopped with its worker
+
+
+def test_an_engine_option_out_of_range_is_refused_before_the_hub_is_asked(
+    hub_client: Client, hub: HubStandIn
+):
+    hub.clear()
+    error = failure(
+        lambda: hub_client.launch("hub-untouched", engine_options={"n_threads": 10**9}, timeout=30)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason(error) == Reason.ENGINE_OPTION_INVALID
+    assert hub.seen(contains="untouched") == []
+    assert "hub-untouched" not in {m.model_name for m in hub_client.list_models()}
+
+
 # Failures, each with its status.
 
 
@@ -417,6 +481,11 @@ def test_a_gated_model_is_permission_denied_naming_the_token_variable(hub_client
     assert reason(error) == Reason.HUB_ACCESS_DENIED
     assert "HF_TOKEN" in error.details() and f"gated-{status}" in error.details()
     assert error_info(error).metadata["token_variable"] == "HF_TOKEN"
+    # The load failed after its worker started: listed FAILED, with the reason, until terminated.
+    failed = hub_client.get_model(f"gated-{status}")
+    assert failed.state == models_pb2.MODEL_STATE_FAILED and "HF_TOKEN" in failed.error
+    assert failed.condition.reason == "LoadFailed" and failed.worker_pid == 0
+    hub_client.terminate(f"gated-{status}")
     assert failure(lambda: hub_client.get_model(f"gated-{status}")).code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,7 @@ from llmgrpc.v1 import models_pb2
 
 TESTS = Path(__file__).parent
 READY = models_pb2.MODEL_STATE_READY
+LOADING = models_pb2.MODEL_STATE_LOADING
 ENDLESS = {"max_tokens": 100_000, "ignore_eos": True, "temperature": 0}
 
 
@@ -56,11 +58,14 @@ def test_callers_leaving_while_the_engine_probe_runs_do_not_wedge_the_control_pl
             lambda: client.launch("gated-model", model_uid="early", timeout=0.2),
         ):
             assert rpc_error(call).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # A launch that does not wait goes on whatever its caller does.
+        assert client.launch("gated-model", model_uid="on-its-own", wait=False, timeout=0.5).state == LOADING
         probe_gate.open()
         (engine,) = client.list_specs(model_name="gated-model", timeout=30)[0].specs[0].engines
         assert (engine.name, engine.available) == ("Gated", True)
-        # The launch whose caller left went on: it is the manager's, and READY now.
-        assert wait_until(lambda: client.get_model("early").state == models_pb2.MODEL_STATE_READY, 60)
+        assert wait_until(lambda: client.get_model("on-its-own").state == READY, 60)
+        # The waiting launch whose caller left was stopped with it, leaving nothing.
+        assert wait_until(lambda: listed_uids(client) == {"on-its-own"}, 30)
         assert client.launch("gated-model", model_uid="late", timeout=60).state == READY
 
 
@@ -308,3 +313,27 @@ def test_streams_cut_at_the_end_of_the_shutdown_grace_say_shutting_down(gated_se
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert reason(error) == "SHUTTING_DOWN"
         assert stopping.wait().error is None
+
+
+# 11. The worker gets the caller's deadline, so time queued for admission counts against it.
+
+
+def test_the_worker_gets_the_callers_deadline_not_one_restarted_after_the_queue(gated_server, tmp_path):
+    requests_log = tmp_path / "requests.jsonl"
+    server = gated_server(max_running_requests=1, max_waiting_requests=1, default_max_tokens=3)
+    options = {"token_delay_s": 0.02, "request_log": str(requests_log)}
+    timeout_s, queued_s = 30.0, 1.0
+    with Client(server.endpoint) as client:
+        client.launch("gated-model", model_uid="queued", engine_options=options, timeout=60)
+        running = client.generate("queued", "running", timeout=60, max_tokens=100_000)
+        next(running)  # it holds the one slot
+        sent = time.time()
+        queued = client.generate("queued", "queued", timeout=timeout_s)  # max_tokens left to the server
+        assert wait_until(lambda: client.get_model("queued").waiting_requests == 1)
+        time.sleep(queued_s)  # time it spends queued, which must count against its deadline
+        running.cancel()
+        assert "".join(response.text for response in queued) == "abc"
+    arrived = {entry["prompt"]: entry for entry in map(json.loads, requests_log.read_text().splitlines())}
+    assert arrived["queued"]["deadline"] == pytest.approx(sent + timeout_s, abs=queued_s / 2)
+    assert arrived["queued"]["max_tokens"] == 3  # resolved by the server
+    assert arrived["running"]["max_tokens"] == 100_000

@@ -36,6 +36,19 @@ def test_services_are_listed_by_reflection(running_server):
     assert {"llmgrpc.v1.ModelService", "llmgrpc.v1.GenerateService", "grpc.health.v1.Health"} <= set(services)
 
 
+def test_the_workers_internal_api_is_not_shown(running_server):
+    """The server's API to its workers shares the server's process, not its contract."""
+    assert not any("worker" in service for service in grpcurl(running_server.endpoint, "list").split())
+    for symbol in ("llmgrpc.worker.v1.WorkerService", "llmgrpc.worker.v1.GenerateRequest"):
+        result = subprocess.run(
+            [str(GRPCURL), "-plaintext", running_server.endpoint, "describe", symbol],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode != 0 and "not found" in result.stderr.lower(), result.stdout + result.stderr
+
+
 def test_describe_shows_the_contract_comments(running_server):
     described = grpcurl(running_server.endpoint, "describe", "llmgrpc.v1.GenerateRequest")
     assert "Exactly one of prompt and prompt_token_ids must be set." in described

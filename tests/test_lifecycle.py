@@ -22,7 +22,7 @@ def idle(client: Client, running_server, uid: str) -> bool:
     return (
         model.running_requests == 0
         and model.waiting_requests == 0
-        and running_server.engine_stats(uid)["running_requests"] == 0
+        and running_server.engine_stats(uid).running_requests == 0
     )
 
 

@@ -130,7 +130,7 @@ def test_terminate_frees_the_uid(client: Client, tiny):
     launched = client.launch(TINY, model_uid="short-lived")
     assert launched.state == models_pb2.MODEL_STATE_READY
     terminated = client.terminate("short-lived")
-    assert terminated.state == models_pb2.MODEL_STATE_TERMINATING
+    assert terminated.state == models_pb2.MODEL_STATE_TERMINATED
     with pytest.raises(grpc.RpcError) as error:
         client.get_model("short-lived")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND

@@ -72,7 +72,7 @@ def token_ids(client: Client, model_uid: str, prompt: str, **sampling) -> list[i
 
 def requests_in_vllm(server: RunningServer) -> int:
     """The requests vLLM itself still holds (AsyncLLM's unfinished requests)."""
-    return server.engine_stats(VLLM_UID)["running_requests"]
+    return server.engine_stats(VLLM_UID).running_requests
 
 
 def wait_until_vllm_is_idle(server: RunningServer, within_s: float = 30.0) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import site
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import RunningServer
+from environments import make_environment
 
 from llmgrpc.clients import Client
 from llmgrpc.server.settings import Settings
@@ -19,19 +19,7 @@ from llmgrpc.server.settings import Settings
 def second_environment(tmp_path_factory) -> Path:
     """A separate virtual environment that sees this one's packages (as an engine's own venv
     would see its own), so it can run llmgrpc's worker."""
-    folder = tmp_path_factory.mktemp("engine-venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
-    python = folder / "bin" / "python"
-    inner_site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    # addsitedir also runs the .pth files there (the editable install's finder among them).
-    lines = [f"import site; site.addsitedir({path!r})" for path in site.getsitepackages()]
-    Path(inner_site, "outer-environment.pth").write_text("\n".join(lines) + "\n")
-    return python
+    return make_environment(tmp_path_factory.mktemp("engine-venv"))
 
 
 def test_workers_start_with_the_engine_interpreter(second_environment: Path, cache_dir: Path):

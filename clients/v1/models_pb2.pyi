@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -36,6 +37,14 @@ class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState
     """Loading failed or the worker died; `error` says why."""
     MODEL_STATE_TERMINATING: _ModelState.ValueType  # 4
     """The worker is being stopped."""
+    MODEL_STATE_UNLOADED: _ModelState.ValueType  # 5
+    """Unloaded after `idle_unload_s` without requests: no worker, no memory held;
+    the next Generate loads it again.
+    """
+    MODEL_STATE_TERMINATED: _ModelState.ValueType  # 6
+    """Terminated and unlisted: seen only in TerminateModel's answer and as the
+    last event of WatchModel.
+    """
 
 class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
     """Where a launched model is in its life."""
@@ -50,6 +59,14 @@ MODEL_STATE_FAILED: ModelState.ValueType  # 3
 """Loading failed or the worker died; `error` says why."""
 MODEL_STATE_TERMINATING: ModelState.ValueType  # 4
 """The worker is being stopped."""
+MODEL_STATE_UNLOADED: ModelState.ValueType  # 5
+"""Unloaded after `idle_unload_s` without requests: no worker, no memory held;
+the next Generate loads it again.
+"""
+MODEL_STATE_TERMINATED: ModelState.ValueType  # 6
+"""Terminated and unlisted: seen only in TerminateModel's answer and as the
+last event of WatchModel.
+"""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
 @_typing.final
@@ -312,6 +329,8 @@ class LaunchModelRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     ENGINE_OPTIONS_FIELD_NUMBER: _builtins.int
     DOWNLOAD_HUB_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    IDLE_UNLOAD_S_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Family name, e.g. "llama-3.1". Required."""
     model_engine: _builtins.str
@@ -335,6 +354,17 @@ class LaunchModelRequest(_message.Message):
     "modelscope", or "auto" (the default: the spec's hubs in order, the next one
     tried when one fails). Ignored with model_path and for generated models.
     """
+    wait: _builtins.bool
+    """Whether the call waits until the model is READY (the default) or returns
+    its LOADING description at once; WatchModel follows the load either way.
+    """
+    idle_unload_s: _builtins.float
+    """Seconds with no Generate request in flight after which the model's worker
+    is stopped and the model UNLOADED (keeping its uid, spec and options); the
+    next Generate to it loads it again. Counted from the end of the last
+    stream, so a live stream is never cut. Unset: the server's
+    `idle_unload_s` setting (off unless set); 0: never.
+    """
     @_builtins.property
     def engine_options(self) -> _struct_pb2.Struct:
         """Engine-specific options passed to the engine, e.g. {"n_threads": 2,
@@ -354,12 +384,21 @@ class LaunchModelRequest(_message.Message):
         device: _builtins.str = ...,
         engine_options: _struct_pb2.Struct | None = ...,
         download_hub: _builtins.str = ...,
+        wait: _builtins.bool | None = ...,
+        idle_unload_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["engine_options", b"engine_options"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_wait", b"_wait", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "quantization", b"quantization", "size_in_billions", b"size_in_billions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_wait", b"_wait", "device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "quantization", b"quantization", "size_in_billions", b"size_in_billions", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__idle_unload_s: _TypeAlias = _typing.Literal["idle_unload_s"]  # noqa: Y015
+    _WhichOneofArgType__idle_unload_s: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s"]  # noqa: Y015
+    _WhichOneofReturnType__wait: _TypeAlias = _typing.Literal["wait"]  # noqa: Y015
+    _WhichOneofArgType__wait: _TypeAlias = _typing.Literal["_wait", b"_wait"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_unload_s) -> _WhichOneofReturnType__idle_unload_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wait) -> _WhichOneofReturnType__wait | None: ...
 
 Global___LaunchModelRequest: _TypeAlias = LaunchModelRequest  # noqa: Y015
 
@@ -505,7 +544,7 @@ class TerminateModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> Global___ModelDescription:
-        """The model as it was when terminated, in state TERMINATING."""
+        """The model as it was when its termination completed, in state TERMINATED."""
 
     def __init__(
         self,
@@ -519,6 +558,94 @@ class TerminateModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TerminateModelResponse: _TypeAlias = TerminateModelResponse  # noqa: Y015
+
+@_typing.final
+class ModelCondition(_message.Message):
+    """How a model came to be in its state, in the style of a Kubernetes condition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TRANSITION_TIME_FIELD_NUMBER: _builtins.int
+    state: Global___ModelState.ValueType
+    """The state entered."""
+    reason: _builtins.str
+    """Why, as a stable CamelCase word: LaunchRequested, Loaded, LoadFailed,
+    WorkerExited, IdleUnloaded, Reloading, TerminateRequested, Terminated.
+    """
+    message: _builtins.str
+    """Why, for people; may quote the error."""
+    @_builtins.property
+    def transition_time(self) -> _timestamp_pb2.Timestamp:
+        """When the model entered the state."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___ModelState.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        transition_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["transition_time", b"transition_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason", "state", b"state", "transition_time", b"transition_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCondition: _TypeAlias = ModelCondition  # noqa: Y015
+
+@_typing.final
+class WatchModelRequest(_message.Message):
+    """Request to follow one launched model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_UID_FIELD_NUMBER: _builtins.int
+    model_uid: _builtins.str
+    """The model's uid."""
+    def __init__(
+        self,
+        *,
+        model_uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_uid", b"model_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchModelRequest: _TypeAlias = WatchModelRequest  # noqa: Y015
+
+@_typing.final
+class WatchModelResponse(_message.Message):
+    """One message of a WatchModel stream: the model after a change of state or of
+    load progress.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelDescription:
+        """The model as it is now; its `condition` says how it came to its state and
+        its `progress` where its load is while LOADING.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelDescription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchModelResponse: _TypeAlias = WatchModelResponse  # noqa: Y015
 
 @_typing.final
 class ModelDescription(_message.Message):
@@ -545,6 +672,8 @@ class ModelDescription(_message.Message):
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
     ESTIMATED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    IDLE_UNLOAD_S_FIELD_NUMBER: _builtins.int
     model_uid: _builtins.str
     """Unique id, used by Generate, GetModel and TerminateModel."""
     model_name: _builtins.str
@@ -572,7 +701,7 @@ class ModelDescription(_message.Message):
     waiting_requests: _builtins.int
     """Generate requests waiting for a decode slot."""
     error: _builtins.str
-    """Why the model FAILED; empty otherwise."""
+    """Why the model FAILED (or why its worker is not answering); empty otherwise."""
     worker_pid: _builtins.int
     """Operating-system process id of the worker (0 once it has exited)."""
     peak_batch_size: _builtins.int
@@ -581,9 +710,15 @@ class ModelDescription(_message.Message):
     """Seconds from launch to READY (0 until READY)."""
     estimated_memory_bytes: _builtins.int
     """Memory the server estimated the model needs, in bytes, before launching it."""
+    idle_unload_s: _builtins.float
+    """Seconds without requests after which the model is unloaded; 0: never."""
     @_builtins.property
     def progress(self) -> Global___LoadProgress:
         """Where the load is while the model is LOADING; unset in other states."""
+
+    @_builtins.property
+    def condition(self) -> Global___ModelCondition:
+        """How the model came to its current state, and when."""
 
     def __init__(
         self,
@@ -607,10 +742,12 @@ class ModelDescription(_message.Message):
         load_seconds: _builtins.float = ...,
         estimated_memory_bytes: _builtins.int = ...,
         progress: Global___LoadProgress | None = ...,
+        condition: Global___ModelCondition | None = ...,
+        idle_unload_s: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "progress", b"progress", "quantization", b"quantization", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "idle_unload_s", b"idle_unload_s", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "progress", b"progress", "quantization", b"quantization", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

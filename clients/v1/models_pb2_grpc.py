@@ -66,6 +66,11 @@ class ModelServiceStub:
                 request_serializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelResponse.FromString,
                 _registered_method=True)
+        self.WatchModel = channel.unary_stream(
+                '/llmgrpc.v1.ModelService/WatchModel',
+                request_serializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -83,8 +88,11 @@ class ModelServiceServicer:
 
     def LaunchModel(self, request, context):
         """LaunchModel starts a worker process for one spec of a family and returns
-        the model's description once it is READY. Launching is refused before any
-        download when the model cannot fit in the device's free memory.
+        the model's description once it is READY (or at once, LOADING, with
+        `wait: false`). Launching is refused before any download when the model
+        cannot fit in the device's free memory. The model is listed, LOADING, from
+        the moment the call arrives. A waiting caller that cancels or passes its
+        deadline stops the launch and leaves nothing behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +130,15 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchModel(self, request, context):
+        """WatchModel streams a launched model's state transitions and load progress:
+        first the model as it is, then one event per change, ending once the model
+        is READY, FAILED, UNLOADED or terminated. Watching never changes the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +171,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelRequest.FromString,
                     response_serializer=llmgrpc_dot_v1_dot_models__pb2.DownloadModelResponse.SerializeToString,
+            ),
+            'WatchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModel,
+                    request_deserializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelRequest.FromString,
+                    response_serializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +342,33 @@ class ModelService:
             '/llmgrpc.v1.ModelService/DownloadModel',
             llmgrpc_dot_v1_dot_models__pb2.DownloadModelRequest.SerializeToString,
             llmgrpc_dot_v1_dot_models__pb2.DownloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmgrpc.v1.ModelService/WatchModel',
+            llmgrpc_dot_v1_dot_models__pb2.WatchModelRequest.SerializeToString,
+            llmgrpc_dot_v1_dot_models__pb2.WatchModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,8 +41,11 @@ class ModelServiceStub:
     """
     LaunchModel: _grpc.UnaryUnaryMultiCallable[_models_pb2.LaunchModelRequest, _models_pb2.LaunchModelResponse]
     """LaunchModel starts a worker process for one spec of a family and returns
-    the model's description once it is READY. Launching is refused before any
-    download when the model cannot fit in the device's free memory.
+    the model's description once it is READY (or at once, LOADING, with
+    `wait: false`). Launching is refused before any download when the model
+    cannot fit in the device's free memory. The model is listed, LOADING, from
+    the moment the call arrives. A waiting caller that cancels or passes its
+    deadline stops the launch and leaves nothing behind.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]
     """ListModels describes every launched model, in any state."""
@@ -58,6 +61,11 @@ class ModelServiceStub:
     LaunchModel of the same spec finds them there. Cancelling the call stops the
     download.
     """
+    WatchModel: _grpc.UnaryStreamMultiCallable[_models_pb2.WatchModelRequest, _models_pb2.WatchModelResponse]
+    """WatchModel streams a launched model's state transitions and load progress:
+    first the model as it is, then one event per change, ending once the model
+    is READY, FAILED, UNLOADED or terminated. Watching never changes the model.
+    """
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -72,8 +80,11 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """
     LaunchModel: _aio.UnaryUnaryMultiCallable[_models_pb2.LaunchModelRequest, _models_pb2.LaunchModelResponse]  # type: ignore[assignment]
     """LaunchModel starts a worker process for one spec of a family and returns
-    the model's description once it is READY. Launching is refused before any
-    download when the model cannot fit in the device's free memory.
+    the model's description once it is READY (or at once, LOADING, with
+    `wait: false`). Launching is refused before any download when the model
+    cannot fit in the device's free memory. The model is listed, LOADING, from
+    the moment the call arrives. A waiting caller that cancels or passes its
+    deadline stops the launch and leaves nothing behind.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_models_pb2.ListModelsRequest, _models_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels describes every launched model, in any state."""
@@ -88,6 +99,11 @@ class ModelServiceAsyncStub(ModelServiceStub):
     it: progress messages, then one message with the local path. A later
     LaunchModel of the same spec finds them there. Cancelling the call stops the
     download.
+    """
+    WatchModel: _aio.UnaryStreamMultiCallable[_models_pb2.WatchModelRequest, _models_pb2.WatchModelResponse]  # type: ignore[assignment]
+    """WatchModel streams a launched model's state transitions and load progress:
+    first the model as it is, then one event per change, ending once the model
+    is READY, FAILED, UNLOADED or terminated. Watching never changes the model.
     """
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -112,8 +128,11 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_models_pb2.LaunchModelResponse, _abc.Awaitable[_models_pb2.LaunchModelResponse]]:
         """LaunchModel starts a worker process for one spec of a family and returns
-        the model's description once it is READY. Launching is refused before any
-        download when the model cannot fit in the device's free memory.
+        the model's description once it is READY (or at once, LOADING, with
+        `wait: false`). Launching is refused before any download when the model
+        cannot fit in the device's free memory. The model is listed, LOADING, from
+        the moment the call arrives. A waiting caller that cancels or passes its
+        deadline stops the launch and leaves nothing behind.
         """
 
     @_abc_1.abstractmethod
@@ -152,6 +171,17 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         it: progress messages, then one message with the local path. A later
         LaunchModel of the same spec finds them there. Cancelling the call stops the
         download.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchModel(
+        self,
+        request: _models_pb2.WatchModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_models_pb2.WatchModelResponse], _abc.AsyncIterator[_models_pb2.WatchModelResponse]]:
+        """WatchModel streams a launched model's state transitions and load progress:
+        first the model as it is, then one event per change, ending once the model
+        is READY, FAILED, UNLOADED or terminated. Watching never changes the model.
         """
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

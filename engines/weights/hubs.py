@@ -1,13 +1,15 @@
 """The model hubs weights are downloaded from, and which of them a launch may use.
 
-Importing this module imports no hub client: the server uses it to list the hubs as
+Importing this module imports no hub client. The engine probe (``llmgrpc.engines.probe``)
+asks it which hubs each engine's environment can use, for the server to list the hubs as
 available or not (``ListSpecs``) and to refuse a launch that cannot download before any
-worker starts; the worker, to order the hubs it tries (``llmgrpc.engines.weights.downloads``).
+worker starts; the worker asks it to order the hubs it tries (``llmgrpc.engines.weights.downloads``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -62,7 +64,8 @@ def unavailable_reason(hub: str, find_spec: FindSpec = importlib.util.find_spec)
     if info is None:
         return f"llmgrpc does not know the hub {hub!r}; hubs: {', '.join(HUBS)}"
     if find_spec(info.module) is None:
-        return f"the {info.display_name} client ({info.module}) is not installed: {info.install}"
+        client = f"the {info.display_name} client ({info.module})"
+        return f"{client} is not installed in {sys.executable}: {info.install}"
     return None
 
 
