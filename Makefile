@@ -39,11 +39,13 @@ test: install
 lint: install
 	$(BUF) lint protos
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint deploy/Containerfile
 
-# Rewrite clients/v1 from protos/llmgrpc/v1 and server/worker_v1 from protos/llmgrpc/worker/v1
+# Rewrite clients/v1 from protos/llmgrpc/v1, server/worker_v1 from protos/llmgrpc/worker/v1, and
+# server/kserve_v2, server/tgis_v1 from the inference protocols protos/llmgrpc/kserve/v2, tgis/v1
 # (never edit the generated files by hand).
 generate: $(VENV)/.installed
-	rm -rf clients/v1 server/worker_v1
+	rm -rf clients/v1 server/worker_v1 server/kserve_v2 server/tgis_v1
 	$(PY) protos/generate.py
 
 # On a release: the protos being released become the contract `buf breaking` guards
@@ -101,10 +103,16 @@ soak: $(VENV)/.installed
 # The benchmark suite (benchmarks/suite.py): overhead, scaling, peers, transport ceiling and
 # start-up; writes docs/benchmarks.md and its plots (about ten minutes on 2 cores).
 # BENCH_ARGS=--quick: a smoke run of about a minute into build/bench-quick (what CI runs).
+# Then benchmarks/protocols.py: 16 streams through KServe's ModelStreamInfer against Generate
+# (fails below 0.95 of Generate's tok/s, except with --quick; numbers in build/bench-protocols.json).
+# Then benchmarks/constrained.py: JSON Schema against unconstrained decoding, tok/s of the 100M
+# model at 1 and 16 streams on llama.cpp and Transformers (table in build/bench-constrained).
 BENCH_ARGS ?=
 .PHONY: bench
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/suite.py $(BENCH_ARGS)
+	$(PY) benchmarks/protocols.py $(BENCH_ARGS)
+	$(PY) benchmarks/constrained.py $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP) install -q -e ".[bench]"

@@ -192,6 +192,17 @@ def add_client_commands(commands) -> None:
     generate = client_command("generate", "stream a completion to stdout")
     generate.add_argument("model_uid")
     generate.add_argument("prompt")
+    chat = client_command(
+        "chat", "talk with a chat model: each line you type is a turn (the history is kept)"
+    )
+    chat.add_argument("model_uid")
+    chat.add_argument("--system", default="", help="a system message that starts the conversation")
+    chat.add_argument(
+        "--message",
+        action="append",
+        default=[],
+        help="one-shot: send these user turns in order, print the answers, exit",
+    )
     for flag, kind in (
         ("--max-tokens", int),
         ("--temperature", float),
@@ -204,9 +215,11 @@ def add_client_commands(commands) -> None:
         ("--seed", int),
         ("--min-tokens", int),
     ):
-        generate.add_argument(flag, type=kind)
-    generate.add_argument("--stop", action="append", default=[])
-    generate.add_argument("--ignore-eos", action="store_true")
+        for command in (generate, chat):
+            command.add_argument(flag, type=kind)
+    for command in (generate, chat):
+        command.add_argument("--stop", action="append", default=[])
+        command.add_argument("--ignore-eos", action="store_true")
 
 
 def run_client_command(args: argparse.Namespace) -> None:
@@ -276,29 +289,78 @@ def _run(args: argparse.Namespace) -> None:
         elif args.command == "terminate":
             _print_message(client.terminate(args.model_uid))
         elif args.command == "generate":
-            names = (
-                "max_tokens",
-                "temperature",
-                "top_p",
-                "top_k",
-                "min_p",
-                "repetition_penalty",
-                "presence_penalty",
-                "frequency_penalty",
-                "seed",
-                "min_tokens",
-            )
-            sampling = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-            last = None
-            for last in client.generate(
-                args.model_uid, args.prompt, stop=args.stop, ignore_eos=args.ignore_eos, **sampling
-            ):
-                sys.stdout.write(last.text)
-                sys.stdout.flush()
-            if last is not None:
-                reason = generate_pb2.FinishReason.Name(last.finish_reason)
-                print(
-                    f"\n[{reason}; {last.usage.prompt_tokens} prompt + "
-                    f"{last.usage.completion_tokens} generated tokens]",
-                    file=sys.stderr,
-                )
+            stream = client.generate(args.model_uid, args.prompt, **_sampling(args))
+            last, _ = _print_stream(stream)
+            print(flush=True)
+            _print_ending(last)
+        elif args.command == "chat":
+            chat_session(client, args)
+
+
+SAMPLING_FLAGS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "min_tokens",
+)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """The GenerateRequest sampling fields the command's flags set."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    return {**given, "stop": args.stop, "ignore_eos": args.ignore_eos}
+
+
+def _print_stream(stream) -> tuple[generate_pb2.GenerateResponse | None, str]:
+    """Write a Generate stream's text to stdout as it comes; its last message and whole text."""
+    last, pieces = None, []
+    for last in stream:
+        pieces.append(last.text)
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    return last, "".join(pieces)
+
+
+def chat_session(client: Client, args: argparse.Namespace, lines: TextIO | None = None) -> None:
+    """A conversation with args.model_uid: each user turn (a --message, or a line read from
+    lines/stdin until it ends) is sent with the whole history, and the answer streams back."""
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    turns = iter(args.message) if args.message else _read_turns(lines or sys.stdin)
+    for turn in turns:
+        history.append({"role": "user", "content": turn})
+        last, text = _print_stream(client.chat(args.model_uid, history, **_sampling(args)))
+        print(flush=True)
+        _print_ending(last)
+        history.append({"role": "assistant", "content": text})
+
+
+def _print_ending(last: generate_pb2.GenerateResponse | None) -> None:
+    """Why an answer ended and its token counts (and tool calls), on stderr."""
+    if last is None:
+        return
+    reason = generate_pb2.FinishReason.Name(last.finish_reason)
+    calls = "".join(f"; called {call.name}({call.arguments})" for call in last.tool_calls)
+    print(
+        f"[{reason}; {last.usage.prompt_tokens} prompt + "
+        f"{last.usage.completion_tokens} generated tokens{calls}]",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _read_turns(lines: TextIO):
+    while True:
+        if lines.isatty():
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = lines.readline()
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")

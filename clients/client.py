@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -149,6 +150,18 @@ class Client:
         request = models_pb2.TerminateModelRequest(model_uid=model_uid)
         return self.models.TerminateModel(request, timeout=timeout).model
 
+    def tokenize(
+        self, model_uid: str, text: str, *, timeout: float | None = None
+    ) -> generate_pb2.TokenizeResponse:
+        """text's token ids (and each token's text), as Generate tokenizes a prompt."""
+        request = generate_pb2.TokenizeRequest(model_uid=model_uid, text=text)
+        return self.generation.Tokenize(request, timeout=timeout)
+
+    def detokenize(self, model_uid: str, token_ids: list[int], *, timeout: float | None = None) -> str:
+        """The text of token_ids, special tokens left out."""
+        request = generate_pb2.DetokenizeRequest(model_uid=model_uid, token_ids=token_ids)
+        return self.generation.Detokenize(request, timeout=timeout).text
+
     def generate(
         self,
         model_uid: str,
@@ -168,3 +181,54 @@ class Client:
         else:
             request.prompt_token_ids.extend(prompt)
         return self.generation.Generate(request, timeout=timeout, metadata=metadata)
+
+    def chat(
+        self,
+        model_uid: str,
+        messages: list[Mapping[str, Any]],
+        *,
+        tools: list[Mapping[str, Any]] | None = None,
+        tool_choice: str = "",
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Iterator[generate_pb2.GenerateResponse]:
+        """Stream a model's answer to a conversation: messages as {"role", "content", ...} (the
+        ChatMessage fields), tools as {"name", "description", "parameters"} with parameters a JSON
+        Schema (a dict, or JSON text). The last response carries tool_calls when the model called
+        tools."""
+        request = generate_pb2.GenerateRequest(model_uid=model_uid, tool_choice=tool_choice, **sampling)
+        for message in messages:
+            request.messages.append(_chat_message(message))
+        for tool in tools or ():
+            parameters = tool.get("parameters", "")
+            request.tools.add(
+                name=tool["name"],
+                description=tool.get("description", ""),
+                parameters=_json_text(parameters),
+            )
+        return self.generation.Generate(request, timeout=timeout)
+
+
+def _chat_message(message: Mapping[str, Any]) -> generate_pb2.ChatMessage:
+    calls = [
+        generate_pb2.ToolCall(
+            id=call.get("id", ""),
+            name=call["name"],
+            arguments=call["arguments"]
+            if isinstance(call["arguments"], str)
+            else json.dumps(call["arguments"]),
+        )
+        for call in message.get("tool_calls", ())
+    ]
+    return generate_pb2.ChatMessage(
+        role=message["role"],
+        content=message.get("content", ""),
+        tool_calls=calls,
+        tool_call_id=message.get("tool_call_id", ""),
+        name=message.get("name", ""),
+    )
+
+
+def _json_text(value: Any) -> str:
+    """JSON text as given, or a value written as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)

@@ -149,6 +149,7 @@ class RemoteError(LlmgrpcError):
     reason: str | None = None
     retry_after_s: float | None = None
     metadata: dict = field(default_factory=dict)
+    violations: list[FieldViolation] = field(default_factory=list)  # as the worker's BadRequest said
 
     def __post_init__(self) -> None:
         super().__init__(

@@ -10,6 +10,8 @@ An engine serves one loaded model inside a worker process. Its whole contract:
   batched by the engine, not served one after another. Closing the generator early
   (the caller went away, passed its deadline, or the model is terminated) must stop the
   engine's work on that request within one decode step.
+- ``engine.tokenize(text)`` / ``engine.detokenize(token_ids)`` (async) use the model's
+  tokenizer as ``generate`` does; an engine without one refuses (FailedPrecondition).
 - ``engine.stats()`` reports what the manager shows in ``GetModel``.
 - ``engine.close()`` frees the model.
 
@@ -21,11 +23,15 @@ engines exist and why one cannot run, without importing any of them.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from llmgrpc.clients.errors import FailedPrecondition
+from llmgrpc.engines.chat import Chat, tool_call_schema
 from llmgrpc.v1 import generate_pb2
 
 
@@ -35,6 +41,32 @@ class FinishReason(enum.Enum):
     STOP = generate_pb2.FINISH_REASON_STOP
     LENGTH = generate_pb2.FINISH_REASON_LENGTH
     CANCELLED = generate_pb2.FINISH_REASON_CANCELLED
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A format the output must follow (GenerateRequest.structured_output), by its oneof kind.
+
+    spec is the schema, regex or grammar text, or the tuple of choices; empty for json_object."""
+
+    kind: str  # json_schema, regex, choice, grammar or json_object
+    spec: str | tuple[str, ...] = ""
+
+    @property
+    def field(self) -> str:
+        """The request field it came from, for error details."""
+        return f"structured_output.{self.kind}"
+
+    @classmethod
+    def from_pb(cls, pb: generate_pb2.StructuredOutput) -> Constraint | None:
+        kind = pb.WhichOneof("kind")
+        if kind is None:
+            return None
+        if kind == "choice":
+            return cls(kind, tuple(pb.choice.choices))
+        if kind == "json_object":
+            return cls(kind)
+        return cls(kind, getattr(pb, kind))
 
 
 @dataclass(frozen=True)
@@ -54,6 +86,10 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    logprobs: int | None = None  # alternatives per step; None: no logprobs at all
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    truncate_prompt_tokens: int | None = None
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -81,12 +117,17 @@ class SamplingParams:
             seed=pick("seed", None),
             ignore_eos=pb.ignore_eos,
             min_tokens=pick("min_tokens", 0),
+            logprobs=pick("logprobs", None),
+            logit_bias=dict(pb.logit_bias),
+            truncate_prompt_tokens=pick("truncate_prompt_tokens", None),
+            constraint=Constraint.from_pb(pb.structured_output) if pb.HasField("structured_output") else None,
         )
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to continue. Exactly one of prompt and prompt_token_ids is set.
+    """One prompt to continue. Exactly one of prompt, prompt_token_ids and chat is set (a chat
+    is rendered into the prompt by the model's own template, see llmgrpc.engines.chat).
 
     deadline is the caller's, a time.time() moment (None: it set none); the worker closes
     the request's stream when it passes, so an engine needs it only to plan ahead."""
@@ -96,18 +137,26 @@ class GenerationRequest:
     prompt: str | None = None
     prompt_token_ids: tuple[int, ...] | None = None
     deadline: float | None = None
+    chat: Chat | None = None
 
     @classmethod
     def from_pb(
         cls, pb: generate_pb2.GenerateRequest, request_id: str, deadline: float | None = None
     ) -> GenerationRequest:
         """A validated request (see llmgrpc.server.validation) as the engine takes it."""
+        sampling = SamplingParams.from_pb(pb)
+        chat = Chat.from_pb(pb) if pb.messages else None
+        if chat is not None and chat.forces_a_call:
+            # A call the model must make is a JSON value of a known shape: enforced while decoding.
+            schema = json.dumps(tool_call_schema(chat.tools, chat.effective_tool_choice))
+            sampling = dataclasses.replace(sampling, constraint=Constraint("json_schema", schema))
         return cls(
             request_id=request_id,
-            sampling=SamplingParams.from_pb(pb),
-            prompt=pb.prompt if not pb.prompt_token_ids else None,
+            sampling=sampling,
+            prompt=pb.prompt if not (pb.prompt_token_ids or chat) else None,
             prompt_token_ids=tuple(pb.prompt_token_ids) if pb.prompt_token_ids else None,
             deadline=deadline,
+            chat=chat,
         )
 
 
@@ -120,22 +169,63 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens at its step
+    as (token id, text, log-probability), most likely first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+    def to_pb(self) -> generate_pb2.TokenLogprob:
+        return generate_pb2.TokenLogprob(
+            token_id=self.token_id,
+            token=self.token,
+            logprob=self.logprob,
+            top_logprobs=[
+                generate_pb2.TopLogprob(token_id=token_id, token=token, logprob=logprob)
+                for token_id, token, logprob in self.top
+            ],
+        )
+
+
+@dataclass
 class Chunk:
-    """A piece of output: the tokens of one step and the text they settled."""
+    """A piece of output: the tokens of one step and the text they settled.
+
+    logprobs: one per token id when the request asked for them; stop: the stop string or
+    token id that ended the output (last chunk only)."""
 
     token_ids: list[int]
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop: str | int | None = None
 
     def to_pb(self) -> generate_pb2.GenerateResponse:
-        response = generate_pb2.GenerateResponse(text=self.text, token_ids=self.token_ids)
+        response = generate_pb2.GenerateResponse(
+            text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs]
+        )
         if self.finish_reason is not None:
             response.finish_reason = self.finish_reason.value
         if self.usage is not None:
             response.usage.prompt_tokens = self.usage.prompt_tokens
             response.usage.completion_tokens = self.usage.completion_tokens
+        if isinstance(self.stop, str):
+            response.stop_string = self.stop
+        elif self.stop is not None:
+            response.stop_token_id = self.stop
         return response
+
+
+@dataclass
+class Tokens:
+    """A text's token ids, and each token's text decoded alone."""
+
+    token_ids: list[int]
+    tokens: list[str]
 
 
 @dataclass
@@ -150,6 +240,9 @@ class SpecRef:
     hubs: list[dict[str, str]] = field(default_factory=list)
     model_file_name_template: str = ""
     generator: str = ""
+    # The GGUF files of the quantization, in order: one, or the parts of a split model (llama.cpp
+    # loads the first and finds the others beside it).
+    file_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,6 +294,14 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream the continuation of request; closing the iterator aborts the request."""
+
+    async def tokenize(self, text: str) -> Tokens:
+        """text's tokens, as generate tokenizes a prompt (with the beginning-of-text token)."""
+        raise FailedPrecondition(f"the {type(self).__name__} engine does not tokenize")
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token_ids, special tokens left out."""
+        raise FailedPrecondition(f"the {type(self).__name__} engine does not detokenize")
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:

@@ -23,12 +23,24 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from llmgrpc.clients.errors import InvalidArgument, Reason, Unavailable
-from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason, GenerationRequest, Usage
-from llmgrpc.engines.sampling import Sampler
+from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason, Unavailable
+from llmgrpc.engines.base import (
+    Chunk,
+    Engine,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    TokenLogprob,
+    Tokens,
+    Usage,
+)
+from llmgrpc.engines.chat import Chat
+from llmgrpc.engines.constraints import ConstraintState, GrammarCompiler
+from llmgrpc.engines.sampling import Sampler, token_logprobs
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -53,6 +65,19 @@ class ModelRunner(abc.ABC):
     @abc.abstractmethod
     def detokenize(self, token_ids: list[int]) -> str:
         """Text of generated token ids, special tokens left out."""
+
+    def chat_prompt_ids(self, chat: Chat) -> list[int]:
+        """Token ids of a conversation rendered by the model's own chat template."""
+        raise FailedPrecondition("this engine cannot render chat messages: send prompt instead")
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text decoded alone, special tokens as written (for logprobs, Tokenize)."""
+        return self.detokenize([token_id])
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's view of the tokenizer (engines.constraints), for structured output.
+        Called once, on the first request that asks for a format, from another thread."""
+        raise FailedPrecondition(f"{type(self).__name__} does not support structured_output")
 
     @abc.abstractmethod
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
@@ -83,7 +108,9 @@ class _Sequence:
     sampler: Sampler | None = None
     detokenizer: IncrementalDetokenizer | None = None
     stops: StopStringMatcher | None = None
+    constraint: ConstraintState | None = None
     unreleased_ids: list[int] = field(default_factory=list)
+    unreleased_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class ContinuousBatcher:
@@ -111,6 +138,8 @@ class ContinuousBatcher:
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(
             self.TOKENIZER_THREADS, thread_name_prefix="tokenize"
         )
+        # Builds nothing until a request asks for a format.
+        self._grammars = GrammarCompiler(runner.grammar_tokenizer, runner.vocab_size)
         self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
         self._thread.start()
 
@@ -158,6 +187,33 @@ class ContinuousBatcher:
                     self._aborted.add(sequence.id)
                     self._wake.notify()
 
+    async def tokenize(self, text: str) -> Tokens:
+        """text's tokens as a prompt's, in the tokenizer pool (a huge text occupies one thread)."""
+        runner = self.runner
+
+        def tokenize() -> Tokens:
+            ids = runner.tokenize(text)
+            return Tokens(ids, [runner.token_text(token) for token in ids])
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, tokenize)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        self._check_vocabulary("token_ids", token_ids)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizers, self.runner.detokenize, token_ids
+        )
+
+    def _check_vocabulary(self, field_name: str, token_ids) -> None:
+        vocab_size = self.runner.vocab_size
+        out_of_range = [t for t in token_ids if not 0 <= t < vocab_size]
+        if out_of_range:
+            description = f"ids outside the vocabulary [0, {vocab_size}): {out_of_range[:5]}"
+            raise InvalidArgument(
+                f"{field_name} has {description}",
+                [FieldViolation(field_name, description)],
+                reason=Reason.TOKEN_OUT_OF_VOCABULARY,
+            )
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -177,8 +233,13 @@ class ContinuousBatcher:
                     f"{out_of_range[:5]}",
                     reason=Reason.TOKEN_OUT_OF_VOCABULARY,
                 )
+        elif request.chat is not None:
+            prompt_ids = runner.chat_prompt_ids(request.chat)
         else:
             prompt_ids = runner.tokenize(request.prompt or "")
+        params = request.sampling
+        if params.truncate_prompt_tokens is not None:
+            prompt_ids = prompt_ids[-params.truncate_prompt_tokens :]
         if not prompt_ids:
             raise InvalidArgument(
                 "the prompt is empty: give prompt or prompt_token_ids", reason=Reason.PROMPT_EMPTY
@@ -190,7 +251,9 @@ class ContinuousBatcher:
                 "tokens to leave room for generated ones",
                 reason=Reason.PROMPT_TOO_LONG,
             )
-        params = request.sampling
+        self._check_vocabulary("logit_bias", params.logit_bias)
+        if params.constraint is not None:  # compiled now: a bad format fails before any output
+            sequence.constraint = self._grammars.compile(params.constraint)
         sequence.prompt_ids = prompt_ids
         sequence.stop_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else runner.eos_token_ids
@@ -238,8 +301,9 @@ class ContinuousBatcher:
             batch = list(self._active.values())
             self.peak_batch_size = max(self.peak_batch_size, len(batch))
             logits = self.runner.decode({s.id: s.output_ids[-1] for s in batch})
+            masks = self._masks(batch)
             for sequence, row in zip(batch, logits, strict=True):
-                self._advance(sequence, row)
+                self._advance(sequence, row, masks.get(sequence.id))
         if self._prefilling:
             self._prefill_next_parts()
 
@@ -271,25 +335,44 @@ class ContinuousBatcher:
                 self._active[sequence.id] = sequence
                 self._advance(sequence, row)
 
-    def _advance(self, sequence: _Sequence, logits: np.ndarray) -> None:
-        """Sample one token for sequence, release its settled text, finish it if it is done."""
+    def _masks(self, batch: list[_Sequence]) -> dict[int, np.ndarray]:
+        """The allowed tokens of the batch's sequences that have a format, computed together."""
+        constrained = [s for s in batch if s.constraint is not None]
+        if not constrained:
+            return {}
+        rows = self._grammars.allowed_rows([s.constraint for s in constrained])  # type: ignore[misc]
+        return {sequence.id: row for sequence, row in zip(constrained, rows, strict=True)}
+
+    def _advance(self, sequence: _Sequence, logits: np.ndarray, allowed: np.ndarray | None = None) -> None:
+        """Sample one token for sequence, release its settled text, finish it if it is done.
+        allowed: its format's mask when computed with the batch's (else computed here)."""
         params = sequence.request.sampling
         assert sequence.sampler and sequence.detokenizer and sequence.stops
         stop_ids = sequence.stop_ids
         early = len(sequence.output_ids) < params.min_tokens
-        token = sequence.sampler.sample(logits, banned=stop_ids if early else ())
+        constraint = sequence.constraint
+        if constraint is not None and allowed is None:
+            allowed = constraint.allowed()
+        token = sequence.sampler.sample(logits, banned=stop_ids if early else (), allowed=allowed)
         sequence.output_ids.append(token)
         sequence.unreleased_ids.append(token)
+        if params.logprobs is not None:
+            sequence.unreleased_logprobs.append(self._logprob(logits, token, params.logprobs))
+        if constraint is not None:
+            constraint.accept(token)
 
         finish: FinishReason | None = None
+        stop: str | int | None = None
         text = ""
         nothing_more = False  # the output ends here without a stop string cutting it
         if token in stop_ids:
-            finish, nothing_more = FinishReason.STOP, True
+            finish, nothing_more, stop = FinishReason.STOP, True, token
         else:
             text, stopped = sequence.stops.feed(sequence.detokenizer.push(token))
             if stopped:
-                finish = FinishReason.STOP
+                finish, stop = FinishReason.STOP, sequence.stops.matched
+            elif constraint is not None and constraint.complete:
+                finish, nothing_more = FinishReason.STOP, True
             elif len(sequence.output_ids) >= params.max_tokens or (
                 len(sequence.prompt_ids) + len(sequence.output_ids) >= self.runner.context_length
             ):
@@ -300,12 +383,23 @@ class ContinuousBatcher:
             text += tail if stopped else tail + sequence.stops.flush()
         if finish is None and not text:
             return  # nothing settled yet: the token goes out with the next text
-        chunk = Chunk(token_ids=sequence.unreleased_ids, text=text, finish_reason=finish)
-        sequence.unreleased_ids = []
+        chunk = Chunk(
+            token_ids=sequence.unreleased_ids,
+            text=text,
+            finish_reason=finish,
+            logprobs=sequence.unreleased_logprobs,
+            stop=stop,
+        )
+        sequence.unreleased_ids, sequence.unreleased_logprobs = [], []
         if finish is not None:
             chunk.usage = Usage(len(sequence.prompt_ids), len(sequence.output_ids))
             self._forget(sequence)
         sequence.deliver(chunk)
+
+    def _logprob(self, logits: np.ndarray, token: int, alternatives: int) -> TokenLogprob:
+        text = self.runner.token_text
+        logprob, top = token_logprobs(logits, token, alternatives)
+        return TokenLogprob(token, text(token), logprob, [(t, text(t), lp) for t, lp in top])
 
     def _forget(self, sequence: _Sequence) -> None:
         known = self._active.pop(sequence.id, None) or self._prefilling.pop(sequence.id, None)
@@ -328,6 +422,12 @@ class BatchedEngine(Engine):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         return self.batcher.generate(request)
+
+    async def tokenize(self, text: str) -> Tokens:
+        return await self.batcher.tokenize(text)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self.batcher.detokenize(token_ids)
 
     def stats(self) -> EngineStats:
         return EngineStats(

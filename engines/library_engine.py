@@ -8,15 +8,39 @@ for GetModel, and aborts a request in the library when its caller goes away.
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from llmgrpc.clients.errors import InvalidArgument
-from llmgrpc.engines.base import Chunk, Engine, EngineStats, FinishReason
+from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
+from llmgrpc.engines.base import (
+    Chunk,
+    Constraint,
+    Engine,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    Tokens,
+)
+from llmgrpc.engines.chat import hugging_face_chat_ids
 
 # The libraries' finish reasons, in the contract's terms.
 FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
+
+
+def choice_grammar(choices: tuple[str, ...]) -> str:
+    """A list of choices as a Lark grammar (llguidance's dialect): the output is one of them."""
+    return "start: " + " | ".join(json.dumps(choice) for choice in choices)
+
+
+def invalid_constraint(constraint: Constraint, message: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"invalid {constraint.field}: {message}",
+        [FieldViolation(constraint.field, message)],
+        reason=Reason.INVALID_FIELD,
+    )
 
 
 def whole_numbers_as_ints(options: dict[str, Any], keep_float: frozenset[str]) -> dict[str, Any]:
@@ -56,6 +80,50 @@ class LibraryEngine(Engine):
     @abc.abstractmethod
     async def abort_in_library(self, request_id: str) -> None:
         """Free a request's slot and KV cache in the library now."""
+
+    def hugging_face_tokenizer(self) -> Any:
+        """The library's tokenizer (a Hugging Face one), for Tokenize, Detokenize and truncation."""
+        raise FailedPrecondition(f"{self.library} gives no tokenizer")
+
+    async def tokenize(self, text: str) -> Tokens:
+        tokenizer = self.hugging_face_tokenizer()
+
+        def tokenize() -> Tokens:
+            ids = list(tokenizer.encode(text))
+            return Tokens(ids, [tokenizer.decode([token]) for token in ids])
+
+        return await asyncio.to_thread(tokenize)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        tokenizer = self.hugging_face_tokenizer()
+        vocab_size = len(tokenizer)
+        out_of_range = [t for t in token_ids if not 0 <= t < vocab_size]
+        if out_of_range:
+            description = f"ids outside the vocabulary [0, {vocab_size}): {out_of_range[:5]}"
+            raise InvalidArgument(
+                f"token_ids has {description}",
+                [FieldViolation("token_ids", description)],
+                reason=Reason.TOKEN_OUT_OF_VOCABULARY,
+            )
+        return await asyncio.to_thread(tokenizer.decode, token_ids, skip_special_tokens=True)
+
+    async def truncated_prompt(self, request: GenerationRequest) -> list[int] | None:
+        """The prompt as ids when the library must be given ids (None: the request's own prompt
+        goes as it is): a conversation rendered by the model's chat template, as every engine
+        renders it, or a prompt cut to its last truncate_prompt_tokens ids."""
+        keep = request.sampling.truncate_prompt_tokens
+        if request.chat is not None:
+            tokenizer = self.hugging_face_tokenizer()
+            ids = tuple(await asyncio.to_thread(hugging_face_chat_ids, tokenizer, request.chat))
+        elif keep is None:
+            return None
+        else:
+            ids = request.prompt_token_ids
+            if ids is None:
+                ids = tuple(
+                    await asyncio.to_thread(self.hugging_face_tokenizer().encode, request.prompt or "")
+                )
+        return list(ids[-keep:] if keep is not None else ids)
 
     async def guarded(self, request_id: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """Stream one request's chunks, counted as running. A ValueError (the library's word for

@@ -54,6 +54,8 @@ from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Resource
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
+from llmgrpc.engines.chat import Chat, render
+from llmgrpc.engines.constraints import tokenizer_from_llama_cpp
 
 log = logging.getLogger("llmgrpc.llama_cpp")
 
@@ -113,34 +115,68 @@ class LlamaCppRunner(ModelRunner):
         ids |= {token for token in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, token)}
         return {int(token) for token in ids if 0 <= token < self.vocab_size}
 
-    def _piece(self, token: int) -> bytes:
-        """The bytes token stands for; empty for control tokens (BOS, EOS, chat markers)."""
-        if llama_cpp.llama_vocab_is_control(self.vocab, token):
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes token stands for; empty for control tokens (BOS, EOS, chat markers)
+        unless special, which spells them as written."""
+        if not special and llama_cpp.llama_vocab_is_control(self.vocab, token):
             return b""
         size = 32
         while True:
             buffer = ctypes.create_string_buffer(size)
-            written = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, size, 0, False)
+            written = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, size, 0, special)
             if written >= 0:
                 return buffer.raw[:written]
             size = -written
 
     def tokenize(self, text: str) -> list[int]:
+        # add_special: BOS if the model's metadata says so; parse_special False: user text
+        # that spells "<|eot_id|>" stays text, it does not become the control token.
+        return self._tokenize(text, add_special=True, parse_special=False)
+
+    def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         size = len(data) + 2  # byte-level BPE: at most a token per byte, plus BOS and EOS
         while True:
             buffer = (llama_cpp.llama_token * size)()
-            # add_special: BOS if the model's metadata says so; parse_special False: user text
-            # that spells "<|eot_id|>" stays text, it does not become the control token.
-            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
+            count = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), buffer, size, add_special, parse_special
+            )
             if count >= 0:
                 return list(buffer[:count])
             size = -count  # other vocabularies can need more: llama.cpp says how many
+
+    def chat_prompt_ids(self, chat: Chat) -> list[int]:
+        """The conversation rendered by the GGUF's own chat template (tokenizer.chat_template), with
+        the Jinja rules Hugging Face uses, then tokenized as written: control tokens the template
+        writes (<|start_header_id|>, ...) are parsed, and no BOS is added (the template writes it)."""
+        specials = {
+            "bos_token": self._piece(llama_cpp.llama_vocab_bos(self.vocab), special=True).decode(),
+            "eos_token": self._piece(llama_cpp.llama_vocab_eos(self.vocab), special=True).decode(),
+        }
+        return self._tokenize(
+            render(self._chat_template(), chat, specials), add_special=False, parse_special=True
+        )
+
+    def _chat_template(self) -> str:
+        key = b"tokenizer.chat_template"
+        size = llama_cpp.llama_model_meta_val_str(self.model, key, None, 0)
+        if size < 0:
+            return ""
+        buffer = ctypes.create_string_buffer(size + 1)
+        llama_cpp.llama_model_meta_val_str(self.model, key, buffer, size + 1)
+        return buffer.value.decode("utf-8")
 
     def detokenize(self, token_ids: list[int]) -> str:
         pieces = self._pieces
         data = b"".join(pieces[t] for t in token_ids if 0 <= t < len(pieces))
         return data.decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        piece = self._pieces[token_id] or self._piece(token_id, special=True)
+        return piece.decode("utf-8", errors="replace")
+
+    def grammar_tokenizer(self):
+        return tokenizer_from_llama_cpp(self.vocab, self.vocab_size, self.eos_token_ids)
 
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
         # A sequence's first part takes a slot; later parts carry on at its next position.

@@ -2,8 +2,11 @@
 
 Shared by every engine that hands the batcher raw logits, so the same parameters mean
 the same thing on each. Order of operations, as in Hugging Face transformers and vLLM:
-penalties, banned tokens, then greedy argmax or temperature, top-k, softmax, min-p,
-top-p and a draw from the sequence's own generator.
+penalties, logit bias, the structured-output mask and banned tokens, then greedy argmax
+or temperature, top-k, softmax, min-p, top-p and a draw from the sequence's own generator.
+
+Log-probabilities (``token_logprobs``) come from the model's raw logits, before any of
+that: vLLM's default, and the same on every engine.
 """
 
 from __future__ import annotations
@@ -30,14 +33,30 @@ class Sampler:
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
         self._seen = set(prompt_token_ids)  # prompt and output, for the repetition penalty
         self._output_counts: Counter[int] = Counter()
+        self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
+        self._bias = np.fromiter(params.logit_bias.values(), dtype=np.float32)
 
-    def sample(self, logits: np.ndarray, banned: Iterable[int] = ()) -> int:
-        """The next token for a 1-D row of logits; tokens in banned are never chosen."""
+    def sample(
+        self, logits: np.ndarray, banned: Iterable[int] = (), allowed: np.ndarray | None = None
+    ) -> int:
+        """The next token for a 1-D row of logits (left unchanged). Tokens in banned are never
+        chosen; where allowed (a boolean row, the structured-output mask) is given, only its
+        tokens are, and it wins over banned if they leave nothing."""
         params = self.params
         logits = np.array(logits, dtype=np.float32)
         self._apply_penalties(logits)
+        if self._bias_ids.size:
+            keep = self._bias_ids < logits.shape[0]
+            logits[self._bias_ids[keep]] += self._bias[keep]
         banned = [token for token in banned if 0 <= token < logits.shape[0]]
-        if banned:
+        if allowed is not None:
+            if banned and allowed[banned].any():
+                allowed = allowed.copy()
+                allowed[banned] = False
+                if not allowed.any():  # min_tokens bans end-of-text where the format must end
+                    allowed[banned] = True
+            logits[~allowed] = -np.inf
+        elif banned:
             logits[banned] = -np.inf
         if params.greedy or params.temperature < GREEDY_BELOW_TEMPERATURE:
             token = int(np.argmax(logits))
@@ -88,3 +107,21 @@ class Sampler:
         cumulative = np.cumsum(probs, dtype=np.float64)
         point = self.rng.random() * cumulative[-1]
         return int(min(np.searchsorted(cumulative, point, side="right"), vocab - 1))
+
+
+def token_logprobs(
+    logits: np.ndarray, token: int, alternatives: int
+) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of token under a raw row of logits, and the alternatives most
+    likely (token, log-probability) pairs, most likely first."""
+    row = np.asarray(logits, dtype=np.float64)
+    shifted = row - np.max(row)
+    logprobs = shifted - np.log(np.sum(np.exp(shifted)))
+    top: list[tuple[int, float]] = []
+    if alternatives > 0:
+        count = min(alternatives, row.shape[0])
+        candidates = np.argpartition(-logprobs, count - 1)[:count]
+        # Most likely first; equal ones by token id, so every engine orders them alike.
+        ordered = sorted(candidates.tolist(), key=lambda t: (-logprobs[t], t))
+        top = [(int(t), float(logprobs[t])) for t in ordered]
+    return float(logprobs[token]), top

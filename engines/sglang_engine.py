@@ -3,29 +3,51 @@
 Written against SGLang's API (``Engine(...)``, ``async_generate(..., stream=True, rid=...)``,
 ``tokenizer_manager.abort_request(rid)``) and tested against a test double of it: SGLang
 has no CPU build, so this project has not yet run it on a real SGLang.
+
+structured_output maps onto SGLang's ``json_schema``, ``regex`` and ``ebnf`` sampling
+parameters, compiled by its ``llguidance`` grammar backend (the library of the Transformers
+and llama.cpp engines, so grammars are in the same dialect); logprobs onto
+``return_logprob`` / ``top_logprobs_num``, the model's raw logprobs
+(``SGLANG_RETURN_ORIGINAL_LOGPROB``), as on every engine.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from llmgrpc.engines.base import (
     Chunk,
+    Constraint,
     FinishReason,
     GenerationRequest,
     LoadPlan,
     ProgressReport,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
-from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
+from llmgrpc.engines.library_engine import (
+    FINISH_REASONS,
+    LibraryEngine,
+    choice_grammar,
+    whole_numbers_as_ints,
+)
+
+# SGLang's grammar backend: llguidance, as on the Transformers and llama.cpp engines.
+GRAMMAR_BACKEND = "llguidance"
 
 
 def engine_kwargs(plan: LoadPlan, weights: str) -> dict[str, Any]:
     """sglang.Engine keyword arguments for a plan: the model, then the engine options."""
     options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"mem_fraction_static"}))
-    return {"model_path": weights, "max_running_requests": plan.max_batch_size, **options}
+    return {
+        "model_path": weights,
+        "max_running_requests": plan.max_batch_size,
+        "grammar_backend": GRAMMAR_BACKEND,
+        **options,
+    }
 
 
 def sampling_dict(params: SamplingParams) -> dict[str, Any]:
@@ -47,7 +69,52 @@ def sampling_dict(params: SamplingParams) -> dict[str, Any]:
     }
     if params.seed is not None:
         sampling["sampling_seed"] = params.seed
+    if params.logit_bias:
+        sampling["logit_bias"] = {str(token): bias for token, bias in params.logit_bias.items()}
+    if params.constraint is not None:
+        sampling.update(constraint_params(params.constraint))
     return sampling
+
+
+def constraint_params(constraint: Constraint) -> dict[str, str]:
+    """SGLang's sampling_params for the contract's structured_output."""
+    if constraint.kind == "json_schema":
+        return {"json_schema": constraint.spec}  # type: ignore[dict-item]
+    if constraint.kind == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    if constraint.kind == "regex":
+        return {"regex": constraint.spec}  # type: ignore[dict-item]
+    if constraint.kind == "choice":
+        return {"ebnf": choice_grammar(constraint.spec)}  # type: ignore[arg-type]
+    return {"ebnf": constraint.spec}  # type: ignore[dict-item]
+
+
+def logprob_args(params: SamplingParams) -> dict[str, Any]:
+    """async_generate's logprob arguments: the generated tokens' only, with their text."""
+    if params.logprobs is None:
+        return {}
+    return {
+        "return_logprob": True,
+        "logprob_start_len": -1,
+        "top_logprobs_num": params.logprobs,
+        "return_text_in_logprobs": True,
+    }
+
+
+def _logprobs(tokens: list, tops: list | None) -> list[TokenLogprob]:
+    """SGLang's (logprob, token id, text) tuples, and each position's top list, as the contract's."""
+    entries = []
+    for index, (logprob, token, text) in enumerate(tokens):
+        top = (tops or [])[index] if tops and index < len(tops) else []
+        entries.append(
+            TokenLogprob(
+                int(token),
+                text or "",
+                float(logprob),
+                [(int(t), tt or "", float(lp)) for lp, t, tt in (top or [])],
+            )
+        )
+    return entries
 
 
 class _Delta:
@@ -77,17 +144,24 @@ class SGLangEngine(LibraryEngine):
         import sglang
 
         report("loading weights", 0, 0)
+        # The model's raw logprobs, before temperature, as on every engine (SGLang's default
+        # is after it); its scheduler processes read it from the environment they inherit.
+        os.environ.setdefault("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
         engine = sglang.Engine(**engine_kwargs(plan, weights))
         context_length = int(engine.tokenizer_manager.context_len)
         return cls(engine, context_length, plan.device)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        truncated = await self.truncated_prompt(request)
         prompt_args: dict[str, Any] = (
-            {"input_ids": list(request.prompt_token_ids)}
+            {"input_ids": truncated}
+            if truncated is not None
+            else {"input_ids": list(request.prompt_token_ids)}
             if request.prompt_token_ids is not None
             else {"prompt": request.prompt}
         )
         delta = _Delta()
+        logprobs_seen = 0  # SGLang's logprob lists grow with the output, like its default text
 
         async def chunks() -> AsyncIterator[Chunk]:
             stream = await self.engine.async_generate(
@@ -95,7 +169,9 @@ class SGLangEngine(LibraryEngine):
                 sampling_params=sampling_dict(request.sampling),
                 stream=True,
                 rid=request.request_id,
+                **logprob_args(request.sampling),
             )
+            nonlocal logprobs_seen
             async for output in stream:
                 meta = output.get("meta_info", {})
                 completion_tokens = int(meta.get("completion_tokens", 0))
@@ -103,14 +179,26 @@ class SGLangEngine(LibraryEngine):
                     output.get("text", ""), list(output.get("output_ids", [])), completion_tokens
                 )
                 chunk = Chunk(token_ids=ids, text=text)
+                if request.sampling.logprobs is not None and ids:
+                    tokens = list(meta.get("output_token_logprobs") or [])
+                    tops = meta.get("output_top_logprobs")
+                    if len(tokens) == completion_tokens:  # cumulative: keep what is new
+                        tokens, tops = tokens[logprobs_seen:], (tops or [])[logprobs_seen:]
+                    logprobs_seen += len(tokens)
+                    chunk.logprobs = _logprobs(tokens, tops)
                 reason = meta.get("finish_reason")
                 if reason:
                     chunk.finish_reason = FINISH_REASONS.get(reason.get("type", ""), FinishReason.STOP)
                     chunk.usage = Usage(int(meta.get("prompt_tokens", 0)), completion_tokens)
+                    if chunk.finish_reason is FinishReason.STOP and reason.get("matched") is not None:
+                        chunk.stop = reason["matched"]  # the stop string, or the token id
                 yield chunk
 
         async for chunk in self.guarded(request.request_id, chunks()):
             yield chunk
+
+    def hugging_face_tokenizer(self) -> Any:
+        return self.engine.tokenizer_manager.tokenizer
 
     async def abort_in_library(self, request_id: str) -> None:
         self.engine.tokenizer_manager.abort_request(rid=request_id)

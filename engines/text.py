@@ -56,13 +56,14 @@ class StopStringMatcher:
             self._by_first.setdefault(stop[0], []).append(stop)
         self._longest = max((len(stop) for stop in self._stops), default=0)
         self._pending = ""
+        self.matched: str | None = None  # the stop string found, once feed() has found one
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to release, whether a stop string was found)."""
         if not self._stops:
             return text, False
         self._pending += text
-        found = self._first_stop()
+        found, self.matched = self._first_stop()
         if found >= 0:
             released, self._pending = self._pending[:found], ""
             return released, True
@@ -74,14 +75,14 @@ class StopStringMatcher:
         released, self._pending = self._pending, ""
         return released
 
-    def _first_stop(self) -> int:
-        """Where the first stop string in the pending text starts, or -1."""
+    def _first_stop(self) -> tuple[int, str | None]:
+        """Where the first stop string in the pending text starts, and which it is; or (-1, None)."""
         pending, by_first = self._pending, self._by_first
         for start, character in enumerate(pending):
             for stop in by_first.get(character, ()):
                 if pending.startswith(stop, start):
-                    return start
-        return -1
+                    return start, stop
+        return -1, None
 
     def _held_from(self) -> int:
         """Start of the longest end of the pending text that begins some stop string."""

@@ -26,6 +26,8 @@ from llmgrpc.clients.errors import InvalidArgument
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
+from llmgrpc.engines.chat import Chat, hugging_face_chat_ids
+from llmgrpc.engines.constraints import tokenizer_from_hugging_face
 from llmgrpc.engines.model_folder import check_tokenizer_files, read_model_config
 
 STATIC_CONTEXT_DEFAULT = 4096
@@ -47,12 +49,25 @@ class HuggingFaceRunner(ModelRunner):
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._prefilling: dict[int, DynamicCache] = {}  # prompt KV of sequences yet to join
+        self._token_texts: dict[int, str] = {}
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def chat_prompt_ids(self, chat: Chat) -> list[int]:
+        return hugging_face_chat_ids(self.tokenizer, chat)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def grammar_tokenizer(self):
+        return tokenizer_from_hugging_face(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
     @torch.inference_mode()
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:

@@ -1,8 +1,12 @@
 """vLLM engine: vLLM's public async API (AsyncLLM), streaming deltas, aborting on cancel.
 
 vLLM does its own continuous batching, so this adapter only maps the contract onto
-vLLM's ``SamplingParams`` (one to one), streams ``RequestOutputKind.DELTA`` outputs as
-chunks, and aborts the request in vLLM when the caller goes away or passes its deadline.
+vLLM's ``SamplingParams`` (one to one; structured_output onto ``StructuredOutputsParams``,
+compiled by vLLM's ``guidance`` backend, llguidance, so formats and grammars mean what
+they mean on the other engines), streams ``RequestOutputKind.DELTA`` outputs as chunks,
+and aborts the request in vLLM when the caller goes away or passes its deadline. vLLM's
+logprobs are its raw model logprobs by default, as the contract's. Priority is the
+server's admission order, so vLLM schedules first come first served.
 It runs in the worker process of an environment that has vLLM (settings.worker_python),
 so vLLM's pinned torch and transformers never meet the server's.
 """
@@ -15,15 +19,26 @@ from typing import Any
 from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.base import (
     Chunk,
+    Constraint,
     EngineStats,
     FinishReason,
     GenerationRequest,
     LoadPlan,
     ProgressReport,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
-from llmgrpc.engines.library_engine import FINISH_REASONS, LibraryEngine, whole_numbers_as_ints
+from llmgrpc.engines.library_engine import (
+    FINISH_REASONS,
+    LibraryEngine,
+    invalid_constraint,
+    whole_numbers_as_ints,
+)
+
+# vLLM's structured-output backend: llguidance, the library of the Transformers and llama.cpp
+# engines (vLLM's "auto" picks xgrammar, whose grammar dialect is another).
+STRUCTURED_OUTPUT_BACKEND = "guidance"
 
 # On the CPU, vLLM reserves gpu_memory_utilization (0.92) of the host's memory unless told a
 # KV cache size, and refuses to start when that much is not free: a server that holds several
@@ -43,7 +58,7 @@ def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """vLLM SamplingParams keyword arguments for the contract's sampling fields."""
-    return {
+    kwargs: dict[str, Any] = {
         "n": 1,
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
@@ -60,6 +75,38 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "min_tokens": params.min_tokens,
         "skip_special_tokens": True,
     }
+    if params.logprobs is not None:
+        kwargs["logprobs"] = params.logprobs
+    if params.logit_bias:
+        kwargs["logit_bias"] = dict(params.logit_bias)
+    return kwargs
+
+
+def structured_outputs_kwargs(constraint: Constraint) -> dict[str, Any]:
+    """vLLM StructuredOutputsParams keyword arguments for the contract's structured_output."""
+    if constraint.kind == "json_schema":
+        return {"json": constraint.spec}
+    if constraint.kind == "choice":
+        return {"choice": list(constraint.spec)}
+    if constraint.kind == "json_object":
+        return {"json_object": True}
+    return {constraint.kind: constraint.spec}  # regex, grammar
+
+
+def token_logprobs(position: dict[int, Any], token: int, alternatives: int) -> TokenLogprob:
+    """One position of vLLM's logprobs (token id -> Logprob with rank and decoded text; the
+    sampled token and the top alternatives) in the contract's terms."""
+    chosen = position[token]
+    top = sorted(
+        ((token_id, entry) for token_id, entry in position.items() if (entry.rank or 0) <= alternatives),
+        key=lambda item: item[1].rank or 0,
+    )
+    return TokenLogprob(
+        token,
+        chosen.decoded_token or "",
+        float(chosen.logprob),
+        [(token_id, entry.decoded_token or "", float(entry.logprob)) for token_id, entry in top],
+    )
 
 
 class VllmEngine(LibraryEngine):
@@ -70,11 +117,14 @@ class VllmEngine(LibraryEngine):
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> VllmEngine:
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         report("loading weights", 0, 0)
+        args = engine_args(plan, weights)
+        args["structured_outputs_config"] = StructuredOutputsConfig(backend=STRUCTURED_OUTPUT_BACKEND)
         try:
-            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(plan, weights)))
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         except Exception as error:
             # vLLM's engine core and workers are processes of their own: the cause is in their
             # log lines (the server's log), the exception here only says that they failed.
@@ -95,30 +145,70 @@ class VllmEngine(LibraryEngine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         from vllm import SamplingParams as VllmSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        params = VllmSamplingParams(**sampling_kwargs(request.sampling), output_kind=RequestOutputKind.DELTA)
+        sampling = request.sampling
+        structured = {}
+        if sampling.constraint is not None:
+            structured["structured_outputs"] = StructuredOutputsParams(
+                **structured_outputs_kwargs(sampling.constraint)
+            )
+        params = VllmSamplingParams(
+            **sampling_kwargs(sampling), **structured, output_kind=RequestOutputKind.DELTA
+        )
+        if sampling.constraint is not None:
+            self._check_format(sampling.constraint, params)
+        truncated = await self.truncated_prompt(request)
         prompt: Any = (
-            {"prompt_token_ids": list(request.prompt_token_ids)}
-            if request.prompt_token_ids is not None
+            {"prompt_token_ids": truncated if truncated is not None else list(request.prompt_token_ids or ())}
+            if request.prompt_token_ids is not None or truncated is not None
             else request.prompt
         )
 
         async def chunks() -> AsyncIterator[Chunk]:
             generated = 0
+            last_token: int | None = None
             async for output in self.engine.generate(prompt, params, request.request_id):
                 completion = output.outputs[0]
-                generated += len(completion.token_ids)
-                chunk = Chunk(token_ids=list(completion.token_ids), text=completion.text)
+                token_ids = list(completion.token_ids)
+                generated += len(token_ids)
+                last_token = token_ids[-1] if token_ids else last_token
+                chunk = Chunk(token_ids=token_ids, text=completion.text)
+                if sampling.logprobs is not None and completion.logprobs and token_ids:
+                    chunk.logprobs = [
+                        token_logprobs(position, token, sampling.logprobs)
+                        for position, token in zip(
+                            completion.logprobs[-len(token_ids) :], token_ids, strict=True
+                        )
+                    ]
                 if output.finished:
                     chunk.finish_reason = FINISH_REASONS.get(
                         completion.finish_reason or "", FinishReason.STOP
                     )
                     chunk.usage = Usage(len(output.prompt_token_ids or ()), generated)
+                    if chunk.finish_reason is FinishReason.STOP:
+                        # vLLM's stop_reason: the stop string or token id; None for end-of-text.
+                        stop_reason = getattr(completion, "stop_reason", None)
+                        chunk.stop = stop_reason if stop_reason is not None else last_token
                 yield chunk
 
         async for chunk in self.guarded(request.request_id, chunks()):
             yield chunk
+
+    def _check_format(self, constraint: Constraint, params: Any) -> None:
+        """A format that does not compile is INVALID_ARGUMENT naming its field, through vLLM's
+        own check for its guidance backend (its refusal at admission names no field)."""
+        try:
+            from vllm.v1.structured_output.backend_guidance import validate_guidance_grammar
+        except ImportError:  # another vLLM layout: its refusal at admission still says why
+            return
+        try:
+            validate_guidance_grammar(params)
+        except ValueError as error:
+            raise invalid_constraint(constraint, str(error)) from None
+
+    def hugging_face_tokenizer(self) -> Any:
+        return self.engine.get_tokenizer()
 
     async def abort_in_library(self, request_id: str) -> None:
         await self.engine.abort(request_id)

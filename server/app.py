@@ -12,16 +12,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from llmgrpc.engines.catalogue import load_plugins
-from llmgrpc.server import tracing
+from llmgrpc.kserve.v2 import grpc_service_pb2_grpc
+from llmgrpc.server import kserve, tgis, tracing
 from llmgrpc.server.auth import TokenTable, read_tokens_file
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.interceptor import ServerInterceptor
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.metrics import Metrics
+from llmgrpc.server.models_file import ModelsFileError, launch_requests
 from llmgrpc.server.reflection import enable_reflection
-from llmgrpc.server.registry import Registry, SpecQuery
+from llmgrpc.server.registry import Registry
 from llmgrpc.server.servicers import GenerateServicer, ModelServicer
 from llmgrpc.server.settings import Settings
+from llmgrpc.tgis.v1 import generation_pb2_grpc
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 log = logging.getLogger("llmgrpc")
@@ -29,6 +32,8 @@ log = logging.getLogger("llmgrpc")
 SERVICE_NAMES = (
     models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
     generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name,
+    kserve.SERVICE_NAME,  # the standard inference protocols, beside llmgrpc.v1
+    tgis.SERVICE_NAME,
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -62,6 +67,7 @@ class LlmgrpcServer:
         self.health_port = health_server[1] if health_server else None
         self.metrics_port: int | None = None
         self.owns_tracer_provider = False  # made from the settings: this server flushes it when stopping
+        self.ready = False  # the services take calls (their health SERVING; KServe's ServerReady)
 
     async def start(self, ready: bool = True) -> None:
         """Serve. ready=False: liveness is SERVING but the services wait for mark_ready()."""
@@ -74,8 +80,10 @@ class LlmgrpcServer:
         await self.health.set("", SERVING)
         for name in SERVICE_NAMES:
             await self.health.set(name, SERVING if ready else NOT_SERVING)
+        self.ready = ready
 
     async def mark_ready(self) -> None:
+        self.ready = True
         for name in SERVICE_NAMES:
             await self.health.set(name, SERVING)
 
@@ -84,6 +92,7 @@ class LlmgrpcServer:
         get up to grace seconds to finish, then are cancelled; then every worker stops."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         self.interceptor.draining = True
+        self.ready = False
         await self.health.enter_graceful_shutdown()
         if not await self.interceptor.wait_idle(grace):
             log.warning(
@@ -144,6 +153,10 @@ async def create_server(
         ModelServicer(manager, registry, availability, settings), server
     )
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(manager, metrics), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        kserve.KServeServicer(manager, metrics, server_ready=lambda: llmgrpc_server.ready), server
+    )
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(tgis.TgisServicer(manager, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
@@ -180,11 +193,17 @@ async def create_server(
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, launching settings.launch first; then drain and stop.
+    """Run until SIGTERM or SIGINT, launching the models file's models and settings.launch
+    first; then drain and stop.
 
-    The services report NOT_SERVING until the models of settings.launch are READY, so a
-    readiness probe keeps traffic away until the replica can answer it.
+    The services report NOT_SERVING until every one of those models is READY, so a readiness
+    probe keeps traffic away until the replica can answer it. A launch that fails stops the
+    server with SystemExit naming the model and the reason (a replica missing one is not ready).
     """
+    try:
+        launches = launch_requests(settings.models_file, settings.launch)
+    except ModelsFileError as error:
+        raise SystemExit(f"llmgrpc: {error}") from None
     server, port = await create_server(settings.address, settings)
     await server.start(ready=False)
     endpoint = f"{settings.host}:{port}"
@@ -198,20 +217,32 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
 
+    async def launch(request: LaunchRequest) -> None:
+        log.info("launching %s (%s) ...", request.model_uid, request.query.model_name)
+        try:
+            model = await server.manager.launch(request)
+        except Exception as error:
+            raise RuntimeError(f"launching {request.model_uid} failed: {error}") from error
+        log.info("model %s READY (%s on %s)", model.uid, model.selection.engine, model.device)
+
     async def launch_all() -> None:
-        for model_name in settings.launch:
-            log.info("launching %s ...", model_name)
-            model = await server.manager.launch(
-                LaunchRequest(query=SpecQuery(model_name=model_name), model_uid=model_name)
-            )
-            log.info("model %s READY (%s on %s)", model.uid, model.selection.engine, model.device)
+        # Concurrently; the first failure cancels the others (their launches leave nothing behind).
+        tasks = [asyncio.ensure_future(launch(request)) for request in launches]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     launching = asyncio.ensure_future(launch_all())
     signalled = asyncio.ensure_future(stopping.wait())
     await asyncio.wait({launching, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    uids = [request.model_uid for request in launches]
     if launching.done() and launching.exception() is None:
         await server.mark_ready()
-        print(ready_banner(endpoint, settings.launch), flush=True)
+        print(ready_banner(endpoint, uids), flush=True)
         await signalled
     else:
         launching.cancel()  # stopped while launching, or a launch failed: stop either way
@@ -220,7 +251,7 @@ async def serve(settings: Settings) -> None:
     await server.stop()
     log.info("stopped")
     if not launching.cancelled() and launching.exception() is not None:
-        raise launching.exception()
+        raise SystemExit(f"llmgrpc: {launching.exception()}") from launching.exception()
 
 
 def ready_banner(endpoint: str, launched: list[str]) -> str:

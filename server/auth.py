@@ -1,7 +1,9 @@
 """Who may call what: bearer tokens with roles, and the model_path and remote-code policies.
 
-Two roles: ``inference`` may call Generate and the read-only ModelService RPCs;
-``admin`` may call everything, LaunchModel and TerminateModel included. Any other
+Two roles: ``inference`` may call Generate, Tokenize, Detokenize and the read-only ModelService RPCs;
+``admin`` may call everything, LaunchModel and TerminateModel included. The KServe v2 and TGIS
+protocols follow suit: KServe's RepositoryModelLoad and RepositoryModelUnload need ``admin``,
+their other RPCs ``inference``. Any other
 method of the product's services needs ``admin`` (deny by default); health and
 reflection are open, so probes and grpcurl's ``list`` work without a token.
 
@@ -27,9 +29,31 @@ ROLES = (ADMIN, INFERENCE)
 INFERENCE_METHODS = frozenset(
     {
         "/llmgrpc.v1.GenerateService/Generate",
+        "/llmgrpc.v1.GenerateService/Tokenize",
+        "/llmgrpc.v1.GenerateService/Detokenize",
         "/llmgrpc.v1.ModelService/ListSpecs",
         "/llmgrpc.v1.ModelService/ListModels",
         "/llmgrpc.v1.ModelService/GetModel",
+        # KServe v2: all but the repository's load and unload (LaunchModel, TerminateModel).
+        *(
+            f"/inference.GRPCInferenceService/{method}"
+            for method in (
+                "ServerLive",
+                "ServerReady",
+                "ModelReady",
+                "ServerMetadata",
+                "ModelMetadata",
+                "ModelInfer",
+                "ModelStreamInfer",
+                "ModelStatistics",
+                "RepositoryIndex",
+            )
+        ),
+        # TGIS: every method.
+        *(
+            f"/fmaas.GenerationService/{method}"
+            for method in ("Generate", "GenerateStream", "Tokenize", "ModelInfo")
+        ),
     }
 )
 # Services anyone may call: probes and tools must work without credentials.

@@ -196,6 +196,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return call
 
     async def _send_request_id(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        if self.draining and not call.open:
+            # Refused below: no headers, so the refusal goes out Trailers-Only, which a client's
+            # retry policy retries on another replica (response headers would commit the call).
+            return
         await context.send_initial_metadata(((logs.REQUEST_ID_METADATA, call.request_id),))
 
     def _admit(self, call: _Call, request, context: grpc.aio.ServicerContext, streaming_requests: bool):

@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import heapq
+import itertools
 import logging
 import time
 import uuid
@@ -27,6 +29,8 @@ from llmgrpc.clients.errors import (
     AlreadyExists,
     Cancelled,
     FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
     LlmgrpcError,
     NotFound,
     Reason,
@@ -35,6 +39,7 @@ from llmgrpc.clients.errors import (
 )
 from llmgrpc.engines.base import LoadPlan
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
+from llmgrpc.engines.chat import attach_tool_calls
 from llmgrpc.engines.model_folder import CONFIG_FILE, read_model_config
 from llmgrpc.engines.weights import hubs
 from llmgrpc.server import resources
@@ -157,18 +162,26 @@ STATS_TIMEOUT_S = 1.0
 
 
 class AdmissionGate:
-    """At most max_running requests decoding and max_waiting queued; beyond, refuse."""
+    """At most max_running requests decoding and max_waiting queued; beyond, refuse.
+
+    Queued requests are admitted by priority, lower first, first come first served among
+    equals (vLLM's meaning of a request's priority). A slot that frees goes straight to the
+    next waiter, so a newcomer never overtakes the queue."""
 
     def __init__(self, max_running: int, max_waiting: int):
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.running = 0
-        self.waiting = 0
-        self._slots = asyncio.Semaphore(max_running)
+        self._queue: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap: (priority, arrival, ...)
+        self._arrivals = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
 
     @contextlib.asynccontextmanager
-    async def slot(self, model_uid: str):
-        if self._slots.locked() and self.waiting >= self.max_waiting:
+    async def slot(self, model_uid: str, priority: int = 0):
+        if self.running >= self.max_running and self.waiting >= self.max_waiting:
             raise ResourceExhausted(
                 f"model {model_uid} is busy: {self.running} requests running and {self.waiting} waiting "
                 f"(limits {self.max_running} and {self.max_waiting}); retry later",
@@ -176,17 +189,37 @@ class AdmissionGate:
                 retry_after_s=QUEUE_RETRY_AFTER_S,
                 metadata={"model_uid": model_uid},
             )
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
+        if self.running < self.max_running:
+            self.running += 1
+        else:
+            await self._wait_for_slot(priority)
         try:
             yield
         finally:
-            self.running -= 1
-            self._slots.release()
+            self._release()
+
+    async def _wait_for_slot(self, priority: int) -> None:
+        admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (priority, next(self._arrivals), admitted)
+        heapq.heappush(self._queue, entry)
+        try:
+            await admitted
+        except asyncio.CancelledError:
+            if admitted.done() and not admitted.cancelled():
+                self._release()  # handed a slot as the caller left: pass it on
+            else:
+                self._queue.remove(entry)
+                heapq.heapify(self._queue)
+            raise
+
+    def _release(self) -> None:
+        """A running request ended: its slot goes to the first waiter, else it is free."""
+        while self._queue:
+            _, _, admitted = heapq.heappop(self._queue)
+            if not admitted.done():
+                admitted.set_result(None)
+                return
+        self.running -= 1
 
 
 # Why a model's calls in flight end when it goes away: the error each of them gets.
@@ -659,18 +692,26 @@ class EngineManager:
         model = self.get(request.model_uid)
         await self._ready_within(model, deadline)
         self._require_ready(model)
+        if request.messages:
+            _check_chat_abilities(model, request)
+        wants_tool_calls = bool(request.tools) and request.tool_choice != "none"
+        answer: list[str] = []
         if not request.HasField("max_tokens"):  # the caller's message stays as it was sent
             resolved = generate_pb2.GenerateRequest()
             resolved.CopyFrom(request)
             resolved.max_tokens = self.settings.default_max_tokens
             request = resolved
         queued = time.monotonic()
-        async with model.gate.slot(model.uid):
+        async with model.gate.slot(model.uid, request.priority):
             self.metrics.observe_queue_time(model.uid, time.monotonic() - queued)
             self._require_ready(model)
             assert model.worker is not None
             try:
                 async for response in model.worker.generate(request, request_id, deadline):
+                    if wants_tool_calls:  # a whole answer of calls becomes tool_calls
+                        answer.append(response.text)
+                        if response.finish_reason == generate_pb2.FINISH_REASON_STOP:
+                            attach_tool_calls(response, "".join(answer), request.tools)
                     yield response
             except LlmgrpcError:
                 if model.ending is not None:  # the stream broke because the model is going away
@@ -679,7 +720,29 @@ class EngineManager:
             finally:
                 model.last_active = time.monotonic()
 
+    async def tokenize(
+        self, request: generate_pb2.TokenizeRequest, timeout: float | None
+    ) -> generate_pb2.TokenizeResponse:
+        model = await self._ready_for_call(request.model_uid, timeout)
+        assert model.worker is not None
+        return await model.worker.tokenize(request, timeout)
+
+    async def detokenize(
+        self, request: generate_pb2.DetokenizeRequest, timeout: float | None
+    ) -> generate_pb2.DetokenizeResponse:
+        model = await self._ready_for_call(request.model_uid, timeout)
+        assert model.worker is not None
+        return await model.worker.detokenize(request, timeout)
+
     # Internals.
+
+    async def _ready_for_call(self, model_uid: str, timeout: float | None) -> LaunchedModel:
+        """A READY model for a call that does not decode (it takes no admission slot)."""
+        model = self.get(model_uid)
+        await self._ready_within(model, time.time() + timeout if timeout is not None else None)
+        self._require_ready(model)
+        model.last_active = time.monotonic()
+        return model
 
     def _require_ready(self, model: LaunchedModel) -> None:
         if model.state is ModelState.READY:
@@ -817,6 +880,23 @@ class EngineManager:
             return max(resources.free_cpu_bytes() - loading, 0)
         gpus = await self.availability.cuda_devices(engine)
         return int(gpus[int(visible_gpu)]["free_bytes"])
+
+
+def _check_chat_abilities(model: LaunchedModel, request: generate_pb2.GenerateRequest) -> None:
+    """Messages need a model with the chat ability, tools one with the tools ability."""
+    assert model.selection is not None
+    family = model.selection.family
+    needed = {"messages": "chat", "tools": "tools"}
+    for field_name, ability in needed.items():
+        if getattr(request, field_name) and ability not in family.abilities:
+            abilities = ", ".join(family.abilities) or "none"
+            raise InvalidArgument(
+                f"model {model.uid} is a {family.model_name} model, whose abilities are {abilities}: it "
+                f"cannot take {field_name} (that needs the {ability} ability, e.g. llama-3.1-instruct)",
+                [FieldViolation(field_name, f"model {model.uid} has no {ability} ability ({abilities})")],
+                reason=Reason.INVALID_FIELD,
+                metadata={"model_uid": model.uid},
+            )
 
 
 def _may_download(plan: LoadPlan) -> bool:

@@ -2,7 +2,8 @@
 
 protoc's Python output leaves the comments out of the descriptors it embeds, so plain
 reflection would give ``grpcurl describe`` an undocumented contract. protos/generate.py
-also writes the documented descriptors (``llmgrpc/v1/descriptors.binpb``); this servicer
+also writes the documented descriptors (``descriptors.binpb`` beside the stubs of llmgrpc.v1
+and of the KServe v2 and TGIS protocols); this servicer
 answers with those in place of the embedded ones. The worker's internal API
 (llmgrpc/worker/v1) is in this process's descriptor pool too, but not part of the contract:
 asked for, it is not found.
@@ -17,13 +18,19 @@ from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 INTERNAL_PROTOS = "llmgrpc/worker/"
+# The packages whose documented descriptors protos/generate.py writes: the contract and the
+# standard inference protocols served beside it.
+DOCUMENTED_PACKAGES = ("llmgrpc.v1", "llmgrpc.kserve.v2", "llmgrpc.tgis.v1")
 
 
 def documented_descriptors() -> dict[str, bytes]:
-    """Serialized FileDescriptorProto of each llmgrpc proto file, comments included, by file name."""
-    data = resources.files("llmgrpc.v1").joinpath("descriptors.binpb").read_bytes()
-    files = descriptor_pb2.FileDescriptorSet.FromString(data).file
-    return {file.name: file.SerializeToString() for file in files}
+    """Serialized FileDescriptorProto of each served proto file, comments included, by file name."""
+    documented = {}
+    for package in DOCUMENTED_PACKAGES:
+        data = resources.files(package).joinpath("descriptors.binpb").read_bytes()
+        for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
+            documented[file.name] = file.SerializeToString()
+    return documented
 
 
 class DocumentedReflectionServicer(reflection.aio.ReflectionServicer):

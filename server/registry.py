@@ -49,6 +49,10 @@ class ModelSpec:
     hubs: tuple[ModelHub, ...] = ()
     model_file_name_template: str = ""
     generator: str = ""  # set for models llmgrpc generates itself instead of downloading
+    # GGUF quantizations published as several files: quantization -> its parts, in order, each
+    # named by model_file_name_split_template ({quantization}, {part}).
+    quantization_parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    model_file_name_split_template: str = ""
 
     @classmethod
     def from_json(cls, data: dict) -> ModelSpec:
@@ -61,6 +65,11 @@ class ModelSpec:
             hubs=tuple(ModelHub(**hub) for hub in data.get("model_hubs", [])),
             model_file_name_template=data.get("model_file_name_template", ""),
             generator=data.get("generator", ""),
+            quantization_parts=tuple(
+                (quantization, tuple(parts))
+                for quantization, parts in data.get("quantization_parts", {}).items()
+            ),
+            model_file_name_split_template=data.get("model_file_name_split_template", ""),
         )
 
     @property
@@ -78,7 +87,19 @@ class ModelSpec:
             hubs=[{"name": h.name, "model_id": h.model_id, "url": h.url} for h in self.hubs],
             model_file_name_template=self.model_file_name_template,
             generator=self.generator,
+            file_names=self.file_names(quantization),
         )
+
+    def file_names(self, quantization: str) -> list[str]:
+        """The GGUF files of quantization, in order (one, or its parts); empty for other formats."""
+        parts = dict(self.quantization_parts).get(quantization)
+        if parts:
+            return [
+                self.model_file_name_split_template.format(quantization=quantization, part=p) for p in parts
+            ]
+        if self.model_file_name_template:
+            return [self.model_file_name_template.format(quantization=quantization)]
+        return []
 
 
 @dataclass(frozen=True)
@@ -142,9 +163,11 @@ class Registry:
     def load(cls, extra_dirs: Iterable[Path] = ()) -> Registry:
         registry = cls()
         for folder in (BUILTIN_FAMILIES, *extra_dirs):
-            for path in sorted(Path(folder).glob("*.json")):
+            for path in Path(folder).glob("*.json"):
                 family = ModelFamily.from_json(json.loads(path.read_text()))
                 registry.families[family.model_name] = family
+        # Listed by name (the files' names need not follow the families').
+        registry.families = dict(sorted(registry.families.items()))
         return registry
 
     def family(self, model_name: str) -> ModelFamily:

@@ -14,7 +14,14 @@ from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.status import grpc_errors
-from llmgrpc.server.validation import check_download, check_generate, check_launch, check_model_uid
+from llmgrpc.server.validation import (
+    check_detokenize,
+    check_download,
+    check_generate,
+    check_launch,
+    check_model_uid,
+    check_tokenize,
+)
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 
@@ -136,3 +143,13 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         responses = self.manager.generate(request, request_id, context.time_remaining())
         async for response in self.metrics.track_generation(request.model_uid, responses):
             yield response
+
+    @grpc_errors
+    async def Tokenize(self, request: generate_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
+        check_tokenize(request)
+        return await self.manager.tokenize(request, context.time_remaining())
+
+    @grpc_errors
+    async def Detokenize(self, request: generate_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext):
+        check_detokenize(request)
+        return await self.manager.detokenize(request, context.time_remaining())

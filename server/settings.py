@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="model names to launch at start, e.g. tiny-llama-3.1 (repeat the flag for more)",
     )
+    models_file: Path | None = Field(
+        None,
+        description="YAML or JSON file of models to launch at start, in LaunchModelRequest's words "
+        "(models: [{model_name: ..., model_uid: ..., ...}]); readiness waits for all of them",
+    )
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="where generated models are kept")
     hub_cache_dir: Path | None = Field(
         None,

@@ -23,7 +23,7 @@ from grpc_status import rpc_status
 
 from llmgrpc.clients.errors import (
     ERROR_DOMAIN,
-    InvalidArgument,
+    FieldViolation,
     LlmgrpcError,
     RemoteError,
     code_name,
@@ -76,7 +76,8 @@ def to_rpc_status(error: BaseException) -> grpc.Status:
             )
         )
     ]
-    if isinstance(error, InvalidArgument) and error.violations:
+    violations = getattr(error, "violations", None)  # InvalidArgument's, or a worker's relayed
+    if violations:
         details.append(
             _pack(
                 error_details_pb2.BadRequest(
@@ -85,7 +86,7 @@ def to_rpc_status(error: BaseException) -> grpc.Status:
                             field=clip(v.field, DESCRIPTION_LIMIT),
                             description=clip(v.description, DESCRIPTION_LIMIT),
                         )
-                        for v in error.violations[:MAX_VIOLATIONS]
+                        for v in violations[:MAX_VIOLATIONS]
                     ]
                 )
             )
@@ -101,8 +102,10 @@ def to_rpc_status(error: BaseException) -> grpc.Status:
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
-    """An error a worker process answered with, as a domain error keeping its code and reason."""
+    """An error a worker process answered with, as a domain error keeping its code, reason and
+    field violations."""
     reason, retry_after_s, metadata = None, None, {}
+    violations: list[FieldViolation] = []
     try:
         status = rpc_status.from_call(error)
     except ValueError:  # trailers that disagree with the status: keep the code and message
@@ -116,12 +119,17 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations = [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
     return RemoteError(
         code_name=error.code().name,
         message=error.details() or error.code().name,
         reason=reason,
         retry_after_s=retry_after_s,
         metadata=metadata,
+        violations=violations,
     )
 
 

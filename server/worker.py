@@ -3,7 +3,8 @@
 The server starts ``python -m llmgrpc.server.worker --socket PATH --plan JSON`` with the
 engine's interpreter. The worker serves the internal API of protos/llmgrpc/worker/v1,
 ``llmgrpc.worker.v1.WorkerService``: ``Load`` (progress, then the engine's stats),
-``Generate`` (a resolved request with the caller's deadline), ``Stats``, and ``Download``
+``Generate`` (a resolved request with the caller's deadline), ``Stats``, ``Tokenize`` and
+``Detokenize`` (the model's tokenizer), and ``Download``
 (fetch the weights only, for DownloadModel: progress, then their path). Cancelling a
 Generate call closes the engine's stream, which aborts the request. The worker exits when
 the server closes its standard input, so it never outlives the server.
@@ -35,7 +36,7 @@ from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPla
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
-from llmgrpc.v1 import models_pb2
+from llmgrpc.v1 import generate_pb2, models_pb2
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("llmgrpc.worker")
@@ -118,6 +119,29 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         if self.engine is None:
             raise Unavailable("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         return worker_pb2.StatsResponse(stats=stats_to_pb(self.engine.stats()))
+
+    @grpc_errors
+    async def Tokenize(
+        self, request: worker_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.TokenizeResponse:
+        _adopt_request_id(context)
+        tokens = await self._loaded().tokenize(request.request.text)
+        return worker_pb2.TokenizeResponse(
+            response=generate_pb2.TokenizeResponse(token_ids=tokens.token_ids, tokens=tokens.tokens)
+        )
+
+    @grpc_errors
+    async def Detokenize(
+        self, request: worker_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DetokenizeResponse:
+        _adopt_request_id(context)
+        text = await self._loaded().detokenize(list(request.request.token_ids))
+        return worker_pb2.DetokenizeResponse(response=generate_pb2.DetokenizeResponse(text=text))
+
+    def _loaded(self) -> Engine:
+        if self.engine is None:
+            raise Unavailable("the model is not loaded yet", reason=Reason.MODEL_LOADING)
+        return self.engine
 
 
 def _adopt_request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> str:

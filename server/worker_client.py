@@ -182,6 +182,28 @@ class WorkerProcess:
             async for event in self._relay(call):
                 yield event.response
 
+    async def tokenize(
+        self, request: generate_pb2.TokenizeRequest, timeout: float | None
+    ) -> generate_pb2.TokenizeResponse:
+        call = self.stub.Tokenize(
+            worker_pb2.TokenizeRequest(request=request), timeout=timeout, metadata=_request_id()
+        )
+        try:
+            return (await call).response
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error) from None
+
+    async def detokenize(
+        self, request: generate_pb2.DetokenizeRequest, timeout: float | None
+    ) -> generate_pb2.DetokenizeResponse:
+        call = self.stub.Detokenize(
+            worker_pb2.DetokenizeRequest(request=request), timeout=timeout, metadata=_request_id()
+        )
+        try:
+            return (await call).response
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error) from None
+
     async def stats(self, timeout: float = 2.0) -> worker_pb2.EngineStats:
         try:
             response = await self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout)

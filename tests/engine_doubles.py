@@ -22,11 +22,25 @@ class FakeVllmSamplingParams:
         self.kwargs = kwargs
 
 
+class FakeStructuredOutputsParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclass
 class FakeCompletion:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[dict[int, FakeLogprob]] | None = None
 
 
 @dataclass
@@ -37,9 +51,18 @@ class FakeRequestOutput:
 
 
 class FakeAsyncLLM:
-    def __init__(self, engine_args=None, fail_with: Exception | None = None):
+    def __init__(
+        self,
+        engine_args=None,
+        fail_with: Exception | None = None,
+        finish_reason: str = "length",
+        stop_reason: int | str | None = None,
+    ):
         self.engine_args = engine_args
         self.fail_with = fail_with
+        self.finish_reason = finish_reason
+        self.stop_reason = stop_reason
+        self.tokenizer = FakeTokenizer()
         self.model_config = types.SimpleNamespace(max_model_len=2048)
         self.requests: list[tuple[object, FakeVllmSamplingParams, str]] = []
         self.aborted: list[str] = []
@@ -60,12 +83,21 @@ class FakeAsyncLLM:
             last = index == len(SCRIPT) - 1
             if last:
                 self.unfinished.discard(request_id)
-            completion = FakeCompletion([token], text, "length" if last else None)
+            completion = FakeCompletion([token], text, self.finish_reason if last else None)
+            if last:
+                completion.stop_reason = self.stop_reason
+            if params.kwargs.get("logprobs") is not None:
+                # vLLM's: the sampled token (ranked 2nd here) and the top logprobs ones.
+                top = {token + 100 + rank: FakeLogprob(-0.1 * rank, rank, f"t{rank}") for rank in (1, 3)}
+                completion.logprobs = [{token: FakeLogprob(-0.2, 2, text), **top}]
             yield FakeRequestOutput([completion], finished=last)
 
     async def abort(self, request_id):
         self.aborted.append(request_id)
         self.unfinished.discard(request_id)
+
+    def get_tokenizer(self):
+        return self.tokenizer
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.unfinished)
@@ -81,15 +113,32 @@ def fake_vllm_modules() -> dict[str, types.ModuleType]:
     vllm.AsyncEngineArgs = lambda **kwargs: types.SimpleNamespace(**kwargs)
     sampling_params = types.ModuleType("vllm.sampling_params")
     sampling_params.RequestOutputKind = types.SimpleNamespace(DELTA="DELTA")
+    sampling_params.StructuredOutputsParams = FakeStructuredOutputsParams
+    config = types.ModuleType("vllm.config")
+    config.StructuredOutputsConfig = lambda **kwargs: types.SimpleNamespace(**kwargs)
     async_llm = types.ModuleType("vllm.v1.engine.async_llm")
     async_llm.AsyncLLM = FakeAsyncLLM
     return {
         "vllm": vllm,
         "vllm.sampling_params": sampling_params,
+        "vllm.config": config,
         "vllm.v1": types.ModuleType("vllm.v1"),
         "vllm.v1.engine": types.ModuleType("vllm.v1.engine"),
         "vllm.v1.engine.async_llm": async_llm,
     }
+
+
+class FakeTokenizer:
+    """A Hugging Face tokenizer's surface: one token per character, BOS (id 1) first."""
+
+    def __len__(self) -> int:
+        return 300
+
+    def encode(self, text: str) -> list[int]:
+        return [1, *(ord(c) for c in text)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(t) if t != 1 else ("" if skip_special_tokens else "<s>") for t in ids)
 
 
 # SGLang
@@ -99,6 +148,7 @@ class FakeTokenizerManager:
     def __init__(self):
         self.context_len = 4096
         self.aborted: list[str] = []
+        self.tokenizer = FakeTokenizer()
 
     def abort_request(self, rid: str = "", abort_all: bool = False):
         self.aborted.append(rid)
@@ -118,9 +168,9 @@ class FakeSGLangEngine:
         self.calls.append(kwargs)
         if self.fail_with:
             raise self.fail_with
-        return self._stream()
+        return self._stream(kwargs)
 
-    async def _stream(self):
+    async def _stream(self, kwargs):
         ids, text = [], ""
         for index, (token, piece) in enumerate(SCRIPT):
             await asyncio.sleep(0)
@@ -129,8 +179,14 @@ class FakeSGLangEngine:
             meta = {
                 "prompt_tokens": 3,
                 "completion_tokens": len(ids),
-                "finish_reason": {"type": "stop"} if last else None,
+                "finish_reason": {"type": "stop", "matched": "END"} if last else None,
             }
+            if kwargs.get("return_logprob"):
+                # SGLang's (logprob, token id, text) per token, cumulative like its text unless incremental.
+                entries = [(-0.5, t, chr(t)) for t in ids]
+                tops = [[(-0.25, t + 1, "x"), (-0.5, t, chr(t))] for t in ids]
+                meta["output_token_logprobs"] = entries[-1:] if self.incremental else entries
+                meta["output_top_logprobs"] = tops[-1:] if self.incremental else tops
             if self.incremental:
                 yield {"text": piece, "output_ids": [token], "meta_info": meta}
             else:

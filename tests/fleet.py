@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -163,3 +165,48 @@ def launch_held_at(client: Client, uid: str, gate: Gate) -> Background:
     )
     assert wait_until(gate.waited_on, 60)
     return launch
+
+
+class ServeProcess:
+    """`llmgrpc serve` as its own process (settings from env); its gRPC and health addresses
+    read from its log. Use as a context manager: on leaving, it is stopped (SIGTERM, then KILL)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path | None = None):
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd
+        )
+        self.log_lines: list[str] = []
+        self.addresses: dict[str, str] = {}
+        threading.Thread(target=self._read_log, daemon=True).start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log_lines.append(line)
+            for key, pattern in (
+                ("grpc", r"listening on ([\w.]+:\d+)"),
+                ("health", r"health.* on ([\w.]+:\d+)"),
+            ):
+                if match := re.search(pattern, line):
+                    self.addresses.setdefault(key, match.group(1))
+
+    def wait_listening(self, timeout: float = 60) -> tuple[str, str]:
+        """The gRPC and health addresses, once the log has said both."""
+        assert wait_until(lambda: len(self.addresses) == 2, timeout=timeout), self.log()
+        return self.addresses["grpc"], self.addresses["health"]
+
+    def log(self, last: int = 20) -> str:
+        return "".join(self.log_lines[-last:])
+
+    def stop(self) -> int:
+        """SIGTERM, and the exit code once it has drained."""
+        self.process.terminate()
+        return self.process.wait(timeout=30)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

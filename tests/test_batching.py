@@ -64,7 +64,8 @@ def test_eos_stop_token_and_stop_string_rules():
 
 
 def test_concurrent_sequences_share_decode_steps():
-    runner = CountingRunner()
+    # Steps slow enough that all four are admitted before the first finishes its six tokens.
+    runner = CountingRunner(step_delay_s=0.01)
     batcher = ContinuousBatcher(runner, max_batch_size=8)
 
     async def main():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import grpc
@@ -11,7 +12,14 @@ from engine_doubles import SCRIPT, FakeAsyncLLM, FakeSGLangEngine, fake_vllm_mod
 
 from llmgrpc.clients import Client
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
-from llmgrpc.engines.base import FinishReason, GenerationRequest, LoadPlan, SamplingParams, SpecRef
+from llmgrpc.engines.base import (
+    Constraint,
+    FinishReason,
+    GenerationRequest,
+    LoadPlan,
+    SamplingParams,
+    SpecRef,
+)
 from llmgrpc.engines.sglang_engine import SGLangEngine
 from llmgrpc.engines.vllm_engine import VllmEngine
 
@@ -29,6 +37,8 @@ ALL_FIELDS = SamplingParams(
     seed=42,
     ignore_eos=True,
     min_tokens=2,
+    logprobs=1,
+    logit_bias={7: -100.0},
 )
 
 
@@ -86,6 +96,8 @@ def test_vllm_maps_every_sampling_field_one_to_one(vllm_modules):
         "ignore_eos": True,
         "min_tokens": 2,
         "skip_special_tokens": True,
+        "logprobs": 1,
+        "logit_bias": {7: -100.0},
         "output_kind": "DELTA",
     }
 
@@ -152,7 +164,9 @@ def test_vllm_load_passes_engine_options_to_async_engine_args(vllm_modules):
         "tensor_parallel_size": 2,
         "gpu_memory_utilization": 0.8,
         "enforce_eager": True,
+        "structured_outputs_config": args["structured_outputs_config"],
     }
+    assert args["structured_outputs_config"].backend == "guidance"  # llguidance, as on every engine
     assert engine.stats().context_length == 2048
 
 
@@ -176,7 +190,9 @@ def test_sglang_maps_every_sampling_field():
         "ignore_eos": True,
         "skip_special_tokens": True,
         "sampling_seed": 42,
+        "logit_bias": {"7": -100.0},
     }
+    assert (call["return_logprob"], call["top_logprobs_num"], call["logprob_start_len"]) == (True, 1, -1)
     unset = SamplingParams()
     asyncio.run(collect(SGLangEngine(fake, 4096, "cuda:0"), request(unset, prompt_token_ids=(5, 6))))
     assert fake.calls[1]["input_ids"] == [5, 6]
@@ -213,14 +229,81 @@ def test_sglang_load_passes_engine_options(monkeypatch):
     module = types.ModuleType("sglang")
     module.Engine = FakeSGLangEngine
     monkeypatch.setitem(sys.modules, "sglang", module)
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "")
+    monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB")  # and removed again after the test
     engine = SGLangEngine.load(plan(tp_size=2.0, mem_fraction_static=0.85), "/models/x", lambda *a: None)
     assert engine.engine.kwargs == {
         "model_path": "/models/x",
         "max_running_requests": 8,
+        "grammar_backend": "llguidance",
         "tp_size": 2,
         "mem_fraction_static": 0.85,
     }
     assert engine.stats().context_length == 4096
+    assert os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"  # raw logprobs, as on every engine
+
+
+FORMATS = [
+    (
+        Constraint("json_schema", '{"type": "object"}'),
+        {"json": '{"type": "object"}'},
+        {"json_schema": '{"type": "object"}'},
+    ),
+    (Constraint("regex", "[0-9]+"), {"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+    (Constraint("choice", ("a", 'b"')), {"choice": ["a", 'b"']}, {"ebnf": 'start: "a" | "b\\""'}),
+    (Constraint("grammar", 'start: "x"'), {"grammar": 'start: "x"'}, {"ebnf": 'start: "x"'}),
+    (Constraint("json_object"), {"json_object": True}, {"json_schema": '{"type": "object"}'}),
+]
+
+
+@pytest.mark.parametrize("constraint, vllm_kwargs, sglang_params", FORMATS)
+def test_structured_output_maps_onto_each_library(vllm_modules, constraint, vllm_kwargs, sglang_params):
+    sampling = SamplingParams(constraint=constraint)
+    llm = FakeAsyncLLM()
+    asyncio.run(collect(VllmEngine(llm, 2048, "cuda:0"), request(sampling)))
+    assert llm.requests[0][1].kwargs["structured_outputs"].kwargs == vllm_kwargs
+    fake = FakeSGLangEngine()
+    asyncio.run(collect(SGLangEngine(fake, 4096, "cuda:0"), request(sampling)))
+    assert {k: fake.calls[0]["sampling_params"][k] for k in sglang_params} == sglang_params
+
+
+def test_vllm_logprobs_and_the_matched_stop(vllm_modules):
+    llm = FakeAsyncLLM(finish_reason="stop", stop_reason="END")
+    chunks = asyncio.run(collect(VllmEngine(llm, 2048, "cuda:0"), request(SamplingParams(logprobs=1))))
+    first = chunks[0].logprobs[0]
+    assert (first.token_id, first.logprob) == (SCRIPT[0][0], -0.2)
+    assert [t[0] for t in first.top] == [SCRIPT[0][0] + 101]  # rank 1 only: the sampled one is 2nd
+    assert chunks[-1].stop == "END"
+    eos = asyncio.run(collect(VllmEngine(FakeAsyncLLM(finish_reason="stop"), 2048, "cuda:0"), request()))
+    assert eos[-1].stop == SCRIPT[-1][0]  # end-of-text: the token that ended it
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_sglang_logprobs_and_the_matched_stop(incremental: bool):
+    fake = FakeSGLangEngine(incremental=incremental)
+    chunks = asyncio.run(collect(SGLangEngine(fake, 4096, "cuda:0"), request(SamplingParams(logprobs=2))))
+    logprobs = [entry for chunk in chunks for entry in chunk.logprobs]
+    assert [entry.token_id for entry in logprobs] == [token for token, _ in SCRIPT]
+    assert [t[0] for t in logprobs[0].top] == [SCRIPT[0][0] + 1, SCRIPT[0][0]]
+    assert chunks[-1].stop == "END"
+
+
+def test_library_engines_tokenize_truncate_and_detokenize(vllm_modules):
+    llm = FakeAsyncLLM()
+    engine = VllmEngine(llm, 2048, "cuda:0")
+    tokens = asyncio.run(engine.tokenize("Hi"))
+    assert (tokens.token_ids, tokens.tokens) == ([1, ord("H"), ord("i")], ["<s>", "H", "i"])
+    assert asyncio.run(engine.detokenize(tokens.token_ids)) == "Hi"
+    with pytest.raises(InvalidArgument) as raised:
+        asyncio.run(engine.detokenize([10**6]))
+    assert raised.value.violations[0].field == "token_ids"
+    asyncio.run(collect(engine, request(SamplingParams(truncate_prompt_tokens=2), prompt="abc")))
+    assert llm.requests[0][0] == {"prompt_token_ids": [ord("b"), ord("c")]}
+    fake = FakeSGLangEngine()
+    asyncio.run(
+        collect(SGLangEngine(fake, 4096, "cuda:0"), request(SamplingParams(truncate_prompt_tokens=2)))
+    )
+    assert fake.calls[0]["input_ids"] == [ord("H"), ord("i")]
 
 
 @pytest.mark.skipif(

@@ -66,3 +66,43 @@ def test_generate_streams_through_grpcurl(running_server, tiny):
     assert messages[-1]["finishReason"] == "FINISH_REASON_LENGTH"
     assert messages[-1]["usage"]["completionTokens"] == 6
     assert sum(len(m.get("tokenIds", [])) for m in messages) == 6
+
+
+def test_the_inference_protocols_are_listed_and_described(running_server):
+    services = set(grpcurl(running_server.endpoint, "list").split())
+    assert {
+        "llmgrpc.v1.GenerateService",
+        "inference.GRPCInferenceService",
+        "fmaas.GenerationService",
+    } <= services
+    described = grpcurl(running_server.endpoint, "describe", "inference.GRPCInferenceService")
+    assert "rpc ModelStreamInfer ( stream .inference.ModelInferRequest )" in described
+    assert "triton_final_response" in described  # the comments come with it
+    described = grpcurl(running_server.endpoint, "describe", "fmaas.GenerationService")
+    assert "rpc GenerateStream ( .fmaas.SingleGenerationRequest )" in described
+    assert "model_id" in grpcurl(running_server.endpoint, "describe", "fmaas.BatchedGenerationRequest")
+
+
+def test_model_infer_through_grpcurl(running_server, tiny):
+    request = {
+        "model_name": "tiny",
+        "inputs": [
+            {
+                "name": "text_input",
+                "datatype": "BYTES",
+                "shape": [1],
+                "contents": {"bytes_contents": ["SGVsbG8="]},
+            },
+            {
+                "name": "sampling_parameters",
+                "datatype": "BYTES",
+                "shape": [1],
+                "contents": {"bytes_contents": ["eyJ0ZW1wZXJhdHVyZSI6IDAsICJtYXhfdG9rZW5zIjogNn0="]},
+            },
+        ],
+    }
+    (answer,) = json_stream(
+        grpcurl(running_server.endpoint, "inference.GRPCInferenceService/ModelInfer", data=request)
+    )
+    assert answer["outputs"][0]["name"] == "text_output"
+    assert answer["parameters"]["completion_tokens"]["int64Param"] == "6"

@@ -13,6 +13,7 @@ Budget: the hypothesis profile (tests/conftest.py): "ci" by default, "thorough" 
 
 from __future__ import annotations
 
+import json
 import socket
 from collections import Counter
 
@@ -44,6 +45,8 @@ METHODS = {
     "/llmgrpc.v1.ModelService/GetModel": (models_pb2.GetModelRequest, False, False, 5.0),
     "/llmgrpc.v1.ModelService/TerminateModel": (models_pb2.TerminateModelRequest, False, False, 5.0),
     "/llmgrpc.v1.GenerateService/Generate": (generate_pb2.GenerateRequest, True, False, 1.0),
+    "/llmgrpc.v1.GenerateService/Tokenize": (generate_pb2.TokenizeRequest, False, False, 5.0),
+    "/llmgrpc.v1.GenerateService/Detokenize": (generate_pb2.DetokenizeRequest, False, False, 5.0),
     "/grpc.health.v1.Health/Check": (health_pb2.HealthCheckRequest, False, False, 5.0),
     "/grpc.health.v1.Health/Watch": (health_pb2.HealthCheckRequest, True, False, 0.1),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": (
@@ -226,6 +229,25 @@ def launch_requests(draw) -> bytes:
     return request.SerializeToString()
 
 
+# Formats valid and not: schemas, regexes and grammars that compile, and ones that do not.
+STRUCTURED_OUTPUTS = st.one_of(
+    st.builds(
+        lambda text: {"json_schema": text},
+        st.one_of(
+            st.just('{"type": "object", "properties": {"a": {"type": "integer"}}}'),
+            st.just('{"type": "nonsense"}'),
+            st.builds(json.dumps, JSON),
+            STRINGS,
+        ),
+    ),
+    st.builds(lambda text: {"regex": text}, st.one_of(st.just("[0-9]{2}"), st.just("(["), STRINGS)),
+    st.builds(lambda choices: {"choice": {"choices": choices}}, st.lists(STRINGS, max_size=4)),
+    st.builds(lambda text: {"grammar": text}, st.one_of(st.just('start: "a" | "b"'), STRINGS)),
+    st.builds(lambda value: {"json_object": value}, st.booleans()),
+    st.just({}),
+)
+
+
 @st.composite
 def generate_requests(draw) -> bytes:
     optional_numbers = {
@@ -239,6 +261,8 @@ def generate_requests(draw) -> bytes:
         "frequency_penalty": MOSTLY_VALID,
         "seed": INT64,
         "min_tokens": st.one_of(st.integers(0, 4), INT32),
+        "logprobs": st.one_of(st.integers(0, 20), INT32),
+        "truncate_prompt_tokens": st.one_of(st.integers(1, 8), INT32),
     }
     fields = draw(
         st.fixed_dictionaries(
@@ -247,6 +271,9 @@ def generate_requests(draw) -> bytes:
                 "stop": st.lists(STRINGS, max_size=5),
                 "stop_token_ids": st.lists(INT32, max_size=5),
                 "ignore_eos": st.booleans(),
+                "logit_bias": st.dictionaries(INT32, st.one_of(MOSTLY_VALID, FLOATS), max_size=4),
+                "priority": INT32,
+                "structured_output": STRUCTURED_OUTPUTS,
                 **optional_numbers,
             },
         )
@@ -360,6 +387,16 @@ def test_every_rpc_answers_generated_messages(target, robustness_tally: Counter)
             lambda u: models_pb2.TerminateModelRequest(model_uid=u).SerializeToString()
         ),
         "/llmgrpc.v1.GenerateService/Generate": generate_requests(),
+        "/llmgrpc.v1.GenerateService/Tokenize": st.builds(
+            lambda uid, text: generate_pb2.TokenizeRequest(model_uid=uid, text=text).SerializeToString(),
+            st.one_of(st.just("tiny"), STRINGS),
+            STRINGS,
+        ),
+        "/llmgrpc.v1.GenerateService/Detokenize": st.builds(
+            lambda uid, ids: generate_pb2.DetokenizeRequest(model_uid=uid, token_ids=ids).SerializeToString(),
+            st.one_of(st.just("tiny"), STRINGS),
+            TOKEN_IDS,
+        ),
         "/grpc.health.v1.Health/Check": STRINGS.map(
             lambda s: health_pb2.HealthCheckRequest(service=s).SerializeToString()
         ),
@@ -376,8 +413,8 @@ def test_every_rpc_answers_generated_messages(target, robustness_tally: Counter)
         method, payload, metadata = case
         send(channel, method, payload, metadata, robustness_tally)
 
-    # Nine methods share this test: three times the profile's examples.
-    settings(max_examples=3 * settings().max_examples)(one)()
+    # Eleven methods share this test: four times the profile's examples.
+    settings(max_examples=4 * settings().max_examples)(one)()
     still_serves(server)
 
 

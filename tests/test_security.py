@@ -171,6 +171,8 @@ def test_token_table_roles_and_bearer_parsing(tmp_path):
 
     authorize("/llmgrpc.v1.ModelService/LaunchModel", "admin")
     authorize("/llmgrpc.v1.GenerateService/Generate", "inference")
+    authorize("/llmgrpc.v1.GenerateService/Tokenize", "inference")
+    authorize("/llmgrpc.v1.GenerateService/Detokenize", "inference")
     for method in (
         "/llmgrpc.v1.ModelService/LaunchModel",
         "/llmgrpc.v1.ModelService/TerminateModel",

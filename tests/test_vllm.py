@@ -8,13 +8,16 @@ The server runs here; the model's worker runs on the vLLM environment's interpre
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
 from conftest import TINY, RunningServer
 from rpc_helpers import rpc_error
@@ -107,6 +110,46 @@ def test_greedy_tokens_equal_the_transformers_engine(client: Client):
     assert len(on_vllm) > 1  # streamed as it decodes, not in one piece
 
 
+def test_structured_output_holds_for_20_seeds(client: Client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "count": {"type": "integer", "minimum": 0, "maximum": 999},
+            "color": {"enum": ["red", "green", "blue"]},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        },
+        "required": ["count", "color"],
+        "additionalProperties": False,
+    }
+    for seed in range(20):
+        sampling = {"max_tokens": 200, "temperature": 1.0, "seed": seed}
+        pieces = list(
+            client.generate(VLLM_UID, PROMPT, structured_output={"regex": "[0-9]{3}-[0-9]{4}"}, **sampling)
+        )
+        assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", "".join(p.text for p in pieces))
+        pieces = list(
+            client.generate(
+                VLLM_UID, PROMPT, structured_output={"json_schema": json.dumps(schema)}, **sampling
+            )
+        )
+        jsonschema.validate(json.loads("".join(p.text for p in pieces)), schema)
+    with pytest.raises(grpc.RpcError) as raised:
+        list(client.generate(VLLM_UID, PROMPT, structured_output={"regex": "[0-9"}))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_logprobs_and_tokenize_agree_with_the_transformers_engine(client: Client):
+    sampling = {"max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+    on_vllm = [e for p in client.generate(VLLM_UID, PROMPT, **sampling) for e in p.logprobs]
+    on_transformers = [e for p in client.generate(TRANSFORMERS_UID, PROMPT, **sampling) for e in p.logprobs]
+    for a, b in zip(on_vllm, on_transformers, strict=True):
+        assert a.token_id == b.token_id == a.top_logprobs[0].token_id
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    tokens = client.tokenize(VLLM_UID, PROMPT)
+    assert list(tokens.token_ids) == list(client.tokenize(TRANSFORMERS_UID, PROMPT).token_ids)
+    assert client.detokenize(VLLM_UID, list(tokens.token_ids)) == PROMPT
+
+
 def test_seeded_sampling_is_reproducible(client: Client):
     sampling = {"max_tokens": 24, "temperature": 1.0, "top_p": 0.95, "ignore_eos": True}
     first = token_ids(client, VLLM_UID, PROMPT, seed=1234, **sampling)
@@ -196,3 +239,25 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_vllm_starts(client: Cli
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "needs about" in error.details()
     assert all(model.model_uid != "too-big" for model in client.list_models())
+
+
+def test_chat_on_vllm_renders_the_models_own_template(client: Client, cache_dir: Path):
+    """The same messages give the same prompt ids on vLLM as Hugging Face's apply_chat_template."""
+    instruct = "tiny-llama-3.1-instruct"
+    client.launch(
+        instruct, model_engine="vLLM", model_uid="chat-on-vllm", engine_options=VLLM_OPTIONS, timeout=900
+    )
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cache_dir / instruct / "pytorch")
+        messages = [
+            {"role": "system", "content": "You answer in one word."},
+            {"role": "user", "content": "Name a colour."},
+        ]
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        *_, last = client.chat("chat-on-vllm", messages, max_tokens=2, temperature=0)
+        assert last.usage.prompt_tokens == len(expected)
+    finally:
+        client.terminate("chat-on-vllm")

@@ -40,6 +40,16 @@ class GenerateServiceStub:
                 request_serializer=llmgrpc_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/llmgrpc.v1.GenerateService/Tokenize',
+                request_serializer=llmgrpc_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/llmgrpc.v1.GenerateService/Detokenize',
+                request_serializer=llmgrpc_dot_v1_dot_generate__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_v1_dot_generate__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GenerateServiceServicer:
@@ -56,6 +66,23 @@ class GenerateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenize turns text into the model's token ids, exactly as Generate
+        tokenizes a prompt (with the beginning-of-text token the tokenizer adds), so
+        their count is Generate's usage.prompt_tokens for the same text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize turns token ids back into text, leaving special tokens (such as
+        the beginning-of-text token) out, as Generate's text does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +90,16 @@ def add_GenerateServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=llmgrpc_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
                     response_serializer=llmgrpc_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=llmgrpc_dot_v1_dot_generate__pb2.TokenizeRequest.FromString,
+                    response_serializer=llmgrpc_dot_v1_dot_generate__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=llmgrpc_dot_v1_dot_generate__pb2.DetokenizeRequest.FromString,
+                    response_serializer=llmgrpc_dot_v1_dot_generate__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +130,60 @@ class GenerateService:
             '/llmgrpc.v1.GenerateService/Generate',
             llmgrpc_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
             llmgrpc_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.v1.GenerateService/Tokenize',
+            llmgrpc_dot_v1_dot_generate__pb2.TokenizeRequest.SerializeToString,
+            llmgrpc_dot_v1_dot_generate__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.v1.GenerateService/Detokenize',
+            llmgrpc_dot_v1_dot_generate__pb2.DetokenizeRequest.SerializeToString,
+            llmgrpc_dot_v1_dot_generate__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,15 @@ class GenerateServiceStub:
     call, or passing its deadline, stops the engine's work on the request
     within one decode step.
     """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_generate_pb2.TokenizeRequest, _generate_pb2.TokenizeResponse]
+    """Tokenize turns text into the model's token ids, exactly as Generate
+    tokenizes a prompt (with the beginning-of-text token the tokenizer adds), so
+    their count is Generate's usage.prompt_tokens for the same text.
+    """
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_generate_pb2.DetokenizeRequest, _generate_pb2.DetokenizeResponse]
+    """Detokenize turns token ids back into text, leaving special tokens (such as
+    the beginning-of-text token) out, as Generate's text does.
+    """
 
 @_typing.type_check_only
 class GenerateServiceAsyncStub(GenerateServiceStub):
@@ -50,6 +59,15 @@ class GenerateServiceAsyncStub(GenerateServiceStub):
     last message carries the finish reason and the token usage. Cancelling the
     call, or passing its deadline, stops the engine's work on the request
     within one decode step.
+    """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_generate_pb2.TokenizeRequest, _generate_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Tokenize turns text into the model's token ids, exactly as Generate
+    tokenizes a prompt (with the beginning-of-text token the tokenizer adds), so
+    their count is Generate's usage.prompt_tokens for the same text.
+    """
+    Detokenize: _aio.UnaryUnaryMultiCallable[_generate_pb2.DetokenizeRequest, _generate_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Detokenize turns token ids back into text, leaving special tokens (such as
+    the beginning-of-text token) out, as Generate's text does.
     """
 
 class GenerateServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +83,27 @@ class GenerateServiceServicer(metaclass=_abc_1.ABCMeta):
         last message carries the finish reason and the token usage. Cancelling the
         call, or passing its deadline, stops the engine's work on the request
         within one decode step.
+        """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _generate_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generate_pb2.TokenizeResponse, _abc.Awaitable[_generate_pb2.TokenizeResponse]]:
+        """Tokenize turns text into the model's token ids, exactly as Generate
+        tokenizes a prompt (with the beginning-of-text token the tokenizer adds), so
+        their count is Generate's usage.prompt_tokens for the same text.
+        """
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _generate_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generate_pb2.DetokenizeResponse, _abc.Awaitable[_generate_pb2.DetokenizeResponse]]:
+        """Detokenize turns token ids back into text, leaving special tokens (such as
+        the beginning-of-text token) out, as Generate's text does.
         """
 
 def add_GenerateServiceServicer_to_server(servicer: GenerateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

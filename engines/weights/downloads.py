@@ -90,16 +90,23 @@ def download(plan: LoadPlan, report: ProgressReport, free_bytes: FreeBytes | Non
     listed = [hub["name"] for hub in spec.hubs]
     order = hubs.hub_order(listed, plan.download_hub, hubs.unavailable_reasons())
     if spec.model_format.startswith("gguf"):
-        filename = spec.model_file_name_template.format(quantization=spec.quantization)
-        wanted_by_hub = {h["name"]: Wanted(h["model_id"], filename=filename) for h in spec.hubs}
+        # One file, or the parts of a split one (fetched in order; the first is what is loaded).
+        file_names = spec.file_names or [spec.model_file_name_template.format(quantization=spec.quantization)]
+        wanted_by_hub = {
+            h["name"]: [Wanted(h["model_id"], filename=name) for name in file_names] for h in spec.hubs
+        }
     else:
-        wanted_by_hub = {h["name"]: Wanted(h["model_id"], patterns=PYTORCH_FILES) for h in spec.hubs}
+        wanted_by_hub = {h["name"]: [Wanted(h["model_id"], patterns=PYTORCH_FILES)] for h in spec.hubs}
     failures: list[tuple[str, LlmgrpcError]] = []
     for name in order:
         cache = Path(plan.hub_cache_dir) / name if plan.hub_cache_dir else None
         source = SOURCES[name](cache)
         try:
-            return fetch_from(source, wanted_by_hub[name], report, free_bytes or disk_free_bytes)
+            paths = [
+                fetch_from(source, wanted, report, free_bytes or disk_free_bytes)
+                for wanted in wanted_by_hub[name]
+            ]
+            return paths[0]
         except ResourceExhausted:
             raise  # the disk is the same for every hub
         except LlmgrpcError as error:

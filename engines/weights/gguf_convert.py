@@ -279,9 +279,13 @@ def _write_atomically(target: Path, write) -> Path:
 
 
 def ensure_tiny_gguf(
-    cache_dir: Path, quantization: str, file_name_template: str = TINY_FILE_NAME_TEMPLATE
+    cache_dir: Path,
+    quantization: str,
+    file_name_template: str = TINY_FILE_NAME_TEMPLATE,
+    name: str = tiny_model.NAME,
 ) -> Path:
-    """The tiny model's GGUF file in quantization, made first if it is not in cache_dir yet.
+    """The tiny model called name as a GGUF file in quantization, made first if it is not in
+    cache_dir yet.
 
     The Hugging Face files are the ones the pytorch spec uses; the F32 conversion is made
     once and every quantization from it.
@@ -289,16 +293,16 @@ def ensure_tiny_gguf(
     quantization = quantization.upper()
     if quantization != UNQUANTIZED and quantization not in QUANTIZATIONS:
         valid = ", ".join((*QUANTIZATIONS, UNQUANTIZED))
-        raise InvalidArgument(f"{tiny_model.NAME} has no GGUF quantization {quantization!r}; valid: {valid}")
-    root = Path(cache_dir) / tiny_model.NAME
+        raise InvalidArgument(f"{name} has no GGUF quantization {quantization!r}; valid: {valid}")
+    root = Path(cache_dir) / name
     folder = root / "ggufv2"
     target = folder / file_name_template.format(quantization=quantization)
     if target.exists():
         return target
     unquantized = folder / file_name_template.format(quantization=UNQUANTIZED)
     if not unquantized.exists():
-        hf_files = tiny_model.ensure(root / "pytorch")
-        _write_atomically(unquantized, lambda path: convert_llama(hf_files, path, name=tiny_model.NAME))
+        hf_files = tiny_model.ensure(root / "pytorch", name)
+        _write_atomically(unquantized, lambda path: convert_llama(hf_files, path, name=name))
     if quantization == UNQUANTIZED:
         return unquantized
     return _write_atomically(target, lambda path: quantize(unquantized, path, quantization))

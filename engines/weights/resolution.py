@@ -25,24 +25,27 @@ def resolve(plan: LoadPlan, report: ProgressReport) -> str:
                 f"model_path {plan.model_path!r} does not exist on the server", reason=Reason.WEIGHTS_MISSING
             )
         if path.is_dir() and spec.model_format.startswith("gguf"):
-            file_name = spec.model_file_name_template.format(quantization=spec.quantization)
+            file_name = (
+                spec.file_names or [spec.model_file_name_template.format(quantization=spec.quantization)]
+            )[0]
             return str(gguf_file_in(path, file_name))
         return str(path)
-    if spec.generator == tiny_model.NAME:
+    if spec.generator in tiny_model.VARIANTS:
+        name = spec.generator
         if spec.model_format.startswith("gguf"):
             # Imported here: gguf and llama_cpp are only in the llama.cpp engine's environment.
             from llmgrpc.engines.weights import gguf_convert
 
             report("generating", 0, 0)
             path = gguf_convert.ensure_tiny_gguf(
-                Path(plan.cache_dir), spec.quantization, spec.model_file_name_template
+                Path(plan.cache_dir), spec.quantization, spec.model_file_name_template, name=name
             )
             return str(path)
-        target = Path(plan.cache_dir) / tiny_model.NAME / spec.model_format
+        target = Path(plan.cache_dir) / name / spec.model_format
         if spec.model_format != "pytorch":
-            raise FailedPrecondition(f"{tiny_model.NAME} has no {spec.model_format} weights to generate")
+            raise FailedPrecondition(f"{name} has no {spec.model_format} weights to generate")
         report("generating", 0, 0)
-        return str(tiny_model.ensure(target))
+        return str(tiny_model.ensure(target, name))
     return downloads.download(plan, report)
 
 

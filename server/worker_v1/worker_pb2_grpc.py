@@ -56,6 +56,16 @@ class WorkerServiceStub:
                 request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/llmgrpc.worker.v1.WorkerService/Tokenize',
+                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/llmgrpc.worker.v1.WorkerService/Detokenize',
+                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -97,6 +107,21 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
+        tokenizes a prompt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Detokenize decodes token ids with the loaded model's tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +144,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeRequest.FromString,
+                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.FromString,
+                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +266,60 @@ class WorkerService:
             '/llmgrpc.worker.v1.WorkerService/Stats',
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.worker.v1.WorkerService/Tokenize',
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeRequest.SerializeToString,
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.worker.v1.WorkerService/Detokenize',
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.SerializeToString,
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

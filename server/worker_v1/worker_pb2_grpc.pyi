@@ -57,6 +57,12 @@ class WorkerServiceStub:
     """Stats reports the loaded engine's numbers; the server also calls it to
     tell whether the worker still answers.
     """
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_worker_pb2.TokenizeRequest, _worker_pb2.TokenizeResponse]
+    """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
+    tokenizes a prompt.
+    """
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DetokenizeRequest, _worker_pb2.DetokenizeResponse]
+    """Detokenize decodes token ids with the loaded model's tokenizer."""
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -83,6 +89,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """Stats reports the loaded engine's numbers; the server also calls it to
     tell whether the worker still answers.
     """
+    Tokenize: _aio.UnaryUnaryMultiCallable[_worker_pb2.TokenizeRequest, _worker_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
+    tokenizes a prompt.
+    """
+    Detokenize: _aio.UnaryUnaryMultiCallable[_worker_pb2.DetokenizeRequest, _worker_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Detokenize decodes token ids with the loaded model's tokenizer."""
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkerService serves the one model its process was started for. The process
@@ -130,5 +142,23 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stats reports the loaded engine's numbers; the server also calls it to
         tell whether the worker still answers.
         """
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _worker_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.TokenizeResponse, _abc.Awaitable[_worker_pb2.TokenizeResponse]]:
+        """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
+        tokenizes a prompt.
+        """
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _worker_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.DetokenizeResponse, _abc.Awaitable[_worker_pb2.DetokenizeResponse]]:
+        """Detokenize decodes token ids with the loaded model's tokenizer."""
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,143 @@
+"""The models file: the set of models a server launches at start, declared in a file.
+
+YAML (or JSON, which YAML reads too) with one key, ``models``: a list of launches in
+LaunchModelRequest's words::
+
+    models:
+      - model_name: llama-3.1-instruct    # required: the family
+        model_uid: llama                  # default: model_name
+        model_engine: llama.cpp           # the rest as in LaunchModelRequest
+        model_format: ggufv2
+        size_in_billions: "8"
+        quantization: Q4_K_M
+        device: cuda:0
+        engine_options: {n_gpu_layers: -1}
+        download_hub: auto                # or model_path: /models/llama.gguf
+        idle_unload_s: 600
+      - model_name: tiny-llama-3.1
+
+Parsing is pure: ``parse_models`` checks every entry and names the entry and the field of the
+first problem (unknown keys are refused, so a typo never silently launches the wrong model).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmgrpc.server.manager import LaunchRequest
+from llmgrpc.server.registry import SpecQuery
+
+__all__ = ["ModelsFileError", "launch_requests", "load_models_file", "parse_models"]
+
+# The spec words, as LaunchModelRequest names them (SpecQuery's fields).
+_QUERY_FIELDS = ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")
+_TEXT_FIELDS = (*_QUERY_FIELDS, "model_uid", "model_path", "device", "download_hub")
+_KNOWN_FIELDS = (*_TEXT_FIELDS, "engine_options", "idle_unload_s")
+
+
+class ModelsFileError(ValueError):
+    """The models file cannot be read or one of its entries is not a valid launch."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where a problem is: 'models[1] (tiny)'."""
+
+    index: int
+    uid: str
+
+    def __str__(self) -> str:
+        return f"models[{self.index}]" + (f" ({self.uid})" if self.uid else "")
+
+
+def _text(entry: _Entry, name: str, value: Any) -> str:
+    # YAML reads `size_in_billions: 8` as a number; the registry's words are text.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ModelsFileError(f"{entry}: {name} must be text, not {type(value).__name__} ({value!r})")
+    return str(value)
+
+
+def _launch(index: int, item: Any) -> LaunchRequest:
+    if not isinstance(item, dict):
+        raise ModelsFileError(f"models[{index}]: each model is a mapping of LaunchModelRequest fields")
+    uid = item.get("model_uid") or item.get("model_name") or ""
+    entry = _Entry(index, uid if isinstance(uid, str) else "")
+    unknown = sorted(str(key) for key in item if key not in _KNOWN_FIELDS)
+    if unknown:
+        raise ModelsFileError(
+            f"{entry}: unknown field {', '.join(unknown)}; known fields: {', '.join(_KNOWN_FIELDS)}"
+        )
+    words = {name: _text(entry, name, item[name]) for name in _TEXT_FIELDS if item.get(name) is not None}
+    if not words.get("model_name"):
+        raise ModelsFileError(f"{entry}: model_name is required (the model family, e.g. tiny-llama-3.1)")
+    engine_options = item.get("engine_options") or {}
+    if not isinstance(engine_options, dict) or not all(isinstance(key, str) for key in engine_options):
+        raise ModelsFileError(f"{entry}: engine_options must be a mapping of option names to values")
+    idle_unload_s = item.get("idle_unload_s")
+    if idle_unload_s is not None and (
+        isinstance(idle_unload_s, bool)
+        or not isinstance(idle_unload_s, (int, float))
+        or not math.isfinite(idle_unload_s)
+        or idle_unload_s < 0
+    ):
+        raise ModelsFileError(f"{entry}: idle_unload_s must be seconds >= 0, not {idle_unload_s!r}")
+    return LaunchRequest(
+        query=SpecQuery(**{name: words.get(name, "") for name in _QUERY_FIELDS}),
+        # Like --launch NAME: the family's name is the uid unless one is given.
+        model_uid=words.get("model_uid") or words["model_name"],
+        model_path=words.get("model_path", ""),
+        device=words.get("device", ""),
+        engine_options=dict(engine_options),
+        download_hub=words.get("download_hub", ""),
+        idle_unload_s=None if idle_unload_s is None else float(idle_unload_s),
+    )
+
+
+def parse_models(document: Any) -> list[LaunchRequest]:
+    """The launches of a parsed models file; ModelsFileError naming the entry and field if invalid."""
+    if not isinstance(document, dict) or set(document) != {"models"}:
+        raise ModelsFileError("a models file is a mapping with one key, models: a list of launches")
+    items = document["models"]
+    if not isinstance(items, list):
+        raise ModelsFileError("models must be a list of launches")
+    launches = [_launch(index, item) for index, item in enumerate(items)]
+    return _unique(launches)
+
+
+def _unique(launches: list[LaunchRequest]) -> list[LaunchRequest]:
+    seen: set[str] = set()
+    for launch in launches:
+        if launch.model_uid in seen:
+            raise ModelsFileError(
+                f"model_uid {launch.model_uid!r} is launched twice; give each model its own model_uid"
+            )
+        seen.add(launch.model_uid)
+    return launches
+
+
+def load_models_file(path: Path) -> list[LaunchRequest]:
+    """Read and check a models file (YAML or JSON)."""
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ModelsFileError(f"cannot read models file {path}: {error}") from None
+    try:
+        return parse_models(document)
+    except ModelsFileError as error:
+        raise ModelsFileError(f"{path}: {error}") from None
+
+
+def launch_requests(models_file: Path | None, launch_names: list[str]) -> list[LaunchRequest]:
+    """Every launch a server makes at start: the models file's, then each --launch NAME (its
+    short form: the family under its own name as uid)."""
+    launches = load_models_file(models_file) if models_file is not None else []
+    launches += [LaunchRequest(query=SpecQuery(model_name=name), model_uid=name) for name in launch_names]
+    try:
+        return _unique(launches)
+    except ModelsFileError as error:
+        raise ModelsFileError(f"{error} (between the models file and --launch)") from None

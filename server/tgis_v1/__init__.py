@@ -1,0 +1,1 @@
+"""Generated from protos/llmgrpc/tgis/v1 by protos/generate.py; do not edit."""

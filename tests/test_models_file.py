@@ -1,0 +1,147 @@
+"""The models file (llmgrpc serve --models-file): entries in LaunchModelRequest's words become
+launches; a bad entry is refused naming the entry and the field; a server whose model fails to
+launch exits non-zero with the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmgrpc.server.models_file import ModelsFileError, launch_requests, load_models_file, parse_models
+from llmgrpc.server.registry import SpecQuery
+
+LLMGRPC = Path(sys.executable).with_name("llmgrpc")
+
+
+def test_entries_become_launches():
+    (full, short) = parse_models(
+        yaml.safe_load(
+            """
+models:
+  - model_name: llama-3.1
+    model_uid: llama
+    model_engine: llama.cpp
+    model_format: ggufv2
+    size_in_billions: 8
+    quantization: Q4_K_M
+    device: cuda:1
+    engine_options: {n_gpu_layers: -1, context_length: 4096}
+    download_hub: modelscope
+    idle_unload_s: 600
+  - model_name: tiny-llama-3.1
+"""
+        )
+    )
+    assert full.query == SpecQuery("llama-3.1", "llama.cpp", "ggufv2", "8", "Q4_K_M")
+    assert (full.model_uid, full.device, full.download_hub, full.idle_unload_s) == (
+        "llama",
+        "cuda:1",
+        "modelscope",
+        600,
+    )
+    assert full.engine_options == {"n_gpu_layers": -1, "context_length": 4096}
+    assert full.wait  # a server starts ready only with every model READY
+    # Like --launch NAME: the family's name is the uid; everything else is the server's default.
+    assert (short.query, short.model_uid, short.idle_unload_s) == (
+        SpecQuery("tiny-llama-3.1"),
+        "tiny-llama-3.1",
+        None,
+    )
+
+
+def test_json_is_read_too(tmp_path):
+    path = tmp_path / "models.json"
+    path.write_text('{"models": [{"model_name": "tiny-llama-3.1", "model_uid": "a"}]}')
+    assert [launch.model_uid for launch in load_models_file(path)] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (
+            [{"model_name": "tiny-llama-3.1", "model_engin": "llama.cpp"}],
+            "models[0] (tiny-llama-3.1): unknown field model_engin",
+        ),
+        ([{"model_uid": "x"}], "models[0] (x): model_name is required"),
+        (
+            [{"model_name": "a"}, {"model_name": "b", "size_in_billions": 0.5}],
+            "models[1] (b): size_in_billions must be text",
+        ),
+        (
+            [{"model_name": "a", "engine_options": ["n_threads", 2]}],
+            "models[0] (a): engine_options must be a mapping",
+        ),
+        ([{"model_name": "a", "idle_unload_s": -1}], "models[0] (a): idle_unload_s must be seconds >= 0"),
+        ([{"model_name": "a", "idle_unload_s": "soon"}], "idle_unload_s must be seconds >= 0"),
+        ([{"model_name": "a", "wait": False}], "unknown field wait"),
+        ([{"model_name": "a"}, {"model_name": "a"}], "model_uid 'a' is launched twice"),
+        (["tiny-llama-3.1"], "models[0]: each model is a mapping"),
+        ({"model_name": "a"}, "models must be a list"),
+    ],
+)
+def test_a_bad_entry_is_named_with_its_field(models, message):
+    with pytest.raises(ModelsFileError) as error:
+        parse_models({"models": models})
+    assert message in str(error.value)
+
+
+def test_a_file_of_another_shape_is_refused(tmp_path):
+    with pytest.raises(ModelsFileError, match="one key, models"):
+        parse_models([{"model_name": "a"}])
+    with pytest.raises(ModelsFileError, match="one key, models"):
+        parse_models({"models": [], "extra": 1})
+    path = tmp_path / "models.yaml"
+    path.write_text("models: [\n")
+    with pytest.raises(ModelsFileError, match="cannot read models file"):
+        load_models_file(path)
+    with pytest.raises(ModelsFileError, match="cannot read models file"):
+        load_models_file(tmp_path / "missing.yaml")
+
+
+def test_launch_flags_add_to_the_file(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("models: [{model_name: tiny-llama-3.1, model_uid: tiny}]")
+    assert [launch.model_uid for launch in launch_requests(path, ["tiny-llama-3.1"])] == [
+        "tiny",
+        "tiny-llama-3.1",
+    ]
+    assert [launch.model_uid for launch in launch_requests(None, ["tiny-llama-3.1"])] == ["tiny-llama-3.1"]
+    with pytest.raises(ModelsFileError, match="between the models file and --launch"):
+        launch_requests(path, ["tiny"])
+
+
+def serve(tmp_path: Path, cache_dir: Path, models: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "models.yaml"
+    path.write_text(models)
+    return subprocess.run(
+        [str(LLMGRPC), "serve", "--port", "0", "--models-file", str(path), "--cache-dir", str(cache_dir)],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_bad_models_file_stops_the_server_before_it_listens(tmp_path, cache_dir):
+    finished = serve(tmp_path, cache_dir, "models: [{model_name: tiny-llama-3.1, quantisation: Q4_K_M}]")
+    assert finished.returncode != 0
+    assert "models[0] (tiny-llama-3.1): unknown field quantisation" in finished.stderr
+    assert "listening" not in finished.stderr
+
+
+def test_a_model_that_fails_to_launch_stops_the_server_with_the_reason(tmp_path, cache_dir):
+    finished = serve(
+        tmp_path,
+        cache_dir,
+        "models:\n  - {model_name: tiny-llama-3.1, model_uid: good}\n"
+        "  - {model_name: tiny-llama-3.1, model_uid: bad, quantization: Q9_X}\n",
+    )
+    assert finished.returncode != 0
+    last_line = finished.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("llmgrpc: launching bad failed:"), finished.stderr[-2000:]
+    assert "Q9_X" in last_line and "Traceback" not in finished.stderr
+    assert "is ready on" not in finished.stdout

@@ -1,0 +1,36 @@
+"""TGIS (fmaas.GenerationService) through a client generated from the protocol's proto."""
+
+from __future__ import annotations
+
+import protocol_clients
+from rpc_helpers import collect
+
+PROMPTS = ["The capital of France is", "Once upon a time"]
+
+
+def test_tgis_generate_stream_tokenize_and_model_info(running_server, client, tiny):
+    answers = protocol_clients.run(
+        "tgis", running_server.endpoint, model="tiny", prompts=PROMPTS, max_new_tokens=8
+    )
+    expected = [collect(client.generate("tiny", p, temperature=0, max_tokens=8))[1] for p in PROMPTS]
+    batch = answers["batch"]
+    assert [r.get("text", "") for r in batch] == expected
+    for response, tokenized in zip(batch, answers["tokenize"], strict=True):
+        assert response["stop_reason"] in ("MAX_TOKENS", "EOS_TOKEN")
+        assert response["generated_token_count"] <= 8
+        # Tokenize counts a text's tokens as a prompt's: what Generate reports it read.
+        assert tokenized["token_count"] == response["input_token_count"] > 0
+        assert len(tokenized["tokens"]) == tokenized["token_count"]
+
+    stream = answers["stream"]
+    assert "".join(r.get("text", "") for r in stream) == expected[0]
+    assert all(r.get("stop_reason", "NOT_FINISHED") == "NOT_FINISHED" for r in stream[:-1])
+    assert stream[-1]["stop_reason"] == batch[0]["stop_reason"]
+    assert stream[-1]["input_token_count"] == batch[0]["input_token_count"]
+
+    assert answers["info"]["model_kind"] == "DECODER_ONLY"
+    assert answers["info"]["max_sequence_length"] == client.get_model("tiny").context_length > 0
+
+    assert answers["sampled"]["seed"] == "7"  # uint64 in proto3 JSON is a string
+    assert answers["unknown_model"] == "NOT_FOUND"
+    assert answers["typical_p"] == "INVALID_ARGUMENT"
