@@ -203,8 +203,12 @@ class VllmEngine(LibraryEngine):
         except ImportError:  # another vLLM layout: its refusal at admission still says why
             return
         try:
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:  # older vLLM: its validation errors are ValueErrors
+            VLLMValidationError = ValueError  # noqa: N806
+        try:
             validate_guidance_grammar(params)
-        except ValueError as error:
+        except (ValueError, VLLMValidationError) as error:
             raise invalid_constraint(constraint, str(error)) from None
 
     def hugging_face_tokenizer(self) -> Any:
