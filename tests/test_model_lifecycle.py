@@ -3,6 +3,7 @@ wait, and FAILED models that stay listed until terminated."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -159,3 +160,26 @@ def test_a_killed_worker_leaves_its_model_failed_and_listed_until_terminated(gat
         assert client.get_model("casualty").state == FAILED
         client.terminate("casualty")
         assert listed_uids(client) == set()
+
+
+def test_a_higher_priority_request_is_admitted_before_those_queued_ahead_of_it(gated_server, tmp_path):
+    """One decode slot, held; three priority-10 requests queue, then a priority-0 one: when the slot
+    frees, the priority-0 request is admitted first, then the others in their arrival order."""
+    requests_log = tmp_path / "requests.jsonl"
+    server = gated_server(max_running_requests=1, max_waiting_requests=8)
+    options = {"token_delay_s": 0.01, "request_log": str(requests_log)}
+    with Client(server.endpoint) as client:
+        client.launch("gated-model", model_uid="busy", engine_options=options, timeout=60)
+        holder = client.generate("busy", "holder", timeout=60, max_tokens=100_000)
+        next(holder)
+        queued = []
+        for index in range(3):
+            queued.append(client.generate("busy", f"later-{index}", timeout=60, max_tokens=2, priority=10))
+            assert wait_until(lambda waiting=index + 1: client.get_model("busy").waiting_requests == waiting)
+        queued.append(client.generate("busy", "urgent", timeout=60, max_tokens=2, priority=0))
+        assert wait_until(lambda: client.get_model("busy").waiting_requests == 4)
+        holder.cancel()
+        for stream in queued:
+            assert collect(stream)[2][-1].finish_reason == 2  # LENGTH: each ran
+    arrived = [json.loads(line)["prompt"] for line in requests_log.read_text().splitlines()]
+    assert arrived == ["holder", "urgent", "later-0", "later-1", "later-2"]
