@@ -98,6 +98,14 @@ def _client_uid(model_name: str) -> str:
     return f"{stem}-{uuid.uuid4().hex[:8]}"
 
 
+def _gpu_indices(text: str) -> list[int]:
+    """A --gpu-idx value: GPU indices, comma-separated."""
+    try:
+        return [int(index) for index in text.split(",") if index.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not GPU indices (whole numbers, e.g. 0,1)") from None
+
+
 def launch_with_progress(client: Client, stream: TextIO, **launch) -> models_pb2.ModelDescription:
     """client.launch(**launch), drawing the model's progress from WatchModel while the call waits.
 
@@ -176,6 +184,14 @@ def add_client_commands(commands) -> None:
     launch.add_argument("--model-uid", default="")
     launch.add_argument("--model-path", default="", help="local weights instead of a hub download")
     launch.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N")
+    launch.add_argument("--n-gpu", default="", help="GPUs to spread the model over: a count, or auto")
+    launch.add_argument(
+        "--gpu-idx",
+        action="append",
+        default=[],
+        type=_gpu_indices,
+        help="GPUs to use, by index (repeat the flag, or a comma list: 0,1)",
+    )
     launch.add_argument(
         "--engine-option",
         action="append",
@@ -261,6 +277,8 @@ def _run(args: argparse.Namespace) -> None:
                 device=args.device,
                 engine_options=dict(_parse_option(option) for option in args.engine_option),
                 download_hub=args.download_hub,
+                n_gpu=args.n_gpu,
+                gpu_idx=[index for indices in args.gpu_idx for index in indices],
             )
             _print_message(model)
         elif args.command == "download":

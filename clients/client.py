@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -85,11 +85,14 @@ class Client:
         download_hub: str = "",
         wait: bool = True,
         idle_unload_s: float | None = None,
+        n_gpu: str | int = "",
+        gpu_idx: Sequence[int] = (),
         timeout: float | None = None,
     ) -> models_pb2.ModelDescription:
         """Launch a model and wait until it is READY (watch() shows its progress meanwhile); with
         wait=False, return its LOADING description at once. idle_unload_s: unload it after that
-        many seconds without requests (None: the server's default; 0: never)."""
+        many seconds without requests (None: the server's default; 0: never). n_gpu: a count or
+        "auto"; gpu_idx: the GPUs to use, by index."""
         request = models_pb2.LaunchModelRequest(
             model_name=model_name,
             model_engine=model_engine,
@@ -101,6 +104,8 @@ class Client:
             device=device,
             download_hub=download_hub,
             wait=wait,
+            n_gpu=str(n_gpu),
+            gpu_idx=list(gpu_idx),
         )
         if idle_unload_s is not None:
             request.idle_unload_s = idle_unload_s

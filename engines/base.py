@@ -259,6 +259,7 @@ class LoadPlan:
     engine_options: dict[str, Any] = field(default_factory=dict)
     download_hub: str = "auto"  # "auto" (the spec's hubs in order), "huggingface" or "modelscope"
     hub_cache_dir: str = ""  # one folder for hub downloads; empty: the hub libraries' own caches
+    gpu_count: int = 0  # the GPUs the worker sees (CUDA_VISIBLE_DEVICES); more than 1: spread the model
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -125,6 +125,12 @@ class EngineInfo:
     # Environment variables a worker of this engine starts with on the CPU, unless the
     # server's own environment sets them (the operator's choice wins).
     cpu_environment: tuple[tuple[str, str], ...] = ()
+    # The engine_options key that shards the model over its GPUs (tensor parallel size), if any.
+    parallel_size_option: str = ""
+    # The engine_options key naming the fraction of each GPU's total memory the engine reserves
+    # (weights and KV cache), and its default; empty: the engine takes what the model needs.
+    memory_fraction_option: str = ""
+    memory_fraction_default: float = 0.0
 
     def load_class(self) -> type[Engine]:
         """Import the engine's module (heavy: only worker processes call this)."""
@@ -279,6 +285,9 @@ ENGINES: tuple[EngineInfo, ...] = (
         # the engine core process (no spinning queue between two processes), and OpenMP
         # threads sleep after a short spin.
         cpu_environment=(("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("GOMP_SPINCOUNT", "10000")),
+        parallel_size_option="tensor_parallel_size",
+        memory_fraction_option="gpu_memory_utilization",
+        memory_fraction_default=0.9,  # vLLM's own default
         support_note=(
             "run by this project's tests on vLLM 0.32.0 built for the CPU (make test-vllm); "
             "not yet on a CUDA GPU"
@@ -317,6 +326,11 @@ ENGINES: tuple[EngineInfo, ...] = (
             ),
         ),
         needs_cuda=True,
+        parallel_size_option="tp_size",
+        # SGLang's default depends on its version and the GPU; the server passes the fraction it
+        # counted (see llmgrpc.server.placement), so what is counted is what SGLang reserves.
+        memory_fraction_option="mem_fraction_static",
+        memory_fraction_default=0.88,
         support_note=(
             "written against SGLang's public API (Engine.async_generate, abort_request) and tested "
             "against a double of it; not yet run by this project on a real SGLang"

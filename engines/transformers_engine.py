@@ -354,8 +354,10 @@ class TransformersEngine(BatchedEngine):
             attn_implementation=attention,
             trust_remote_code=remote_code,
             use_safetensors=True,  # never unpickle a .bin checkpoint found in model_path
+            # Several GPUs: accelerate spreads the layers over all the worker sees.
+            **({"device_map": "auto"} if plan.gpu_count > 1 else {}),
         )
-        model = model.to(device).eval()
+        model = (model if plan.gpu_count > 1 else model.to(device)).eval()
         model_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         decode = options.get("decode", "compiled" if device.type == "cuda" else "plain")
         # A static cache is allocated whole up front: bound its default size.

@@ -42,7 +42,7 @@ from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.chat import attach_tool_calls
 from llmgrpc.engines.model_folder import CONFIG_FILE, read_model_config
 from llmgrpc.engines.weights import hubs
-from llmgrpc.server import resources
+from llmgrpc.server import placement, resources
 from llmgrpc.server.auth import check_engine_options, check_model_path
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.metrics import Metrics
@@ -112,6 +112,8 @@ class LaunchRequest:
     download_hub: str = ""
     wait: bool = True  # return once READY; False: at once, LOADING
     idle_unload_s: float | None = None  # None: the server's setting; 0: never
+    n_gpu: str = ""  # "": one GPU on a GPU device; "auto": the fewest that fit; or a count
+    gpu_idx: tuple[int, ...] = ()
 
     @classmethod
     def from_pb(cls, pb: models_pb2.LaunchModelRequest) -> LaunchRequest:
@@ -126,6 +128,8 @@ class LaunchRequest:
             download_hub=pb.download_hub,
             wait=pb.wait if pb.HasField("wait") else True,
             idle_unload_s=pb.idle_unload_s if pb.HasField("idle_unload_s") else None,
+            n_gpu=pb.n_gpu,
+            gpu_idx=tuple(pb.gpu_idx),
         )
 
 
@@ -152,6 +156,8 @@ def progress_to_pb(progress: models_pb2.LoadProgress) -> models_pb2.LoadProgress
     return shown
 
 
+# The key of the CPU's reservations among the GPU indices (see _loading_reservations).
+CPU = "cpu"
 # How long a caller should wait before retrying a full queue, or a model still loading.
 QUEUE_RETRY_AFTER_S = 1.0
 LOADING_RETRY_AFTER_S = 5.0
@@ -262,6 +268,7 @@ class LaunchedModel:
     watchers: set[asyncio.Queue] = field(default_factory=set)  # WatchModel streams
     selection: Selection | None = None
     estimated_bytes: int = 0
+    gpu_reserved_bytes: dict[int, int] = field(default_factory=dict)  # per GPU index, while it loads
     error: str = ""
     worker: WorkerProcess | None = None
     launched_at: float = field(default_factory=time.monotonic)
@@ -617,26 +624,45 @@ class EngineManager:
         validate_engine_options(info, request.engine_options)
         if not request.model_path:
             await self._check_hubs(selection, request.download_hub)
-        device, visible_gpu = await self._place(info.name, model.device)
-        model.selection, model.device = selection, device
-        estimated = await asyncio.to_thread(self._estimate_bytes, selection, request, device)
-        # No await between reading what is free and counting this launch in: concurrent
-        # launches each see the others' estimates (see _free_bytes).
-        free = await self._free_bytes(info.name, device, visible_gpu)
-        resources.check_fits(estimated, free, _label(selection), device)
-        model.estimated_bytes = estimated
+        words = placement.GpuWords(model.device, request.n_gpu, request.gpu_idx)
+        inventory = await self._gpu_inventory(info.name, words)
+        on_gpus = placement.uses_gpus(words, inventory, info.name)
+        model.selection = selection
+        need = await asyncio.to_thread(self._estimate_need, selection, request, on_gpus)
+        # No await from here until this launch is counted in: concurrent launches each see
+        # the others' reservations (see _loading_reservations).
+        if on_gpus:
+            placed = placement.place(
+                info,
+                words,
+                request.engine_options,
+                need,
+                inventory,
+                self._loading_reservations(),
+                _label(selection),
+            )
+            model.gpu_reserved_bytes = dict(placed.reserved_bytes)
+            model.estimated_bytes = sum(placed.reserved_bytes.values())
+        else:
+            placed = placement.Placement(engine_options=request.engine_options)
+            free = max(resources.free_cpu_bytes() - self._loading_reservations().get(CPU, 0), 0)
+            resources.check_fits(need.total_bytes, free, _label(selection), "cpu")
+            model.estimated_bytes = need.total_bytes
+        model.device = placed.device
         plan = LoadPlan(
             model_uid=model.uid,
             engine=info.name,
             spec=selection.spec.ref(selection.family.model_name, selection.quantization),
-            device="cuda:0" if visible_gpu is not None else "cpu",
+            device="cuda:0" if placed.gpus else "cpu",  # the worker sees its GPUs numbered from 0
+            gpu_count=len(placed.gpus),
             cache_dir=str(settings.cache_dir),
             max_batch_size=settings.max_running_requests,
             model_path=request.model_path,
-            engine_options=request.engine_options,
+            engine_options=dict(placed.engine_options),
             download_hub=request.download_hub or hubs.AUTO,
             hub_cache_dir=str(settings.hub_cache_dir or ""),
         )
+        visible_gpu = placed.visible_devices
         python = self.availability.python_for(info.name)
         env = worker_environment(
             settings,
@@ -818,25 +844,32 @@ class EngineManager:
 
         return first
 
-    async def _place(self, engine: str, device: str) -> tuple[str, str | None]:
-        """The device to report and the GPU index the worker may see (None: the CPU)."""
-        if device == "cpu":
-            return "cpu", None
-        gpus = await self.availability.cuda_devices(engine)
-        if device == "auto":
-            return ("cuda:0", "0") if gpus else ("cpu", None)
-        index = int(device.partition(":")[2] or 0)
-        if index >= len(gpus):
-            seen = f"{len(gpus)} CUDA GPU(s)" if gpus else "no CUDA GPU"
-            raise FailedPrecondition(
-                f"device {device} was asked for but the {engine} environment sees {seen}",
-                reason=Reason.DEVICE_UNAVAILABLE,
-            )
-        return f"cuda:{index}", str(index)
+    async def _gpu_inventory(self, engine: str, words: placement.GpuWords) -> list[placement.Gpu]:
+        """The GPUs engine's environment sees, free memory read now (none asked for on the CPU)."""
+        if words.device == "cpu":
+            return []
+        return [placement.Gpu.from_report(gpu) for gpu in await self.availability.cuda_devices(engine)]
 
-    def _estimate_bytes(self, selection: Selection, request: LaunchRequest, device: str) -> int:
+    def _loading_reservations(self) -> dict[int | str, int]:
+        """What models still LOADING will take, per GPU index (and CPU): not yet allocated, so
+        not yet missing from what the devices report free."""
+        reserved: dict[int | str, int] = {}
+        for other in self._models.values():
+            if other.state is not ModelState.LOADING:
+                continue
+            if other.gpu_reserved_bytes:
+                for index, taken in other.gpu_reserved_bytes.items():
+                    reserved[index] = reserved.get(index, 0) + taken
+            else:
+                reserved[CPU] = reserved.get(CPU, 0) + other.estimated_bytes
+        return reserved
+
+    def _estimate_need(
+        self, selection: Selection, request: LaunchRequest, on_gpus: bool
+    ) -> placement.ModelNeed:
         """Weights at the chosen dtype, an overhead factor, and the KV cache of one full context
         when the model's configuration is on disk (local weights, or a generated model)."""
+        device = "cuda" if on_gpus else "cpu"
         spec = selection.spec
         local = Path(request.model_path) if request.model_path else None
         if local is None and spec.generator:
@@ -851,7 +884,7 @@ class EngineManager:
         weights = on_disk or resources.weight_bytes_from_size(
             spec.size_billions, spec.model_format, selection.quantization, dtype
         )
-        estimate = int(weights * self.settings.memory_overhead)
+        need = placement.ModelNeed(weights, overhead=self.settings.memory_overhead)
         # A folder of Hugging Face weights: the caller's own must have a sound config.json (a
         # generated model's has one once it is generated).
         has_config = (
@@ -860,26 +893,24 @@ class EngineManager:
             and (bool(request.model_path) or (local / CONFIG_FILE).is_file())
         )
         if "kv_cache_memory_bytes" in request.engine_options:  # an engine told its KV cache size
-            estimate += int(request.engine_options["kv_cache_memory_bytes"])
-        elif has_config:
-            assert local is not None
-            config = read_model_config(local)
-            context = int(
-                request.engine_options.get("context_length")
-                or min(
-                    config.get("max_position_embeddings", 0) or selection.family.context_length,
-                    selection.family.context_length,
-                )
+            return dataclasses.replace(need, kv_bytes=int(request.engine_options["kv_cache_memory_bytes"]))
+        if not has_config:
+            return need
+        assert local is not None
+        config = read_model_config(local)
+        context = int(
+            request.engine_options.get("context_length")
+            or request.engine_options.get("max_model_len")
+            or min(
+                config.get("max_position_embeddings", 0) or selection.family.context_length,
+                selection.family.context_length,
             )
-            estimate += resources.kv_cache_bytes(config, context, dtype)
-        return estimate
-
-    async def _free_bytes(self, engine: str, device: str, visible_gpu: str | None) -> int:
-        if visible_gpu is None:
-            loading = sum(m.estimated_bytes for m in self._models.values() if m.state is ModelState.LOADING)
-            return max(resources.free_cpu_bytes() - loading, 0)
-        gpus = await self.availability.cuda_devices(engine)
-        return int(gpus[int(visible_gpu)]["free_bytes"])
+        )
+        return dataclasses.replace(
+            need,
+            kv_bytes=resources.kv_cache_bytes(config, context, dtype),
+            attention_heads=int(config.get("num_attention_heads") or 0),
+        )
 
 
 def _check_chat_abilities(model: LaunchedModel, request: generate_pb2.GenerateRequest) -> None:

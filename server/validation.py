@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.chat import ROLES as CHAT_ROLES
 from llmgrpc.engines.weights.hubs import DOWNLOAD_HUBS
+from llmgrpc.server import placement
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 MODEL_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -254,6 +255,7 @@ def check_launch(request: models_pb2.LaunchModelRequest) -> None:
                 "idle_unload_s", f"{request.idle_unload_s!r} is not valid: seconds, 0 or more (0: never)"
             )
         )
+    violations += placement.word_violations(request.device, request.n_gpu, request.gpu_idx)
     violations += _download_hub_violations(request.download_hub)
     _raise_if_any("LaunchModelRequest", violations)
 

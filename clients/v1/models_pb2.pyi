@@ -331,6 +331,8 @@ class LaunchModelRequest(_message.Message):
     DOWNLOAD_HUB_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     IDLE_UNLOAD_S_FIELD_NUMBER: _builtins.int
+    N_GPU_FIELD_NUMBER: _builtins.int
+    GPU_IDX_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Family name, e.g. "llama-3.1". Required."""
     model_engine: _builtins.str
@@ -365,10 +367,22 @@ class LaunchModelRequest(_message.Message):
     stream, so a live stream is never cut. Unset: the server's
     `idle_unload_s` setting (off unless set); 0: never.
     """
+    n_gpu: _builtins.str
+    """GPUs to spread the model over: a count ("2"), or "auto" (the fewest GPUs
+    it fits on). Empty: one GPU when the device is a GPU. The engine's parallel
+    size (vLLM tensor_parallel_size, SGLang tp_size) follows from it unless
+    engine_options set it; a contradiction is refused. Not with device "cpu".
+    """
     @_builtins.property
     def engine_options(self) -> _struct_pb2.Struct:
         """Engine-specific options passed to the engine, e.g. {"n_threads": 2,
         "context_length": 2048, "dtype": "float32"}. Unknown keys are refused.
+        """
+
+    @_builtins.property
+    def gpu_idx(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The GPUs to use, by index (e.g. [0, 1]): the worker sees exactly these.
+        Empty: the server picks those with the most free memory.
         """
 
     def __init__(
@@ -386,10 +400,12 @@ class LaunchModelRequest(_message.Message):
         download_hub: _builtins.str = ...,
         wait: _builtins.bool | None = ...,
         idle_unload_s: _builtins.float | None = ...,
+        n_gpu: _builtins.str = ...,
+        gpu_idx: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_wait", b"_wait", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_wait", b"_wait", "device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "quantization", b"quantization", "size_in_billions", b"size_in_billions", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_wait", b"_wait", "device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "gpu_idx", b"gpu_idx", "idle_unload_s", b"idle_unload_s", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "n_gpu", b"n_gpu", "quantization", b"quantization", "size_in_billions", b"size_in_billions", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_unload_s: _TypeAlias = _typing.Literal["idle_unload_s"]  # noqa: Y015
     _WhichOneofArgType__idle_unload_s: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s"]  # noqa: Y015
