@@ -28,7 +28,8 @@ from llmgrpc.clients.errors import FieldViolation, InvalidArgument, LlmgrpcError
 from llmgrpc.kserve.v2 import grpc_service_pb2 as pb
 from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from llmgrpc.server import logs
-from llmgrpc.server.manager import EngineManager, LaunchRequest, ModelState
+from llmgrpc.server.launched import ModelState
+from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.server.validation import check_generate, check_launch, check_model_uid

@@ -20,7 +20,8 @@ from llmgrpc.server import resources
 from llmgrpc.v1 import generate_pb2
 
 if TYPE_CHECKING:
-    from llmgrpc.server.manager import EngineManager, LaunchedModel
+    from llmgrpc.server.launched import LaunchedModel
+    from llmgrpc.server.manager import EngineManager
 
 # Latency buckets as vLLM uses them (seconds), so dashboards built for vLLM read these unchanged.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)

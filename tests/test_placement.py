@@ -10,7 +10,8 @@ from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Resource
 from llmgrpc.engines.catalogue import engine_info
 from llmgrpc.server import placement
 from llmgrpc.server.availability import EngineAvailability
-from llmgrpc.server.manager import AdmissionGate, EngineManager, LaunchedModel, LaunchRequest
+from llmgrpc.server.launched import AdmissionGate, LaunchedModel
+from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.registry import Registry, SpecQuery
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.validation import check_launch

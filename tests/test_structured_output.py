@@ -19,7 +19,7 @@ from status_details import bad_request, reason
 from llmgrpc.clients import Client
 from llmgrpc.engines.base import SamplingParams
 from llmgrpc.engines.sampling import Sampler, token_logprobs
-from llmgrpc.server.manager import AdmissionGate
+from llmgrpc.server.launched import AdmissionGate
 from llmgrpc.v1 import generate_pb2
 
 # llama.cpp at full precision: its logits then equal the Transformers engine's to about 1e-6.

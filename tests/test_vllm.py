@@ -21,6 +21,7 @@ import jsonschema
 import pytest
 from conftest import TINY, RunningServer
 from rpc_helpers import rpc_error
+from test_structured_output import SCHEMA
 
 from llmgrpc.clients import Client
 from llmgrpc.server.settings import Settings
@@ -111,16 +112,7 @@ def test_greedy_tokens_equal_the_transformers_engine(client: Client):
 
 
 def test_structured_output_holds_for_20_seeds(client: Client):
-    schema = {
-        "type": "object",
-        "properties": {
-            "count": {"type": "integer", "minimum": 0, "maximum": 999},
-            "color": {"enum": ["red", "green", "blue"]},
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
-        },
-        "required": ["count", "color"],
-        "additionalProperties": False,
-    }
+    schema = SCHEMA
     for seed in range(20):
         sampling = {"max_tokens": 200, "temperature": 1.0, "seed": seed}
         pieces = list(

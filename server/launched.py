@@ -1,0 +1,238 @@
+"""A launched model and what the manager keeps of it: its state and how it got there, its
+admission gate, its worker, and what its calls in flight get when it goes away.
+
+The engine manager (``llmgrpc.server.manager``) owns these objects and every transition;
+this module only says what they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llmgrpc.clients.errors import LlmgrpcError, Reason, ResourceExhausted, Unavailable
+from llmgrpc.server import resources
+from llmgrpc.server.registry import Selection, SpecQuery
+from llmgrpc.server.worker_client import WorkerProcess
+from llmgrpc.v1 import models_pb2
+from llmgrpc.worker.v1 import worker_pb2
+
+# How long a caller should wait before retrying a full queue.
+QUEUE_RETRY_AFTER_S = 1.0
+
+
+class ModelState(enum.Enum):
+    LOADING = models_pb2.MODEL_STATE_LOADING
+    READY = models_pb2.MODEL_STATE_READY
+    FAILED = models_pb2.MODEL_STATE_FAILED
+    TERMINATING = models_pb2.MODEL_STATE_TERMINATING
+    UNLOADED = models_pb2.MODEL_STATE_UNLOADED
+    TERMINATED = models_pb2.MODEL_STATE_TERMINATED
+
+
+# The states a WatchModel stream ends in: nothing more happens without a new request.
+SETTLED = frozenset({ModelState.READY, ModelState.FAILED, ModelState.UNLOADED, ModelState.TERMINATED})
+
+
+class Why:
+    """The stable reasons of a model's conditions (ModelCondition.reason)."""
+
+    LAUNCH_REQUESTED = "LaunchRequested"
+    LOADED = "Loaded"
+    LOAD_FAILED = "LoadFailed"
+    WORKER_EXITED = "WorkerExited"
+    IDLE_UNLOADED = "IdleUnloaded"
+    RELOADING = "Reloading"
+    TERMINATE_REQUESTED = "TerminateRequested"
+    LAUNCH_ABANDONED = "LaunchAbandoned"
+    TERMINATED = "Terminated"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """How a model came to its state, and when (wall clock)."""
+
+    state: ModelState
+    reason: str
+    message: str = ""
+    at: float = field(default_factory=time.time)
+
+    def to_pb(self) -> models_pb2.ModelCondition:
+        condition = models_pb2.ModelCondition(
+            state=self.state.value, reason=self.reason, message=self.message
+        )
+        condition.transition_time.FromNanoseconds(int(self.at * 1e9))
+        return condition
+
+
+def progress_to_pb(progress: models_pb2.LoadProgress) -> models_pb2.LoadProgress:
+    """A load's progress as the contract shows it: phase "starting" until the worker reports."""
+    shown = models_pb2.LoadProgress()
+    shown.CopyFrom(progress)
+    shown.phase = progress.phase or "starting"
+    return shown
+
+
+class AdmissionGate:
+    """At most max_running requests decoding and max_waiting queued; beyond, refuse.
+
+    Queued requests are admitted by priority, lower first, first come first served among
+    equals (vLLM's meaning of a request's priority). A slot that frees goes straight to the
+    next waiter, so a newcomer never overtakes the queue."""
+
+    def __init__(self, max_running: int, max_waiting: int):
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.running = 0
+        self._queue: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap: (priority, arrival, ...)
+        self._arrivals = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, model_uid: str, priority: int = 0):
+        if self.running >= self.max_running and self.waiting >= self.max_waiting:
+            raise ResourceExhausted(
+                f"model {model_uid} is busy: {self.running} requests running and {self.waiting} waiting "
+                f"(limits {self.max_running} and {self.max_waiting}); retry later",
+                reason=Reason.QUEUE_FULL,
+                retry_after_s=QUEUE_RETRY_AFTER_S,
+                metadata={"model_uid": model_uid},
+            )
+        if self.running < self.max_running:
+            self.running += 1
+        else:
+            await self._wait_for_slot(priority)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _wait_for_slot(self, priority: int) -> None:
+        admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (priority, next(self._arrivals), admitted)
+        heapq.heappush(self._queue, entry)
+        try:
+            await admitted
+        except asyncio.CancelledError:
+            if admitted.done() and not admitted.cancelled():
+                self._release()  # handed a slot as the caller left: pass it on
+            else:
+                self._queue.remove(entry)
+                heapq.heapify(self._queue)
+            raise
+
+    def _release(self) -> None:
+        """A running request ended: its slot goes to the first waiter, else it is free."""
+        while self._queue:
+            _, _, admitted = heapq.heappop(self._queue)
+            if not admitted.done():
+                admitted.set_result(None)
+                return
+        self.running -= 1
+
+
+# Why a model's calls in flight end when it goes away: the error each of them gets.
+Ending = Callable[[str], LlmgrpcError]
+
+
+def terminated(model_uid: str) -> LlmgrpcError:
+    return Unavailable(
+        f"model {model_uid} was terminated; launch it again to use it",
+        reason=Reason.MODEL_TERMINATED,
+        metadata={"model_uid": model_uid},
+    )
+
+
+def shutting_down(model_uid: str) -> LlmgrpcError:
+    return Unavailable(
+        f"the server is shutting down and stopped model {model_uid}; call another replica",
+        reason=Reason.SHUTTING_DOWN,
+        metadata={"model_uid": model_uid},
+    )
+
+
+@dataclass
+class LaunchedModel:
+    """One launch, listed from the moment it is asked for until it is terminated.
+
+    ``selection`` is None while the launch is still being checked (the spec not yet chosen);
+    ``ending`` is set once the model is being terminated: what its calls in flight get.
+    ``new_worker`` makes the model's worker (again, to reload it after an idle unload)."""
+
+    uid: str
+    query: SpecQuery
+    device: str
+    gate: AdmissionGate
+    idle_unload_s: float = 0.0  # 0: never unloaded
+    condition: Condition = field(default_factory=lambda: Condition(ModelState.LOADING, Why.LAUNCH_REQUESTED))
+    new_worker: Callable[[], WorkerProcess] | None = None
+    last_active: float = field(default_factory=time.monotonic)  # when its last stream ended
+    unloading: asyncio.Task | None = None  # stopping the worker of an UNLOADED model
+    watchers: set[asyncio.Queue] = field(default_factory=set)  # WatchModel streams
+    selection: Selection | None = None
+    estimated_bytes: int = 0
+    gpu_reserved_bytes: dict[int, int] = field(default_factory=dict)  # per GPU index, while it loads
+    error: str = ""
+    worker: WorkerProcess | None = None
+    launched_at: float = field(default_factory=time.monotonic)
+    load_seconds: float = 0.0
+    engine_stats: worker_pb2.EngineStats = field(default_factory=worker_pb2.EngineStats)
+    progress: models_pb2.LoadProgress = field(default_factory=models_pb2.LoadProgress)
+    loading: asyncio.Task | None = None
+    terminating: asyncio.Task | None = None
+    ending: Ending | None = None
+    unresponsive: bool = False  # READY, but its worker has stopped answering pings
+
+    def to_pb(self) -> models_pb2.ModelDescription:
+        selection, stats, query = self.selection, self.engine_stats, self.query
+        pid = self.worker.pid if self.worker else 0
+        progress = progress_to_pb(self.progress) if self.state is ModelState.LOADING else None
+        return models_pb2.ModelDescription(
+            model_uid=self.uid,
+            model_name=selection.family.model_name if selection else query.model_name,
+            model_engine=selection.engine if selection else query.model_engine,
+            model_format=selection.spec.model_format if selection else query.model_format,
+            size_in_billions=selection.spec.size_in_billions if selection else query.size_in_billions,
+            quantization=selection.quantization if selection else query.quantization,
+            state=self.state.value,
+            device=self.device,
+            memory_bytes=resources.process_memory_bytes(pid) if pid else 0,
+            gpu_memory_bytes=stats.gpu_memory_bytes,
+            context_length=stats.context_length,
+            running_requests=self.gate.running,
+            waiting_requests=self.gate.waiting,
+            error=self.error,
+            worker_pid=pid,
+            peak_batch_size=stats.peak_batch_size,
+            load_seconds=self.load_seconds,
+            estimated_memory_bytes=self.estimated_bytes,
+            progress=progress,
+            condition=self.condition.to_pb(),
+            idle_unload_s=self.idle_unload_s,
+        )
+
+    @property
+    def state(self) -> ModelState:
+        return self.condition.state
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.running + self.gate.waiting
+
+
+# health(name, serving): tells the health service whether a model serves.
+HealthUpdate = Callable[[str, bool], None]
+
+
+def health_name(model_uid: str) -> str:
+    """The grpc.health.v1 service name of a launched model."""
+    return f"model/{model_uid}"
