@@ -163,21 +163,21 @@ class WorkerProcess:
         if deadline is not None:
             call_request.deadline.FromNanoseconds(int(deadline * 1e9))
             timeout = max(deadline - time.time(), 0.0)
-        if self.tracer is None:
-            call = self.stub.Generate(
-                call_request, timeout=timeout, metadata=((logs.REQUEST_ID_METADATA, request_id),)
+        # A CLIENT span for the hop to the worker (when traced); its context travels as the
+        # call's traceparent.
+        span = (
+            tracing.current_span(
+                self.tracer,
+                f"{WORKER_SERVICE}/Generate",
+                kind=SpanKind.CLIENT,
+                attributes={"rpc.system": "grpc", "llmgrpc.model_uid": self.plan.model_uid},
             )
-            async for event in self._relay(call):
-                yield event.response
-            return
-        # A CLIENT span for the hop to the worker; its context travels as the call's traceparent.
-        with tracing.current_span(
-            self.tracer,
-            f"{WORKER_SERVICE}/Generate",
-            kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "llmgrpc.model_uid": self.plan.model_uid},
-        ):
-            metadata = ((logs.REQUEST_ID_METADATA, request_id), *tracing.inject())
+            if self.tracer is not None
+            else contextlib.nullcontext()
+        )
+        with span:
+            traceparent = tracing.inject() if self.tracer is not None else ()
+            metadata = ((logs.REQUEST_ID_METADATA, request_id), *traceparent)
             call = self.stub.Generate(call_request, timeout=timeout, metadata=metadata)
             async for event in self._relay(call):
                 yield event.response
@@ -188,10 +188,7 @@ class WorkerProcess:
         call = self.stub.Tokenize(
             worker_pb2.TokenizeRequest(request=request), timeout=timeout, metadata=_request_id()
         )
-        try:
-            return (await call).response
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+        return (await self._answer(call)).response
 
     async def detokenize(
         self, request: generate_pb2.DetokenizeRequest, timeout: float | None
@@ -199,17 +196,10 @@ class WorkerProcess:
         call = self.stub.Detokenize(
             worker_pb2.DetokenizeRequest(request=request), timeout=timeout, metadata=_request_id()
         )
-        try:
-            return (await call).response
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+        return (await self._answer(call)).response
 
     async def stats(self, timeout: float = 2.0) -> worker_pb2.EngineStats:
-        try:
-            response = await self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
-        return response.stats
+        return (await self._answer(self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout))).stats
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit (close its standard input), then kill it if it lingers."""
@@ -235,6 +225,13 @@ class WorkerProcess:
     def stub(self) -> worker_pb2_grpc.WorkerServiceAsyncStub:
         assert self._stub is not None, "the worker has not started"
         return self._stub
+
+    async def _answer(self, call):
+        """A unary call's response; its error as a domain error."""
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise self._translate(error) from None
 
     async def _relay(self, call) -> AsyncIterator:
         """Iterate a worker stream; its errors become domain errors; leaving early cancels it."""
