@@ -54,8 +54,9 @@ generate: $(VENV)/.installed
 release-contract: $(BUF)
 	$(BUF) build protos --path protos/llmgrpc/v1 -o protos/released/llmgrpc-v1.binpb
 
-# vLLM built for this CPU, in its own environment (deploy/vllm-cpu/build.sh): about 10 minutes
-# the first time, then the cached wheel installs in about a minute. Workers of engine vLLM
+# vLLM built for this CPU, with Ray (its executor across hosts, docs/multi-node.md), in its own
+# environment (deploy/vllm-cpu/build.sh): about 10 minutes the first time (and after a change to
+# patch_source.py), then the cached wheel installs in about a minute. Workers of engine vLLM
 # run on its python: LLMGRPC_WORKER_PYTHON='{"vLLM": "$(CURDIR)/$(VLLM_VENV)/bin/python"}'.
 VLLM_VENV ?= .venv-vllm
 .PHONY: vllm-cpu test-vllm

@@ -40,6 +40,6 @@ timeout 220 $python benchmarks/gpu_decode.py ${GPU_DECODE_ARGS:-} --json "$repor
   echo
   echo '```'
 } >> "$report"
-timeout 150 $python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tail -25 >> "$report"
+timeout 270 $python -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | tail -25 >> "$report"
 echo '```' >> "$report"
 cat "$report"

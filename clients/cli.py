@@ -190,7 +190,14 @@ def add_client_commands(commands) -> None:
         action="append",
         default=[],
         type=_gpu_indices,
-        help="GPUs to use, by index (repeat the flag, or a comma list: 0,1)",
+        help="GPUs to use, by index (repeat the flag, or a comma list: 0,1); with --replica, every "
+        "replica's GPUs, replica after replica",
+    )
+    launch.add_argument(
+        "--replica",
+        type=int,
+        default=None,
+        help="worker processes serving the model, each a whole copy on its own device(s) (default 1)",
     )
     launch.add_argument(
         "--engine-option",
@@ -279,6 +286,7 @@ def _run(args: argparse.Namespace) -> None:
                 download_hub=args.download_hub,
                 n_gpu=args.n_gpu,
                 gpu_idx=[index for indices in args.gpu_idx for index in indices],
+                replica=args.replica,
             )
             _print_message(model)
         elif args.command == "download":

@@ -87,12 +87,14 @@ class Client:
         idle_unload_s: float | None = None,
         n_gpu: str | int = "",
         gpu_idx: Sequence[int] = (),
+        replica: int | None = None,
         timeout: float | None = None,
     ) -> models_pb2.ModelDescription:
         """Launch a model and wait until it is READY (watch() shows its progress meanwhile); with
         wait=False, return its LOADING description at once. idle_unload_s: unload it after that
         many seconds without requests (None: the server's default; 0: never). n_gpu: a count or
-        "auto"; gpu_idx: the GPUs to use, by index."""
+        "auto"; gpu_idx: the GPUs to use, by index (every replica's, replica after replica).
+        replica: worker processes serving the uid (None: the server's default, 1)."""
         request = models_pb2.LaunchModelRequest(
             model_name=model_name,
             model_engine=model_engine,
@@ -109,6 +111,8 @@ class Client:
         )
         if idle_unload_s is not None:
             request.idle_unload_s = idle_unload_s
+        if replica is not None:
+            request.replica = replica
         if engine_options:
             options = struct_pb2.Struct()
             options.update(dict(engine_options))

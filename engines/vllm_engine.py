@@ -13,10 +13,11 @@ so vLLM's pinned torch and transformers never meet the server's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
-from llmgrpc.clients.errors import FailedPrecondition, Reason
+from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import (
     Chunk,
     Constraint,
@@ -48,12 +49,50 @@ CPU_KV_CACHE_BYTES = 4 * 2**30
 
 def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for a plan: the model, then the engine options
-    (already checked against the catalogue)."""
+    (already checked against the catalogue). ray_address is not one of vLLM's: it goes to the
+    environment (see process_environment) and means distributed_executor_backend ray."""
     options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"gpu_memory_utilization"}))
     memory_told = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & options.keys()
     if plan.device == "cpu" and not memory_told:
         options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if options.pop("ray_address", None) is not None:
+        if options.setdefault("distributed_executor_backend", "ray") != "ray":
+            raise InvalidArgument(
+                "engine_options.ray_address names a Ray cluster, and distributed_executor_backend "
+                f"{options['distributed_executor_backend']} runs vLLM's workers on this host",
+                [FieldViolation("engine_options.distributed_executor_backend", "must be ray, or unset")],
+                reason=Reason.ENGINE_OPTION_INVALID,
+            )
     return {"model": weights, "tokenizer": weights, "max_num_seqs": plan.max_batch_size, **options}
+
+
+def process_environment(plan: LoadPlan, environ: Mapping[str, str], cpus: Collection[int]) -> dict[str, str]:
+    """Variables this worker process sets before vLLM starts (vLLM reads them, and hands them
+    to the processes it starts).
+
+    RAY_ADDRESS: the cluster of engine option ray_address (vLLM joins the Ray cluster that
+    ray.init finds). VLLM_CPU_OMP_THREADS_BIND: on the CPU, vLLM binds each model worker's
+    OpenMP threads to a NUMA node of its own, and refuses more workers on this host than it
+    has NUMA nodes; unless the operator binds them, the host's cores are split between the
+    workers instead (with Ray, each node binds its own workers)."""
+    options = plan.engine_options
+    variables: dict[str, str] = {}
+    if "ray_address" in options:
+        variables["RAY_ADDRESS"] = str(options["ray_address"])
+    on_ray = "ray_address" in options or options.get("distributed_executor_backend") == "ray"
+    workers = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
+    if plan.device == "cpu" and workers > 1 and not on_ray and "VLLM_CPU_OMP_THREADS_BIND" not in environ:
+        variables["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(sorted(cpus), workers)
+    return variables
+
+
+def cpu_binding(cpus: list[int], workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for workers model workers on these cores: contiguous equal
+    shares ("0,1|2,3"), or no binding when there are fewer cores than workers."""
+    share = len(cpus) // workers
+    if share == 0:
+        return "nobind"
+    return "|".join(",".join(map(str, cpus[rank * share : (rank + 1) * share])) for rank in range(workers))
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -122,6 +161,7 @@ class VllmEngine(LibraryEngine):
 
         report("loading weights", 0, 0)
         args = engine_args(plan, weights)
+        os.environ.update(process_environment(plan, os.environ, os.sched_getaffinity(0)))
         args["structured_outputs_config"] = StructuredOutputsConfig(backend=STRUCTURED_OUTPUT_BACKEND)
         try:
             engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))

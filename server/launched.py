@@ -1,5 +1,5 @@
 """A launched model and what the manager keeps of it: its state and how it got there, its
-admission gate, its worker, and what its calls in flight get when it goes away.
+admission gate, its replicas (worker processes), and what its calls in flight get when it goes away.
 
 The engine manager (``llmgrpc.server.manager``) owns these objects and every transition;
 this module only says what they are.
@@ -52,6 +52,7 @@ class Why:
     TERMINATE_REQUESTED = "TerminateRequested"
     LAUNCH_ABANDONED = "LaunchAbandoned"
     TERMINATED = "Terminated"
+    RESTARTING = "Restarting"
 
 
 @dataclass(frozen=True)
@@ -161,41 +162,85 @@ def shutting_down(model_uid: str) -> LlmgrpcError:
 
 
 @dataclass
+class Replica:
+    """One of a launched model's worker processes, holding a whole copy of the model.
+
+    ``new_worker`` makes its worker (again: after an idle unload, or after the worker died)."""
+
+    index: int
+    device: str = ""
+    condition: Condition = field(default_factory=lambda: Condition(ModelState.LOADING, Why.LAUNCH_REQUESTED))
+    new_worker: Callable[[], WorkerProcess] | None = None
+    worker: WorkerProcess | None = None
+    gpu_reserved_bytes: dict[int, int] = field(default_factory=dict)  # per GPU index, while it loads
+    estimated_bytes: int = 0
+    engine_stats: worker_pb2.EngineStats = field(default_factory=worker_pb2.EngineStats)
+    unresponsive: bool = False  # READY, but its worker has stopped answering pings
+    error: str = ""
+    in_flight: int = 0  # Generate streams it serves now
+    restarts: int = 0  # times its worker was started again after dying
+    failures_in_row: int = 0  # deaths without a long READY stretch between: the restart backoff
+    ready_since: float = 0.0  # time.monotonic() of its last READY
+    restarting: asyncio.Task | None = None  # waiting out the backoff, then loading again
+
+    @property
+    def state(self) -> ModelState:
+        return self.condition.state
+
+    @property
+    def pid(self) -> int:
+        return self.worker.pid if self.worker else 0
+
+    @property
+    def serves(self) -> bool:
+        return self.state is ModelState.READY and not self.unresponsive
+
+    def to_pb(self) -> models_pb2.ReplicaDescription:
+        return models_pb2.ReplicaDescription(
+            index=self.index,
+            state=self.state.value,
+            device=self.device,
+            worker_pid=self.pid,
+            restarts=self.restarts,
+            running_requests=self.in_flight,
+            condition=self.condition.to_pb(),
+        )
+
+
+@dataclass
 class LaunchedModel:
     """One launch, listed from the moment it is asked for until it is terminated.
 
     ``selection`` is None while the launch is still being checked (the spec not yet chosen);
     ``ending`` is set once the model is being terminated: what its calls in flight get.
-    ``new_worker`` makes the model's worker (again, to reload it after an idle unload)."""
+    ``replicas`` are its worker processes (one unless launched with ``replica``); the model is
+    READY while one of them is, and its admission gate is shared by all of them."""
 
     uid: str
     query: SpecQuery
     device: str
     gate: AdmissionGate
+    replicas: list[Replica] = field(default_factory=lambda: [Replica(0)])
     idle_unload_s: float = 0.0  # 0: never unloaded
     condition: Condition = field(default_factory=lambda: Condition(ModelState.LOADING, Why.LAUNCH_REQUESTED))
-    new_worker: Callable[[], WorkerProcess] | None = None
     last_active: float = field(default_factory=time.monotonic)  # when its last stream ended
-    unloading: asyncio.Task | None = None  # stopping the worker of an UNLOADED model
+    unloading: asyncio.Task | None = None  # stopping the workers of an UNLOADED model
     watchers: set[asyncio.Queue] = field(default_factory=set)  # WatchModel streams
     selection: Selection | None = None
     estimated_bytes: int = 0
-    gpu_reserved_bytes: dict[int, int] = field(default_factory=dict)  # per GPU index, while it loads
     error: str = ""
-    worker: WorkerProcess | None = None
     launched_at: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
-    engine_stats: worker_pb2.EngineStats = field(default_factory=worker_pb2.EngineStats)
     progress: models_pb2.LoadProgress = field(default_factory=models_pb2.LoadProgress)
     loading: asyncio.Task | None = None
     terminating: asyncio.Task | None = None
     ending: Ending | None = None
-    unresponsive: bool = False  # READY, but its worker has stopped answering pings
 
     def to_pb(self) -> models_pb2.ModelDescription:
         selection, stats, query = self.selection, self.engine_stats, self.query
         pid = self.worker.pid if self.worker else 0
         progress = progress_to_pb(self.progress) if self.state is ModelState.LOADING else None
+        pids = [replica.pid for replica in self.replicas if replica.pid]
         return models_pb2.ModelDescription(
             model_uid=self.uid,
             model_name=selection.family.model_name if selection else query.model_name,
@@ -205,12 +250,12 @@ class LaunchedModel:
             quantization=selection.quantization if selection else query.quantization,
             state=self.state.value,
             device=self.device,
-            memory_bytes=resources.process_memory_bytes(pid) if pid else 0,
+            memory_bytes=sum(resources.process_memory_bytes(pid) for pid in pids),
             gpu_memory_bytes=stats.gpu_memory_bytes,
             context_length=stats.context_length,
             running_requests=self.gate.running,
             waiting_requests=self.gate.waiting,
-            error=self.error,
+            error=self.error or self._replica_errors(),
             worker_pid=pid,
             peak_batch_size=stats.peak_batch_size,
             load_seconds=self.load_seconds,
@@ -218,15 +263,49 @@ class LaunchedModel:
             progress=progress,
             condition=self.condition.to_pb(),
             idle_unload_s=self.idle_unload_s,
+            replicas=[replica.to_pb() for replica in self.replicas],
         )
+
+    def _replica_errors(self) -> str:
+        if len(self.replicas) == 1:
+            return self.replicas[0].error
+        return "; ".join(f"replica {r.index}: {r.error}" for r in self.replicas if r.error)
 
     @property
     def state(self) -> ModelState:
         return self.condition.state
 
     @property
+    def worker(self) -> WorkerProcess | None:
+        """The first replica's worker (the only one, unless launched with replicas)."""
+        return self.replicas[0].worker
+
+    @property
+    def engine_stats(self) -> worker_pb2.EngineStats:
+        """The engines' numbers over all replicas: memory summed, the rest from the largest."""
+        stats = [replica.engine_stats for replica in self.replicas]
+        return worker_pb2.EngineStats(
+            context_length=max(s.context_length for s in stats),
+            device=stats[0].device,
+            running_requests=sum(s.running_requests for s in stats),
+            peak_batch_size=max(s.peak_batch_size for s in stats),
+            gpu_memory_bytes=sum(s.gpu_memory_bytes for s in stats),
+        )
+
+    @property
     def in_flight(self) -> int:
         return self.gate.running + self.gate.waiting
+
+    @property
+    def serves(self) -> bool:
+        """Whether its health is SERVING: READY, and one of its replicas READY and answering."""
+        return self.state is ModelState.READY and any(replica.serves for replica in self.replicas)
+
+    def pick_replica(self) -> Replica | None:
+        """The READY replica a request goes to: one answering pings before one that is not, then
+        the fewest requests in flight, then the lowest index."""
+        ready = [replica for replica in self.replicas if replica.state is ModelState.READY]
+        return min(ready, key=lambda r: (r.unresponsive, r.in_flight, r.index), default=None)
 
 
 # health(name, serving): tells the health service whether a model serves.

@@ -1,10 +1,13 @@
-"""The engine manager: launched models, one worker process each, and their lifecycles.
+"""The engine manager: launched models, one worker process per replica, and their lifecycles.
 
 A launch is checked (registry, engine availability, options, memory) before anything is
-started, then runs in a worker process; ``launch`` returns once the model is READY, or
-raises and leaves nothing behind. A worker that dies later marks its model FAILED and
-its health NOT_SERVING; the server and other models carry on. Generate requests pass a
-per-model admission gate (a bounded batch and a bounded queue) on their way to the worker.
+started, then runs in worker processes, one per replica (one unless ``replica`` says more);
+``launch`` returns once every replica is READY, or raises and leaves nothing behind. The
+worker of a single-replica model that dies later marks its model FAILED and its health
+NOT_SERVING; a replica of several whose worker dies is restarted, with a growing backoff,
+while the others serve. The server and other models carry on. Generate requests pass a
+per-model admission gate (a bounded batch and a bounded queue) and go to the READY replica
+with the fewest requests in flight.
 While a model loads, its worker's progress events (downloading, loading weights, ...) are
 kept for GetModel; ``download`` fetches a spec's weights in a worker without launching it.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -49,6 +53,7 @@ from llmgrpc.server.launched import (
     HealthUpdate,
     LaunchedModel,
     ModelState,
+    Replica,
     Why,
     health_name,
     shutting_down,
@@ -78,7 +83,8 @@ class LaunchRequest:
     wait: bool = True  # return once READY; False: at once, LOADING
     idle_unload_s: float | None = None  # None: the server's setting; 0: never
     n_gpu: str = ""  # "": one GPU on a GPU device; "auto": the fewest that fit; or a count
-    gpu_idx: tuple[int, ...] = ()
+    gpu_idx: tuple[int, ...] = ()  # every replica's GPUs, replica after replica
+    replica: int = 1  # worker processes serving this uid
 
     @classmethod
     def from_pb(cls, pb: models_pb2.LaunchModelRequest) -> LaunchRequest:
@@ -95,6 +101,7 @@ class LaunchRequest:
             idle_unload_s=pb.idle_unload_s if pb.HasField("idle_unload_s") else None,
             n_gpu=pb.n_gpu,
             gpu_idx=tuple(pb.gpu_idx),
+            replica=pb.replica if pb.HasField("replica") else 1,
         )
 
 
@@ -160,12 +167,16 @@ class EngineManager:
         return model
 
     async def refresh(self, model: LaunchedModel) -> LaunchedModel:
-        """Update a READY model's engine numbers from its worker (best effort, briefly: a worker
+        """Update a READY model's engine numbers from its workers (best effort, briefly: a worker
         that does not answer keeps its last numbers, and one known not to answer is not asked)."""
-        if model.state is ModelState.READY and model.worker is not None and not model.unresponsive:
-            with contextlib.suppress(Exception):
-                model.engine_stats = await model.worker.stats(timeout=STATS_TIMEOUT_S)
+        if model.state is ModelState.READY:
+            await asyncio.gather(*(self._refresh_replica(replica) for replica in model.replicas))
         return model
+
+    async def _refresh_replica(self, replica: Replica) -> None:
+        if replica.serves and replica.worker is not None:
+            with contextlib.suppress(Exception):
+                replica.engine_stats = await replica.worker.stats(timeout=STATS_TIMEOUT_S)
 
     async def refresh_all(self) -> list[LaunchedModel]:
         """Every model, its numbers refreshed from all workers at once."""
@@ -184,11 +195,16 @@ class EngineManager:
         idle_unload_s = request.idle_unload_s
         if idle_unload_s is None:
             idle_unload_s = self.settings.idle_unload_s or 0.0
+        replicas = request.replica
+        # Each replica decodes a batch of its own: the gate admits as many as they decode together.
         model = LaunchedModel(
             uid=uid,
             query=request.query,
             device=request.device or self.settings.device,
-            gate=AdmissionGate(self.settings.max_running_requests, self.settings.max_waiting_requests),
+            gate=AdmissionGate(
+                self.settings.max_running_requests * replicas, self.settings.max_waiting_requests * replicas
+            ),
+            replicas=[Replica(index) for index in range(replicas)],
             idle_unload_s=idle_unload_s,
         )
         self._models[uid] = model
@@ -250,21 +266,44 @@ class EngineManager:
         if model.loading is not None and not model.loading.done():
             model.loading.cancel()
             await asyncio.wait({model.loading})
+        await self._stop_restarts(model)
         if model.unloading is not None:
             await asyncio.wait({model.unloading})
-        if model.worker is not None:
-            await model.worker.stop()  # its streams in flight end now (see generate)
+        # Their streams in flight end now (see generate).
+        await asyncio.gather(*(replica.worker.stop() for replica in model.replicas if replica.worker))
+        for replica in model.replicas:
+            replica.condition = Condition(ModelState.TERMINATED, Why.TERMINATED)
         self._transition(model, ModelState.TERMINATED, Why.TERMINATED)
         self._forget(model)
         log.info("model %s terminated", model.uid)
 
     def _transition(self, model: LaunchedModel, state: ModelState, why: str, message: str = "") -> None:
-        """Move model to state (its health follows: SERVING only when READY) and tell its watchers."""
+        """Move model to state (its health follows: SERVING only when READY with a replica that
+        answers) and tell its watchers."""
         model.condition = Condition(state, why, message)
         if state is ModelState.FAILED:
             model.error = message
-        self._health(health_name(model.uid), state is ModelState.READY)
+        self._health(health_name(model.uid), model.serves)
         self._tell_watchers(model)
+
+    def _replica_transition(
+        self, model: LaunchedModel, replica: Replica, state: ModelState, why: str, message: str = ""
+    ) -> None:
+        """Move one replica of a model to state, and the model with it: READY while one replica
+        is READY; LOADING (Restarting) while none is and one is being restarted."""
+        replica.condition = Condition(state, why, message)
+        if state is ModelState.FAILED:
+            replica.error = message
+        ready = any(other.state is ModelState.READY for other in model.replicas)
+        if model.state is ModelState.READY and not ready:
+            self._transition(model, ModelState.LOADING, Why.RESTARTING, f"no replica is READY: {message}")
+        elif model.state is ModelState.LOADING and model.condition.reason == Why.RESTARTING and ready:
+            self._transition(model, ModelState.READY, Why.LOADED, f"replica {replica.index} is READY again")
+            if model.idle_unload_s > 0:  # the idle clock stopped while the model was not READY
+                self._spawn(self._unload_when_idle(model))
+        else:
+            self._health(health_name(model.uid), model.serves)
+            self._tell_watchers(model)
 
     def _tell_watchers(self, model: LaunchedModel) -> None:
         if model.watchers:
@@ -322,21 +361,28 @@ class EngineManager:
         await self._load(model)
 
     async def _load(self, model: LaunchedModel) -> None:
-        """Start the model's worker and load it: READY, or FAILED with the reason."""
-        assert model.new_worker is not None
-        model.worker = worker = model.new_worker()
+        """Start the model's workers, one per replica, and load them: READY once all are, or
+        FAILED with the reason as soon as one fails (the others are stopped). The first loads
+        alone: it fetches (or generates) the weights once, and the others find them cached."""
         model.progress.Clear()
-        model.unresponsive, model.error = False, ""
+        model.error = ""
         started = time.monotonic()
+        first, *others = model.replicas
+        loads: list[asyncio.Future] = []
         try:
-            await worker.start(self.settings.worker_start_timeout_s)
-            model.engine_stats = await worker.load(lambda event: self._on_progress(model, event))
+            loads.append(asyncio.ensure_future(self._load_replica(model, first)))
+            await loads[0]
+            loads += [asyncio.ensure_future(self._load_replica(model, replica)) for replica in others]
+            await asyncio.gather(*loads)
         except BaseException as error:
-            await worker.stop()
+            for load in loads:
+                load.cancel()
+            await asyncio.wait(loads)  # each stops its own worker
             if model.state is not ModelState.TERMINATING:
-                failure = (
-                    str(error) if isinstance(error, LlmgrpcError) else f"{type(error).__name__}: {error}"
-                )
+                failure = _failure(error)
+                for replica in model.replicas:
+                    if replica.state is ModelState.LOADING:  # stopped because another failed
+                        replica.condition = Condition(ModelState.FAILED, Why.LOAD_FAILED, failure)
                 self._transition(model, ModelState.FAILED, Why.LOAD_FAILED, failure)
                 log.error("model %s FAILED to load: %s", model.uid, failure)
             raise
@@ -348,9 +394,87 @@ class EngineManager:
             model.selection.family.model_name, model.selection.engine, model.load_seconds
         )
         log.info("model %s READY on %s in %.1f s", model.uid, model.device, model.load_seconds)
-        self._spawn(self._watch(model))
+        for replica in model.replicas:
+            self._spawn(self._watch(model, replica))
         if model.idle_unload_s > 0:
             self._spawn(self._unload_when_idle(model))
+
+    async def _load_replica(self, model: LaunchedModel, replica: Replica) -> None:
+        """Start one replica's worker and load it: READY, or FAILED with the reason (raised)."""
+        assert replica.new_worker is not None
+        replica.worker = worker = replica.new_worker()
+        replica.unresponsive, replica.error = False, ""
+        if replica.state is not ModelState.LOADING:
+            self._replica_transition(model, replica, ModelState.LOADING, Why.RELOADING)
+        try:
+            await worker.start(self.settings.worker_start_timeout_s)
+            replica.engine_stats = await worker.load(lambda event: self._on_progress(model, event))
+        except BaseException as error:
+            await worker.stop()
+            if not isinstance(error, asyncio.CancelledError):  # cancelled: whoever cancelled says
+                failure = _failure(error)
+                replica.condition = Condition(ModelState.FAILED, Why.LOAD_FAILED, failure)
+                replica.error = failure
+            raise
+        replica.ready_since = time.monotonic()
+        self._replica_transition(model, replica, ModelState.READY, Why.LOADED)
+
+    # Replicas whose worker died.
+
+    def _replica_died(self, model: LaunchedModel, replica: Replica, worker: WorkerProcess) -> None:
+        """A READY replica's worker exited: with no other replica the model is FAILED (listed
+        with the reason until terminated); among several, the replica is restarted after a
+        backoff that doubles with each death in a row while the others serve."""
+        if len(model.replicas) == 1:
+            replica.condition = Condition(ModelState.FAILED, Why.WORKER_EXITED, worker.exit_reason)
+            self._transition(model, ModelState.FAILED, Why.WORKER_EXITED, worker.exit_reason)
+            log.error("model %s FAILED: %s", model.uid, model.error)
+            return
+        settings = self.settings
+        if time.monotonic() - replica.ready_since >= settings.replica_restart_backoff_max_s:
+            replica.failures_in_row = 0  # it served a good while: a new run of failures
+        message = f"{worker.exit_reason}; restarting it"
+        self._replica_transition(model, replica, ModelState.FAILED, Why.WORKER_EXITED, message)
+        log.error("model %s replica %d: %s", model.uid, replica.index, message)
+        replica.restarting = self._spawn(self._restart(model, replica, worker))
+
+    async def _restart(self, model: LaunchedModel, replica: Replica, dead: WorkerProcess) -> None:
+        settings = self.settings
+        await dead.stop()  # its channel, socket folder and what its engine started go too
+        while model.state in (ModelState.READY, ModelState.LOADING) and model.ending is None:
+            delay = min(
+                settings.replica_restart_backoff_s * 2**replica.failures_in_row,
+                settings.replica_restart_backoff_max_s,
+            )
+            replica.failures_in_row += 1
+            await asyncio.sleep(delay)
+            if model.state not in (ModelState.READY, ModelState.LOADING) or model.ending is not None:
+                return
+            replica.restarts += 1
+            self._replica_transition(
+                model, replica, ModelState.LOADING, Why.RESTARTING, f"restart {replica.restarts}"
+            )
+            try:
+                await self._load_replica(model, replica)
+            except Exception as error:  # FAILED again: wait longer, then try again
+                self._replica_transition(model, replica, ModelState.FAILED, Why.LOAD_FAILED, _failure(error))
+                log.error("model %s replica %d failed to restart: %s", model.uid, replica.index, error)
+                continue
+            log.info("model %s replica %d READY again", model.uid, replica.index)
+            self._spawn(self._watch(model, replica))
+            return
+
+    def _cancel_restarts(self, model: LaunchedModel) -> list[asyncio.Task]:
+        """Cancel the restarts under way (a restart loading stops its worker): what to wait for."""
+        restarting = [r.restarting for r in model.replicas if r.restarting and not r.restarting.done()]
+        for task in restarting:
+            task.cancel()
+        return restarting
+
+    async def _stop_restarts(self, model: LaunchedModel) -> None:
+        restarting = self._cancel_restarts(model)
+        if restarting:
+            await asyncio.wait(restarting)
 
     # Idle unload and reload.
 
@@ -365,17 +489,22 @@ class EngineManager:
             await asyncio.sleep(model.idle_unload_s - idle_for)
 
     def _unload(self, model: LaunchedModel) -> None:
-        worker, model.worker = model.worker, None
-        self._transition(
-            model,
-            ModelState.UNLOADED,
-            Why.IDLE_UNLOADED,
-            f"no request for {model.idle_unload_s:g} s; the next Generate loads it again",
-        )
-        model.engine_stats = worker_pb2.EngineStats()
-        if worker is not None:
-            model.unloading = self._spawn(worker.stop())
+        message = f"no request for {model.idle_unload_s:g} s; the next Generate loads it again"
+        workers = []
+        for replica in model.replicas:
+            if replica.worker is not None:
+                workers.append(replica.worker)
+            replica.worker = None
+            replica.condition = Condition(ModelState.UNLOADED, Why.IDLE_UNLOADED, message)
+            replica.engine_stats = worker_pb2.EngineStats()
+        self._transition(model, ModelState.UNLOADED, Why.IDLE_UNLOADED, message)
+        model.unloading = self._spawn(self._stop_all(self._cancel_restarts(model), workers))
         log.info("model %s UNLOADED after %g s without requests", model.uid, model.idle_unload_s)
+
+    async def _stop_all(self, restarting: list[asyncio.Task], workers: list[WorkerProcess]) -> None:
+        if restarting:
+            await asyncio.wait(restarting)
+        await asyncio.gather(*(worker.stop() for worker in workers))
 
     async def _reload(self, model: LaunchedModel) -> None:
         if model.unloading is not None:
@@ -429,7 +558,7 @@ class EngineManager:
         # No await from here until this launch is counted in: concurrent launches each see
         # the others' reservations (see _loading_reservations).
         if on_gpus:
-            placed = placement.place(
+            placed = placement.place_replicas(
                 info,
                 words,
                 request.engine_options,
@@ -437,36 +566,41 @@ class EngineManager:
                 inventory,
                 self._loading_reservations(),
                 _label(selection),
+                request.replica,
             )
-            model.gpu_reserved_bytes = dict(placed.reserved_bytes)
-            model.estimated_bytes = sum(placed.reserved_bytes.values())
         else:
-            placed = placement.Placement(engine_options=request.engine_options)
             free = max(resources.free_cpu_bytes() - self._loading_reservations().get(CPU, 0), 0)
-            resources.check_fits(need.total_bytes, free, _label(selection), "cpu")
-            model.estimated_bytes = need.total_bytes
-        model.device = placed.device
-        plan = LoadPlan(
-            model_uid=model.uid,
-            engine=info.name,
-            spec=selection.spec.ref(selection.family.model_name, selection.quantization),
-            device="cuda:0" if placed.gpus else "cpu",  # the worker sees its GPUs numbered from 0
-            gpu_count=len(placed.gpus),
-            cache_dir=str(settings.cache_dir),
-            max_batch_size=settings.max_running_requests,
-            model_path=request.model_path,
-            engine_options=dict(placed.engine_options),
-            download_hub=request.download_hub or hubs.AUTO,
-            hub_cache_dir=str(settings.hub_cache_dir or ""),
-        )
-        visible_gpu = placed.visible_devices
+            what = f"{request.replica} replicas of " if request.replica > 1 else ""
+            resources.check_fits(need.total_bytes * request.replica, free, what + _label(selection), "cpu")
+            placed = [placement.Placement(engine_options=request.engine_options)] * request.replica
         python = self.availability.python_for(info.name)
-        env = worker_environment(
-            settings,
-            info.cpu_environment if plan.device == "cpu" else (),
-            hub_credentials=_may_download(plan),
-        )
-        model.new_worker = lambda: WorkerProcess(plan, python, visible_gpu, tracer=self.tracer, env=env)
+        for replica, place in zip(model.replicas, placed, strict=True):
+            replica.device = place.device
+            replica.gpu_reserved_bytes = dict(place.reserved_bytes)
+            replica.estimated_bytes = sum(place.reserved_bytes.values()) or need.total_bytes
+            plan = LoadPlan(
+                model_uid=model.uid,
+                engine=info.name,
+                spec=selection.spec.ref(selection.family.model_name, selection.quantization),
+                device="cuda:0" if place.gpus else "cpu",  # the worker sees its GPUs numbered from 0
+                gpu_count=len(place.gpus),
+                cache_dir=str(settings.cache_dir),
+                max_batch_size=settings.max_running_requests,
+                model_path=request.model_path,
+                engine_options=dict(place.engine_options),
+                download_hub=request.download_hub or hubs.AUTO,
+                hub_cache_dir=str(settings.hub_cache_dir or ""),
+            )
+            env = worker_environment(
+                settings,
+                info.cpu_environment if plan.device == "cpu" else (),
+                hub_credentials=_may_download(plan),
+            )
+            replica.new_worker = functools.partial(
+                WorkerProcess, plan, python, place.visible_devices, tracer=self.tracer, env=env
+            )
+        model.device = model.replicas[0].device
+        model.estimated_bytes = sum(replica.estimated_bytes for replica in model.replicas)
 
     # Downloads.
 
@@ -527,10 +661,11 @@ class EngineManager:
         queued = time.monotonic()
         async with model.gate.slot(model.uid, request.priority):
             self.metrics.observe_queue_time(model.uid, time.monotonic() - queued)
-            self._require_ready(model)
-            assert model.worker is not None
+            replica = self._ready_replica(model)
+            assert replica.worker is not None
+            replica.in_flight += 1
             try:
-                async for response in model.worker.generate(request, request_id, deadline):
+                async for response in replica.worker.generate(request, request_id, deadline):
                     if wants_tool_calls:  # a whole answer of calls becomes tool_calls
                         answer.append(response.text)
                         if response.finish_reason == generate_pb2.FINISH_REASON_STOP:
@@ -541,21 +676,24 @@ class EngineManager:
                     raise model.ending(model.uid) from None
                 raise
             finally:
+                replica.in_flight -= 1
                 model.last_active = time.monotonic()
 
     async def tokenize(
         self, request: generate_pb2.TokenizeRequest, timeout: float | None
     ) -> generate_pb2.TokenizeResponse:
         model = await self._ready_for_call(request.model_uid, timeout)
-        assert model.worker is not None
-        return await model.worker.tokenize(request, timeout)
+        worker = self._ready_replica(model).worker
+        assert worker is not None
+        return await worker.tokenize(request, timeout)
 
     async def detokenize(
         self, request: generate_pb2.DetokenizeRequest, timeout: float | None
     ) -> generate_pb2.DetokenizeResponse:
         model = await self._ready_for_call(request.model_uid, timeout)
-        assert model.worker is not None
-        return await model.worker.detokenize(request, timeout)
+        worker = self._ready_replica(model).worker
+        assert worker is not None
+        return await worker.detokenize(request, timeout)
 
     # Internals.
 
@@ -566,6 +704,13 @@ class EngineManager:
         self._require_ready(model)
         model.last_active = time.monotonic()
         return model
+
+    def _ready_replica(self, model: LaunchedModel) -> Replica:
+        """The replica a call goes to (see LaunchedModel.pick_replica); the model must be READY."""
+        self._require_ready(model)
+        replica = model.pick_replica()
+        assert replica is not None, "a READY model has a READY replica"
+        return replica
 
     def _require_ready(self, model: LaunchedModel) -> None:
         if model.state is ModelState.READY:
@@ -585,37 +730,40 @@ class EngineManager:
             metadata={"model_uid": model.uid},
         )
 
-    async def _watch(self, model: LaunchedModel) -> None:
-        """While the model is READY, ping its worker every worker_ping_interval_s: one that does
-        not answer within worker_ping_timeout_s (frozen, swapping) makes the model's health
-        NOT_SERVING until it answers again; one that exits marks the model FAILED, listed with
-        the reason until it is terminated."""
-        worker, settings = model.worker, self.settings
+    async def _watch(self, model: LaunchedModel, replica: Replica) -> None:
+        """While the replica is READY, ping its worker every worker_ping_interval_s: one that does
+        not answer within worker_ping_timeout_s (frozen, swapping) stops taking requests, and
+        makes the model's health NOT_SERVING when no other replica answers, until it answers
+        again; one that exits is handled by _replica_died."""
+        worker, settings = replica.worker, self.settings
         assert worker is not None
         exited = asyncio.ensure_future(worker.wait())
+
+        def watched() -> bool:
+            return replica.state is ModelState.READY and replica.worker is worker
+
         try:
-            while model.state is ModelState.READY:
+            while watched():
                 await asyncio.wait({exited}, timeout=settings.worker_ping_interval_s)
-                if exited.done() or model.state is not ModelState.READY:
+                if exited.done() or not watched():
                     break
                 try:
-                    model.engine_stats = await worker.stats(timeout=settings.worker_ping_timeout_s)
+                    replica.engine_stats = await worker.stats(timeout=settings.worker_ping_timeout_s)
                 except Exception:
-                    if not model.unresponsive and model.state is ModelState.READY and not exited.done():
-                        model.unresponsive = True
-                        model.error = (
+                    if not replica.unresponsive and watched() and not exited.done():
+                        replica.unresponsive = True
+                        replica.error = (
                             f"the worker process did not answer within {settings.worker_ping_timeout_s:g} s"
                         )
-                        self._health(health_name(model.uid), False)
-                        log.warning("model %s: %s", model.uid, model.error)
+                        self._health(health_name(model.uid), model.serves)
+                        log.warning("model %s replica %d: %s", model.uid, replica.index, replica.error)
                     continue
-                if model.unresponsive and model.state is ModelState.READY:
-                    model.unresponsive, model.error = False, ""
-                    self._health(health_name(model.uid), True)
-                    log.info("model %s: its worker answers again", model.uid)
-            if exited.done() and model.state is ModelState.READY and model.worker is worker:
-                self._transition(model, ModelState.FAILED, Why.WORKER_EXITED, worker.exit_reason)
-                log.error("model %s FAILED: %s", model.uid, model.error)
+                if replica.unresponsive and watched():
+                    replica.unresponsive, replica.error = False, ""
+                    self._health(health_name(model.uid), model.serves)
+                    log.info("model %s replica %d: its worker answers again", model.uid, replica.index)
+            if exited.done() and watched() and model.state is ModelState.READY:
+                self._replica_died(model, replica, worker)
         finally:
             exited.cancel()
 
@@ -652,13 +800,14 @@ class EngineManager:
         not yet missing from what the devices report free."""
         reserved: dict[int | str, int] = {}
         for other in self._models.values():
-            if other.state is not ModelState.LOADING:
-                continue
-            if other.gpu_reserved_bytes:
-                for index, taken in other.gpu_reserved_bytes.items():
-                    reserved[index] = reserved.get(index, 0) + taken
-            else:
-                reserved[CPU] = reserved.get(CPU, 0) + other.estimated_bytes
+            for replica in other.replicas:
+                if replica.state is not ModelState.LOADING or other.state is ModelState.TERMINATING:
+                    continue
+                if replica.gpu_reserved_bytes:
+                    for index, taken in replica.gpu_reserved_bytes.items():
+                        reserved[index] = reserved.get(index, 0) + taken
+                else:
+                    reserved[CPU] = reserved.get(CPU, 0) + replica.estimated_bytes
         return reserved
 
     def _estimate_need(
@@ -730,6 +879,11 @@ def _check_chat_abilities(model: LaunchedModel, request: generate_pb2.GenerateRe
 def _may_download(plan: LoadPlan) -> bool:
     """Whether a worker may fetch weights from a hub (and so needs the hub tokens)."""
     return not plan.model_path and not plan.spec.generator
+
+
+def _failure(error: BaseException) -> str:
+    """Why a load failed, for people."""
+    return str(error) if isinstance(error, LlmgrpcError) else f"{type(error).__name__}: {error}"
 
 
 def _launch_ended(error: LlmgrpcError) -> LlmgrpcError:

@@ -14,6 +14,7 @@ Everything here is a pure function of those inputs, so it is tested with a stand
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from llmgrpc.engines.catalogue import EngineInfo
 GIB = 1024**3
 AUTO = "auto"
 COUNT = re.compile(r"^[0-9]+$")
+MAX_REPLICAS = 64  # worker processes one launch may ask for
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ class GpuWords:
     @property
     def asks_for_gpus(self) -> bool:
         return bool(self.n_gpu or self.gpu_idx) or self.device.startswith("cuda")
+
+    def for_replica(self, index: int, replicas: int) -> GpuWords:
+        """One replica's words: gpu_idx lists every replica's GPUs, replica after replica, in
+        equal shares (the rest apply to each replica as they are)."""
+        if not self.gpu_idx or replicas == 1:
+            return self
+        share = len(self.gpu_idx) // replicas
+        return dataclasses.replace(self, gpu_idx=self.gpu_idx[index * share : (index + 1) * share])
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,54 @@ def place(
     raise _does_not_fit(what, info, shortfall)
 
 
+def place_replicas(
+    info: EngineInfo,
+    words: GpuWords,
+    engine_options: Mapping[str, Any],
+    need: ModelNeed,
+    inventory: Sequence[Gpu],
+    loading: Mapping[int, int],
+    what: str,
+    replicas: int,
+) -> list[Placement]:
+    """Each replica's placement, one after another, each counting what the earlier ones take (so
+    with n_gpu auto they spread over the GPUs with the most memory available); the whole launch
+    is refused, with the per-GPU numbers, when any replica does not fit."""
+    taken = dict(loading)
+    placed: list[Placement] = []
+    for index in range(replicas):
+        try:
+            words_here = words.for_replica(index, replicas)
+            one = place(info, words_here, engine_options, need, inventory, taken, what)
+        except ResourceExhausted as error:
+            if replicas == 1:
+                raise
+            raise ResourceExhausted(
+                f"replica {index + 1} of {replicas}, counting what the {index} before it take: {error}",
+                reason=error.reason,
+                metadata={**error.metadata, "replica": str(index)},
+            ) from None
+        for gpu, reserved in one.reserved_bytes.items():
+            taken[gpu] = taken.get(gpu, 0) + reserved
+        placed.append(one)
+    return placed
+
+
+def replica_violations(replica: int, gpu_idx: Sequence[int]) -> list[FieldViolation]:
+    """What is wrong with a launch's replica count, alone and with its gpu_idx."""
+    if not 1 <= replica <= MAX_REPLICAS:
+        return [FieldViolation("replica", f"{replica} is not valid: 1 to {MAX_REPLICAS} (unset: 1)")]
+    if gpu_idx and len(gpu_idx) % replica:
+        return [
+            FieldViolation(
+                "gpu_idx",
+                f"lists every replica's GPUs in equal shares: {len(gpu_idx)} GPU(s) cannot be shared by "
+                f"{replica} replicas",
+            )
+        ]
+    return []
+
+
 @dataclass(frozen=True)
 class _GpuShare:
     gpu: Gpu
@@ -246,45 +304,89 @@ def _check_indices_exist(words: GpuWords, by_index: Mapping[int, Gpu], engine: s
 def _counts_to_try(
     info: EngineInfo, words: GpuWords, options: Mapping[str, Any], need: ModelNeed, gpus_here: int
 ) -> list[int]:
-    """The GPU counts to try, fewest first: one when the words say it, else (auto) every count
-    whose parallel size divides the model's attention heads."""
-    option = info.parallel_size_option
-    parallel = int(options[option]) if option and option in options else None
+    """The GPU counts to try, fewest first: one when the words or the parallel sizes say it, else
+    (auto) every count whose tensor parallel size divides the model's attention heads."""
+    tensor, stages = _parallel_sizes(info, options)
     count = words.count
-    if parallel is not None and count is not None and parallel != count:
-        raise InvalidArgument(
-            f"engine_options.{option} {parallel} contradicts the {count} GPU(s) asked for",
-            [FieldViolation(f"engine_options.{option}", f"must be {count}, the GPUs asked for, or unset")],
-            reason=Reason.INVALID_FIELD,
-        )
-    count = count or parallel
+    if count is not None:
+        _check_sizes_against(info, tensor, stages, count)
+    elif tensor is not None or (stages is not None and words.n_gpu != AUTO):
+        count = (tensor or 1) * (stages or 1)  # with n_gpu auto, a pipeline size alone tries each count
     if count is None and words.n_gpu != AUTO:
         count = 1  # no words: one GPU, as before GPUs could be counted
-    if count is not None and count > gpus_here:
+    if count is not None and count > gpus_here and not _on_ray(options):
         raise FailedPrecondition(
             f"{count} GPUs were asked for but the {info.name} environment sees {gpus_here}",
             reason=Reason.DEVICE_UNAVAILABLE,
         )
-    heads = need.attention_heads if option else 0  # tensor parallelism splits the heads
+    heads = need.attention_heads if info.parallel_size_option else 0  # tensor parallelism splits the heads
+    per_stage = stages or 1
     if count is not None:
-        if heads and heads % count:
-            name = f"engine_options.{option}" if parallel is not None else "n_gpu"
+        shards = tensor if tensor is not None else count // per_stage
+        if heads and heads % shards:
+            name = f"engine_options.{info.parallel_size_option}" if tensor is not None else "n_gpu"
             raise InvalidArgument(
-                f"{info.name} shards the model's {heads} attention heads over its GPUs: {count} does not "
+                f"{info.name} shards the model's {heads} attention heads over its GPUs: {shards} does not "
                 f"divide them",
                 [FieldViolation(name, f"must divide the model's {heads} attention heads")],
                 reason=Reason.INVALID_FIELD,
             )
         return [count]
-    return [n for n in range(1, gpus_here + 1) if not heads or heads % n == 0]
+    counts = range(per_stage, gpus_here + 1, per_stage)
+    return [n for n in counts if not heads or heads % (n // per_stage) == 0]
+
+
+def _on_ray(options: Mapping[str, Any]) -> bool:
+    """Whether the engine runs its workers on a Ray cluster's nodes (vLLM's multi-node way): then
+    the count may exceed this host's GPUs, and only this host's share is checked here (the model's
+    bytes over count GPUs, on as many of them as this host has); other nodes' memory is Ray's."""
+    return "ray_address" in options or options.get("distributed_executor_backend") == "ray"
+
+
+def _parallel_sizes(info: EngineInfo, options: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """The tensor and pipeline parallel sizes the caller set (None: not set)."""
+    sizes = []
+    for option in (info.parallel_size_option, info.pipeline_size_option):
+        sizes.append(int(options[option]) if option and option in options else None)
+    return sizes[0], sizes[1]
+
+
+def _check_sizes_against(info: EngineInfo, tensor: int | None, stages: int | None, count: int) -> None:
+    """The GPUs a launch takes are its tensor parallel size times its pipeline parallel size:
+    sizes the caller set must agree with the count asked for (one set alone must divide it)."""
+    tp, pp = info.parallel_size_option, info.pipeline_size_option
+    if tensor is not None and stages is not None and tensor * stages != count:
+        wanted = f"times {{}} must be {count}, the GPUs asked for"
+        raise InvalidArgument(
+            f"engine_options.{tp} {tensor} times engine_options.{pp} {stages} contradicts the {count} "
+            "GPU(s) asked for",
+            [
+                FieldViolation(f"engine_options.{tp}", wanted.format(pp)),
+                FieldViolation(f"engine_options.{pp}", wanted.format(tp)),
+            ],
+            reason=Reason.INVALID_FIELD,
+        )
+    for option, size in ((tp, tensor), (pp, stages)):
+        if size is None or not (count % size if pp else count != size):
+            continue
+        valid = f"must divide {count}, the GPUs asked for" if pp else f"must be {count}, the GPUs asked for"
+        raise InvalidArgument(
+            f"engine_options.{option} {size} contradicts the {count} GPU(s) asked for",
+            [FieldViolation(f"engine_options.{option}", f"{valid}, or unset")],
+            reason=Reason.INVALID_FIELD,
+        )
 
 
 def _spread_options(info: EngineInfo, options: Mapping[str, Any], count: int) -> dict[str, Any]:
-    """The engine options with the parallel size that spreads the model over count GPUs, and the
-    memory fraction that was counted (so the engine reserves exactly that)."""
+    """The engine options with the parallel sizes that spread the model over count GPUs (the one
+    the caller did not set follows from the other), and the memory fraction that was counted (so
+    the engine reserves exactly that)."""
     spread = dict(options)
-    if info.parallel_size_option and (count > 1 or info.parallel_size_option in options):
-        spread[info.parallel_size_option] = count
+    tensor, stages = _parallel_sizes(info, options)
+    if info.pipeline_size_option and stages is None and tensor is not None and tensor < count:
+        stages = spread[info.pipeline_size_option] = count // tensor
+    if info.parallel_size_option and (count > 1 or tensor is not None):
+        spread[info.parallel_size_option] = count // (stages or 1)
     if info.memory_fraction_option and info.memory_fraction_option not in options:
         spread[info.memory_fraction_option] = info.memory_fraction_default
     return spread

@@ -86,6 +86,15 @@ class Settings(BaseSettings):
         description="a worker that does not answer a ping this long makes its model NOT_SERVING "
         "until it answers again",
     )
+    replica_restart_backoff_s: float = Field(
+        1.0,
+        gt=0,
+        description="seconds before restarting a replica whose worker died while its model has "
+        "others (doubled on each failure in a row)",
+    )
+    replica_restart_backoff_max_s: float = Field(
+        30.0, gt=0, description="the longest wait before restarting a replica whose worker died"
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="seconds streams in flight get to finish on shutdown"
     )

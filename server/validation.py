@@ -255,7 +255,13 @@ def check_launch(request: models_pb2.LaunchModelRequest) -> None:
                 "idle_unload_s", f"{request.idle_unload_s!r} is not valid: seconds, 0 or more (0: never)"
             )
         )
-    violations += placement.word_violations(request.device, request.n_gpu, request.gpu_idx)
+    replica = request.replica if request.HasField("replica") else 1
+    replica_violations = placement.replica_violations(replica, request.gpu_idx)
+    violations += replica_violations
+    # n_gpu and the device speak of one replica: gpu_idx's share of the first one.
+    gpu_idx = list(request.gpu_idx)
+    one_replica = gpu_idx if replica_violations else gpu_idx[: len(gpu_idx) // replica]
+    violations += placement.word_violations(request.device, request.n_gpu, one_replica)
     violations += _download_hub_violations(request.download_hub)
     _raise_if_any("LaunchModelRequest", violations)
 

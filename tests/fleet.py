@@ -133,14 +133,22 @@ def worker_uids() -> set[str]:
 
 def fleet_disagreement(client: Client) -> str:
     """How ListModels and the Gated workers disagree ("" when they agree): every running worker
-    is of a listed model, and a listed model shows a worker pid exactly when its worker runs
-    (READY and LOADING ones do; UNLOADED and FAILED ones do not)."""
-    listed = {model.model_uid: model.worker_pid for model in client.list_models(timeout=30)}
-    running = {
-        worker["model_uid"]: pid for pid, worker in live_workers().items() if worker["engine"] == "Gated"
-    }
+    is of a listed model, and a listed model shows a worker pid for each of its replicas exactly
+    when that replica's worker runs (READY and LOADING ones do; UNLOADED and FAILED ones do not).
+    The model's own worker_pid is its first replica's."""
+    models = client.list_models(timeout=30)
+    listed = {model.model_uid: {r.worker_pid for r in model.replicas} - {0} for model in models}
+    running: dict[str, set[int]] = {}
+    for pid, worker in live_workers().items():
+        if worker["engine"] == "Gated":
+            running.setdefault(worker["model_uid"], set()).add(pid)
     unlisted = set(running) - set(listed)
-    wrong = {uid for uid, pid in listed.items() if pid != running.get(uid, 0)}
+    wrong = {uid for uid, pids in listed.items() if pids != running.get(uid, set())}
+    wrong |= {
+        model.model_uid
+        for model in models
+        if not model.replicas or model.worker_pid != model.replicas[0].worker_pid
+    }
     return (
         f"workers of unlisted models {unlisted}, listed pids that do not run {wrong}"
         if unlisted or wrong

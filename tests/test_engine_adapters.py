@@ -323,3 +323,31 @@ def test_engines_missing_here_are_listed_with_why_and_refused(client: Client):
     # What the project has not proven about an adapter is said, whether or not it can run here.
     assert "not yet run by this project" in engines["SGLang"].support_note
     assert engines["Transformers"].support_note == ""
+
+
+def test_vllm_ray_address_runs_the_workers_on_that_ray_cluster():
+    from llmgrpc.engines.vllm_engine import engine_args, process_environment
+
+    ray = plan("cuda:0", ray_address="10.0.0.1:6379", pipeline_parallel_size=2.0)
+    args = engine_args(ray, "/models/x")
+    assert "ray_address" not in args
+    assert args["distributed_executor_backend"] == "ray" and args["pipeline_parallel_size"] == 2
+    assert process_environment(ray, {}, {0, 1}) == {"RAY_ADDRESS": "10.0.0.1:6379"}
+    with pytest.raises(InvalidArgument) as refused:
+        engine_args(plan(ray_address="10.0.0.1:6379", distributed_executor_backend="mp"), "/models/x")
+    assert refused.value.violations[0].field == "engine_options.distributed_executor_backend"
+
+
+def test_vllm_workers_on_the_cpu_share_the_hosts_cores_unless_the_operator_binds_them():
+    from llmgrpc.engines.vllm_engine import process_environment
+
+    bind = "VLLM_CPU_OMP_THREADS_BIND"
+    assert process_environment(plan("cpu", tensor_parallel_size=2), {}, range(8)) == {bind: "0,1,2,3|4,5,6,7"}
+    assert process_environment(plan("cpu", pipeline_parallel_size=2), {}, {3, 1}) == {bind: "1|3"}
+    assert process_environment(plan("cpu", tensor_parallel_size=4), {}, {0, 1}) == {bind: "nobind"}
+    # One worker, the operator's binding, Ray's nodes (each binds its own) or a GPU: left alone.
+    assert process_environment(plan("cpu"), {}, {0, 1}) == {}
+    assert process_environment(plan("cpu", tensor_parallel_size=2), {bind: "0|1"}, {0, 1}) == {}
+    on_ray = plan("cpu", pipeline_parallel_size=2, distributed_executor_backend="ray")
+    assert process_environment(on_ray, {}, {0, 1}) == {}
+    assert process_environment(plan("cuda:0", tensor_parallel_size=2), {}, {0, 1}) == {}

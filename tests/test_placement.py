@@ -10,7 +10,7 @@ from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Resource
 from llmgrpc.engines.catalogue import engine_info
 from llmgrpc.server import placement
 from llmgrpc.server.availability import EngineAvailability
-from llmgrpc.server.launched import AdmissionGate, LaunchedModel
+from llmgrpc.server.launched import AdmissionGate, LaunchedModel, Replica
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.registry import Registry, SpecQuery
 from llmgrpc.server.settings import Settings
@@ -160,9 +160,13 @@ def launch(size: str, engine: str = "vLLM", **words) -> LaunchRequest:
     )
 
 
-def listed(manager: EngineManager, uid: str) -> LaunchedModel:
+def listed(manager: EngineManager, uid: str, replicas: int = 1) -> LaunchedModel:
     model = LaunchedModel(
-        uid=uid, query=SpecQuery(model_name="llama-3.1"), device="auto", gate=AdmissionGate(1, 1)
+        uid=uid,
+        query=SpecQuery(model_name="llama-3.1"),
+        device="auto",
+        gate=AdmissionGate(1, 1),
+        replicas=[Replica(index) for index in range(replicas)],
     )
     manager._models[uid] = model
     return model
@@ -173,7 +177,7 @@ def test_the_manager_plans_70b_on_two_gpus_with_tensor_parallel_two(tmp_path):
         manager = manager_with(tmp_path, gpus(2))
         model = listed(manager, "big")
         await manager._check_and_place(model, launch("70", n_gpu="auto"))
-        worker = model.new_worker()  # made, not started
+        worker = model.replicas[0].new_worker()  # made, not started
         assert worker.visible_gpu == "0,1"
         assert worker.plan.gpu_count == 2 and worker.plan.device == "cuda:0"
         assert worker.plan.engine_options["tensor_parallel_size"] == 2
@@ -190,7 +194,8 @@ def test_two_concurrent_auto_launches_land_on_different_gpus(tmp_path):
             manager._check_and_place(first, launch("8", n_gpu="auto")),
             manager._check_and_place(second, launch("8", n_gpu="auto")),
         )
-        assert {first.new_worker().visible_gpu, second.new_worker().visible_gpu} == {"0", "1"}
+        made = [model.replicas[0].new_worker() for model in (first, second)]
+        assert {worker.visible_gpu for worker in made} == {"0", "1"}
 
     asyncio.run(scenario())
 
@@ -204,3 +209,140 @@ def test_the_manager_refuses_405b_before_any_worker_starts(tmp_path):
         assert manager.list() == []  # unlisted, nothing started
 
     asyncio.run(scenario())
+
+
+def test_a_two_replica_auto_launch_on_two_gpus_lands_one_per_gpu(tmp_path):
+    async def scenario():
+        manager = manager_with(tmp_path, gpus(2))
+        model = listed(manager, "pair", replicas=2)
+        await manager._check_and_place(model, launch("8", n_gpu="auto", replica=2))
+        made = [replica.new_worker() for replica in model.replicas]  # made, not started
+        assert [worker.visible_gpu for worker in made] == ["0", "1"]
+        assert [replica.device for replica in model.replicas] == ["cuda:0", "cuda:1"]
+        assert all(worker.plan.gpu_count == 1 for worker in made)
+        # Each takes vLLM's reservation on its own GPU, and the model counts both.
+        reserved = int(0.9 * 80 * 2**30)
+        assert [replica.gpu_reserved_bytes for replica in model.replicas] == [{0: reserved}, {1: reserved}]
+        assert model.estimated_bytes == 2 * reserved
+        assert manager._loading_reservations() == {0: reserved, 1: reserved}
+
+    asyncio.run(scenario())
+
+
+def test_replicas_that_do_not_all_fit_refuse_the_whole_launch_with_per_gpu_numbers(tmp_path):
+    async def scenario():
+        manager = manager_with(tmp_path, gpus(2))
+        with pytest.raises(ResourceExhausted) as refused:
+            await manager.launch(launch("8", n_gpu="auto", replica=3))
+        error = refused.value
+        assert "replica 3 of 3" in str(error) and "GPU 0" in str(error)
+        assert error.metadata["replica"] == "2"
+        # Both GPUs hold an earlier replica's reservation: what is left is counted, per GPU.
+        left = 80 * 2**30 - int(0.9 * 80 * 2**30)
+        assert error.metadata["gpu_0_free_bytes"] == str(left)
+        assert manager.list() == []  # unlisted, nothing started
+
+    asyncio.run(scenario())
+
+
+def test_two_replicas_share_one_gpu_when_both_fit_and_gpu_idx_splits_by_replica():
+    need = bf16(8)
+    on_one = placement.place_replicas(
+        TRANSFORMERS, placement.GpuWords("cuda:0"), {}, need, gpus(1), {}, "the model", 2
+    )
+    assert [placed.gpus for placed in on_one] == [(0,), (0,)]
+    split = placement.place_replicas(
+        VLLM, placement.GpuWords("auto", "", (2, 3, 0, 1)), {}, bf16(70, 64), gpus(4), {}, "the model", 2
+    )
+    assert [placed.gpus for placed in split] == [(2, 3), (0, 1)]
+    assert all(placed.engine_options["tensor_parallel_size"] == 2 for placed in split)
+
+
+@pytest.mark.parametrize(
+    "replica, gpu_idx, field",
+    [(0, [], "replica"), (-1, [], "replica"), (65, [], "replica"), (2, [0, 1, 2], "gpu_idx")],
+)
+def test_bad_replica_counts_are_invalid_argument_naming_the_field(replica, gpu_idx, field):
+    request = models_pb2.LaunchModelRequest(
+        model_name="llama-3.1", device="cuda", replica=replica, gpu_idx=gpu_idx
+    )
+    with pytest.raises(InvalidArgument) as refused:
+        check_launch(request)
+    assert field in [violation.field for violation in refused.value.violations]
+
+
+def test_n_gpu_counts_one_replicas_gpus_when_gpu_idx_lists_them_all():
+    check_launch(
+        models_pb2.LaunchModelRequest(model_name="llama-3.1", n_gpu="2", gpu_idx=[0, 1, 2, 3], replica=2)
+    )
+
+
+def test_n_gpu_is_tensor_times_pipeline_parallel_and_one_size_follows_from_the_other():
+    # Only the pipeline size given: the tensor size follows, and the reverse.
+    placed = place(VLLM, bf16(70, heads=64), gpus(4), n_gpu="4", options={"pipeline_parallel_size": 2})
+    assert placed.gpus == (0, 1, 2, 3)
+    assert placed.engine_options["tensor_parallel_size"] == 2
+    assert placed.engine_options["pipeline_parallel_size"] == 2
+    placed = place(VLLM, bf16(70, heads=64), gpus(4), n_gpu="4", options={"tensor_parallel_size": 1})
+    assert placed.engine_options["pipeline_parallel_size"] == 4
+    # Both given without n_gpu: the launch takes their product.
+    options = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}
+    assert place(VLLM, bf16(8, heads=32), gpus(4), options=options).gpus == (0, 1, 2, 3)
+    assert place(SGLANG, bf16(8), gpus(4), options={"pp_size": 2}).engine_options["tp_size"] == 1
+    # n_gpu alone stays tensor parallel.
+    placed = place(VLLM, bf16(8, heads=32), gpus(2), n_gpu="2")
+    assert "pipeline_parallel_size" not in placed.engine_options
+
+
+def test_auto_with_a_pipeline_size_tries_whole_stages():
+    placed = place(VLLM, bf16(150, heads=32), gpus(4), n_gpu="auto", options={"pipeline_parallel_size": 2})
+    assert placed.gpus == (0, 1, 2, 3)
+    assert placed.engine_options["tensor_parallel_size"] == 2
+    placed = place(VLLM, bf16(8, heads=32), gpus(4), n_gpu="auto", options={"pipeline_parallel_size": 2})
+    assert placed.gpus == (0, 1) and placed.engine_options["tensor_parallel_size"] == 1
+
+
+def test_pipeline_sizes_that_contradict_n_gpu_or_the_heads_are_invalid_argument_naming_the_fields():
+    both = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1}
+    with pytest.raises(InvalidArgument) as refused:
+        place(VLLM, bf16(8), gpus(4), n_gpu="4", options=both)
+    fields = {violation.field for violation in refused.value.violations}
+    assert fields == {"engine_options.tensor_parallel_size", "engine_options.pipeline_parallel_size"}
+    with pytest.raises(InvalidArgument) as refused:
+        place(VLLM, bf16(8), gpus(4), n_gpu="4", options={"pipeline_parallel_size": 3})
+    assert refused.value.violations[0].field == "engine_options.pipeline_parallel_size"
+    assert "must divide 4" in refused.value.violations[0].description
+    with pytest.raises(InvalidArgument) as refused:
+        place(VLLM, bf16(8), gpus(4), n_gpu="2", options={"tensor_parallel_size": 4})
+    assert refused.value.violations[0].field == "engine_options.tensor_parallel_size"
+    # Tensor parallelism splits the heads: 4 GPUs in 2 stages leave 2 shards, 6 heads / 3 shards.
+    assert place(VLLM, bf16(8, heads=6), gpus(4), n_gpu="4", options={"pipeline_parallel_size": 2}).gpus
+    with pytest.raises(InvalidArgument) as refused:
+        place(VLLM, bf16(8, heads=6), gpus(4), n_gpu="4", options={"pipeline_parallel_size": 1})
+    assert refused.value.violations[0].field == "n_gpu"
+    with pytest.raises(FailedPrecondition, match="4 GPUs were asked for"):
+        place(VLLM, bf16(8), gpus(2), options={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+
+
+def test_a_ray_launch_checks_this_hosts_share_of_gpus_beyond_its_own():
+    # 405B in bf16 over 16 GPUs, two hosts of 8 on a Ray cluster: this host's 8 take 1/16 each.
+    options = {"tensor_parallel_size": 8, "pipeline_parallel_size": 2, "ray_address": "10.0.0.1:6379"}
+    placed = place(VLLM, bf16(405, heads=128), gpus(8), options=options)
+    assert placed.gpus == tuple(range(8))
+    assert placed.engine_options["pipeline_parallel_size"] == 2
+    assert placed.engine_options["tensor_parallel_size"] == 8
+    del options["ray_address"]  # on this host alone, 16 GPUs are not there
+    with pytest.raises(FailedPrecondition, match="16 GPUs were asked for"):
+        place(VLLM, bf16(405, heads=128), gpus(8), options=options)
+    with pytest.raises(ResourceExhausted):  # this host's share must still fit
+        place(
+            VLLM,
+            bf16(405, heads=128),
+            gpus(8),
+            options={
+                **options,
+                "pipeline_parallel_size": 1,
+                "tensor_parallel_size": 8,
+                "distributed_executor_backend": "ray",
+            },
+        )

@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,9 @@ import grpc
 import jsonschema
 import pytest
 from conftest import TINY, RunningServer
-from rpc_helpers import rpc_error
+from fleet import ServeProcess
+from ray_cluster import RayCluster
+from rpc_helpers import rpc_error, wait_until
 from test_structured_output import SCHEMA
 
 from llmgrpc.clients import Client
@@ -45,6 +49,10 @@ VLLM_OPTIONS = {"dtype": "float32", "kv_cache_memory_bytes": 256 * 2**20, "max_m
 # at thousands of tokens per second, faster than a client reads them.
 LONG = 15000
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+# How vLLM titles its model worker processes (VLLM::Worker_TP0, VLLM::Worker_PP1, ...).
+MODEL_WORKER_TITLE = b"VLLM::Worker"
+# And on Ray, where each is an actor of vLLM's Ray executor.
+RAY_MODEL_WORKER_TITLE = b"ray::RayWorkerProc"
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +202,93 @@ def test_two_concurrent_streams_are_decoded_together(server: RunningServer, clie
     assert long_still_running == 1 and long_read_so_far < LONG  # served beside the long one, not after it
     assert client.get_model(VLLM_UID).peak_batch_size >= 2
     assert wait_until_vllm_is_idle(server) == 0
+
+
+@pytest.mark.parametrize("parallel", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_two_parallel_workers_serve_the_same_greedy_tokens_as_one(
+    server: RunningServer, client: Client, parallel
+):
+    """The model sharded over two of vLLM's CPU workers (tensor parallel: each holds half of
+    every layer's heads; pipeline parallel: each holds one of its two layers) decodes as one does."""
+    uid = f"tiny-{parallel}-2"
+    sampling = {"max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    client.launch(
+        TINY, model_engine="vLLM", model_uid=uid, engine_options={**VLLM_OPTIONS, parallel: 2}, timeout=900
+    )
+    try:
+        worker = client.get_model(uid).worker_pid
+        model_workers = [
+            pid for pid in live_processes_in_group(worker) if MODEL_WORKER_TITLE in process_arguments(pid)
+        ]
+        assert len(model_workers) == 2  # vLLM's two model workers, started by the model's worker
+        assert token_ids(client, uid, PROMPT, **sampling) == token_ids(client, VLLM_UID, PROMPT, **sampling)
+    finally:
+        client.terminate(uid)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path: Path) -> Iterator[RayCluster]:
+    """Two hosts (network namespaces on a bridge of the test's own), a Ray node on each."""
+    ray = Path(VLLM_PYTHON).with_name("ray")
+    if not ray.exists():
+        pytest.skip("Ray is not installed in the vLLM environment (make vllm-cpu installs it)")
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (the ip command)")
+    cluster = RayCluster(ray, tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_across_two_ray_hosts_each_runs_one_pipeline_stage(
+    client: Client, ray_cluster: RayCluster, cache_dir
+):
+    """vLLM's Ray executor: llmgrpc serves on the Ray head's host, the launch names the cluster
+    (ray_address), and vLLM places one of the model's two pipeline stages on each Ray node."""
+    head = ray_cluster.head
+    command = ["ip", "netns", "exec", head.namespace, str(Path(sys.executable).with_name("llmgrpc")), "serve"]
+    command += ["--host", head.address, "--port", "50051", "--cache-dir", str(cache_dir), "--device", "cpu"]
+    environment = {**os.environ, "LLMGRPC_WORKER_PYTHON": json.dumps({"vLLM": VLLM_PYTHON})}
+    sampling = {"max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    with ServeProcess(command + ["--log-format", "text"], environment) as serve:
+        assert wait_until(lambda: "grpc" in serve.addresses or serve.process.poll() is not None, 120)
+        endpoint = serve.addresses.get("grpc", "")
+        assert endpoint, serve.log()
+        # Straight to the head's host, never through a proxy set in the environment.
+        with grpc.insecure_channel(endpoint, options=[("grpc.enable_http_proxy", 0)]) as channel:
+            on_ray = Client(endpoint, channel=channel)
+            options = {**VLLM_OPTIONS, "pipeline_parallel_size": 2, "ray_address": ray_cluster.address}
+            try:
+                on_ray.launch(
+                    TINY, model_engine="vLLM", model_uid="tiny-on-ray", engine_options=options, timeout=900
+                )
+            except grpc.RpcError as error:
+                pytest.fail(f"{error.details()}\n{serve.log(120)}")
+
+            def stages() -> dict[str, int]:
+                """vLLM's model workers on each host."""
+                return {
+                    host.address: sum(
+                        RAY_MODEL_WORKER_TITLE in arguments for arguments in ray_cluster.arguments(host)
+                    )
+                    for host in ray_cluster.hosts
+                }
+
+            assert stages() == {host.address: 1 for host in ray_cluster.hosts}, serve.log()
+            tokens = token_ids(on_ray, "tiny-on-ray", PROMPT, **sampling)
+            assert tokens == token_ids(client, VLLM_UID, PROMPT, **sampling)
+            on_ray.terminate("tiny-on-ray")
+            # The model's worker was Ray's driver: Ray ends the model workers on every node.
+            assert wait_until(lambda: not any(stages().values()), 60), stages()
+
+
+def process_arguments(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def live_processes_in_group(group_id: int) -> list[int]:

@@ -26,15 +26,15 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmgrpc/v1/models.proto\x12\nllmgrpc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\x10ListSpecsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_format\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\">\n\x11ListSpecsResponse\x12)\n\x08\x66\x61milies\x18\x01 \x03(\x0b\x32\x17.llmgrpc.v1.ModelFamily\"\x9a\x01\n\x0bModelFamily\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x03\x12\x11\n\tlanguages\x18\x04 \x03(\t\x12\x11\n\tabilities\x18\x05 \x03(\t\x12$\n\x05specs\x18\x06 \x03(\x0b\x32\x15.llmgrpc.v1.ModelSpec\"\xb9\x01\n\tModelSpec\x12\x14\n\x0cmodel_format\x18\x01 \x01(\t\x12\x18\n\x10size_in_billions\x18\x02 \x01(\t\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\"\n\x04hubs\x18\x05 \x03(\x0b\x32\x14.llmgrpc.v1.ModelHub\x12/\n\x07\x65ngines\x18\x06 \x03(\x0b\x32\x1e.llmgrpc.v1.EngineAvailability\"p\n\x08ModelHub\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x11\n\tavailable\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"[\n\x12\x45ngineAvailability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0csupport_note\x18\x04 \x01(\t\"\xec\x02\n\x12LaunchModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x11\n\tmodel_uid\x18\x06 \x01(\t\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12/\n\x0e\x65ngine_options\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0c\x64ownload_hub\x18\n \x01(\t\x12\x11\n\x04wait\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\ridle_unload_s\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05n_gpu\x18\r \x01(\t\x12\x0f\n\x07gpu_idx\x18\x0e \x03(\x05\x42\x07\n\x05_waitB\x10\n\x0e_idle_unload_s\"B\n\x13LaunchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"$\n\x0fGetModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"?\n\x10GetModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"*\n\x15TerminateModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"E\n\x16TerminateModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x8d\x01\n\x0eModelCondition\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x33\n\x0ftransition_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x11WatchModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"A\n\x12WatchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\xac\x04\n\x10ModelDescription\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x14\n\x0cmodel_format\x18\x04 \x01(\t\x12\x18\n\x10size_in_billions\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x03\x12\x18\n\x10gpu_memory_bytes\x18\n \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x03\x12\x18\n\x10running_requests\x18\x0c \x01(\x05\x12\x18\n\x10waiting_requests\x18\r \x01(\x05\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x12\n\nworker_pid\x18\x0f \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x10 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x11 \x01(\x01\x12\x1e\n\x16\x65stimated_memory_bytes\x18\x12 \x01(\x03\x12*\n\x08progress\x18\x13 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12-\n\tcondition\x18\x14 \x01(\x0b\x32\x1a.llmgrpc.v1.ModelCondition\x12\x15\n\ridle_unload_s\x18\x15 \x01(\x01\"F\n\x0cLoadProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\ndone_bytes\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\x9c\x01\n\x14\x44ownloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x14\n\x0c\x64ownload_hub\x18\x06 \x01(\t\"W\n\x15\x44ownloadModelResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12\x12\n\nmodel_path\x18\x02 \x01(\t*\xc4\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_TERMINATING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x12\x1a\n\x16MODEL_STATE_TERMINATED\x10\x06\x32\xbc\x04\n\x0cModelService\x12H\n\tListSpecs\x12\x1c.llmgrpc.v1.ListSpecsRequest\x1a\x1d.llmgrpc.v1.ListSpecsResponse\x12N\n\x0bLaunchModel\x12\x1e.llmgrpc.v1.LaunchModelRequest\x1a\x1f.llmgrpc.v1.LaunchModelResponse\x12K\n\nListModels\x12\x1d.llmgrpc.v1.ListModelsRequest\x1a\x1e.llmgrpc.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.llmgrpc.v1.GetModelRequest\x1a\x1c.llmgrpc.v1.GetModelResponse\x12W\n\x0eTerminateModel\x12!.llmgrpc.v1.TerminateModelRequest\x1a\".llmgrpc.v1.TerminateModelResponse\x12V\n\rDownloadModel\x12 .llmgrpc.v1.DownloadModelRequest\x1a!.llmgrpc.v1.DownloadModelResponse0\x01\x12M\n\nWatchModel\x12\x1d.llmgrpc.v1.WatchModelRequest\x1a\x1e.llmgrpc.v1.WatchModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmgrpc/v1/models.proto\x12\nllmgrpc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\x10ListSpecsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_format\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\">\n\x11ListSpecsResponse\x12)\n\x08\x66\x61milies\x18\x01 \x03(\x0b\x32\x17.llmgrpc.v1.ModelFamily\"\x9a\x01\n\x0bModelFamily\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x03\x12\x11\n\tlanguages\x18\x04 \x03(\t\x12\x11\n\tabilities\x18\x05 \x03(\t\x12$\n\x05specs\x18\x06 \x03(\x0b\x32\x15.llmgrpc.v1.ModelSpec\"\xb9\x01\n\tModelSpec\x12\x14\n\x0cmodel_format\x18\x01 \x01(\t\x12\x18\n\x10size_in_billions\x18\x02 \x01(\t\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\"\n\x04hubs\x18\x05 \x03(\x0b\x32\x14.llmgrpc.v1.ModelHub\x12/\n\x07\x65ngines\x18\x06 \x03(\x0b\x32\x1e.llmgrpc.v1.EngineAvailability\"p\n\x08ModelHub\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x11\n\tavailable\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"[\n\x12\x45ngineAvailability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0csupport_note\x18\x04 \x01(\t\"\x8e\x03\n\x12LaunchModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x11\n\tmodel_uid\x18\x06 \x01(\t\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12/\n\x0e\x65ngine_options\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0c\x64ownload_hub\x18\n \x01(\t\x12\x11\n\x04wait\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\ridle_unload_s\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05n_gpu\x18\r \x01(\t\x12\x0f\n\x07gpu_idx\x18\x0e \x03(\x05\x12\x14\n\x07replica\x18\x0f \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05_waitB\x10\n\x0e_idle_unload_sB\n\n\x08_replica\"B\n\x13LaunchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"$\n\x0fGetModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"?\n\x10GetModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"*\n\x15TerminateModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"E\n\x16TerminateModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x8d\x01\n\x0eModelCondition\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x33\n\x0ftransition_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x11WatchModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"A\n\x12WatchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\xde\x04\n\x10ModelDescription\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x14\n\x0cmodel_format\x18\x04 \x01(\t\x12\x18\n\x10size_in_billions\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x03\x12\x18\n\x10gpu_memory_bytes\x18\n \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x03\x12\x18\n\x10running_requests\x18\x0c \x01(\x05\x12\x18\n\x10waiting_requests\x18\r \x01(\x05\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x12\n\nworker_pid\x18\x0f \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x10 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x11 \x01(\x01\x12\x1e\n\x16\x65stimated_memory_bytes\x18\x12 \x01(\x03\x12*\n\x08progress\x18\x13 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12-\n\tcondition\x18\x14 \x01(\x0b\x32\x1a.llmgrpc.v1.ModelCondition\x12\x15\n\ridle_unload_s\x18\x15 \x01(\x01\x12\x30\n\x08replicas\x18\x16 \x03(\x0b\x32\x1e.llmgrpc.v1.ReplicaDescription\"\xc9\x01\n\x12ReplicaDescription\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nworker_pid\x18\x04 \x01(\x05\x12\x10\n\x08restarts\x18\x05 \x01(\x05\x12\x18\n\x10running_requests\x18\x06 \x01(\x05\x12-\n\tcondition\x18\x07 \x01(\x0b\x32\x1a.llmgrpc.v1.ModelCondition\"F\n\x0cLoadProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\ndone_bytes\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\x9c\x01\n\x14\x44ownloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x14\n\x0c\x64ownload_hub\x18\x06 \x01(\t\"W\n\x15\x44ownloadModelResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12\x12\n\nmodel_path\x18\x02 \x01(\t*\xc4\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_TERMINATING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x12\x1a\n\x16MODEL_STATE_TERMINATED\x10\x06\x32\xbc\x04\n\x0cModelService\x12H\n\tListSpecs\x12\x1c.llmgrpc.v1.ListSpecsRequest\x1a\x1d.llmgrpc.v1.ListSpecsResponse\x12N\n\x0bLaunchModel\x12\x1e.llmgrpc.v1.LaunchModelRequest\x1a\x1f.llmgrpc.v1.LaunchModelResponse\x12K\n\nListModels\x12\x1d.llmgrpc.v1.ListModelsRequest\x1a\x1e.llmgrpc.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.llmgrpc.v1.GetModelRequest\x1a\x1c.llmgrpc.v1.GetModelResponse\x12W\n\x0eTerminateModel\x12!.llmgrpc.v1.TerminateModelRequest\x1a\".llmgrpc.v1.TerminateModelResponse\x12V\n\rDownloadModel\x12 .llmgrpc.v1.DownloadModelRequest\x1a!.llmgrpc.v1.DownloadModelResponse0\x01\x12M\n\nWatchModel\x12\x1d.llmgrpc.v1.WatchModelRequest\x1a\x1e.llmgrpc.v1.WatchModelResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmgrpc.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=2724
-  _globals['_MODELSTATE']._serialized_end=2920
+  _globals['_MODELSTATE']._serialized_start=3012
+  _globals['_MODELSTATE']._serialized_end=3208
   _globals['_LISTSPECSREQUEST']._serialized_start=103
   _globals['_LISTSPECSREQUEST']._serialized_end=233
   _globals['_LISTSPECSRESPONSE']._serialized_start=235
@@ -48,35 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINEAVAILABILITY']._serialized_start=758
   _globals['_ENGINEAVAILABILITY']._serialized_end=849
   _globals['_LAUNCHMODELREQUEST']._serialized_start=852
-  _globals['_LAUNCHMODELREQUEST']._serialized_end=1216
-  _globals['_LAUNCHMODELRESPONSE']._serialized_start=1218
-  _globals['_LAUNCHMODELRESPONSE']._serialized_end=1284
-  _globals['_LISTMODELSREQUEST']._serialized_start=1286
-  _globals['_LISTMODELSREQUEST']._serialized_end=1305
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1307
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1373
-  _globals['_GETMODELREQUEST']._serialized_start=1375
-  _globals['_GETMODELREQUEST']._serialized_end=1411
-  _globals['_GETMODELRESPONSE']._serialized_start=1413
-  _globals['_GETMODELRESPONSE']._serialized_end=1476
-  _globals['_TERMINATEMODELREQUEST']._serialized_start=1478
-  _globals['_TERMINATEMODELREQUEST']._serialized_end=1520
-  _globals['_TERMINATEMODELRESPONSE']._serialized_start=1522
-  _globals['_TERMINATEMODELRESPONSE']._serialized_end=1591
-  _globals['_MODELCONDITION']._serialized_start=1594
-  _globals['_MODELCONDITION']._serialized_end=1735
-  _globals['_WATCHMODELREQUEST']._serialized_start=1737
-  _globals['_WATCHMODELREQUEST']._serialized_end=1775
-  _globals['_WATCHMODELRESPONSE']._serialized_start=1777
-  _globals['_WATCHMODELRESPONSE']._serialized_end=1842
-  _globals['_MODELDESCRIPTION']._serialized_start=1845
-  _globals['_MODELDESCRIPTION']._serialized_end=2401
-  _globals['_LOADPROGRESS']._serialized_start=2403
-  _globals['_LOADPROGRESS']._serialized_end=2473
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2476
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2632
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=2634
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=2721
-  _globals['_MODELSERVICE']._serialized_start=2923
-  _globals['_MODELSERVICE']._serialized_end=3495
+  _globals['_LAUNCHMODELREQUEST']._serialized_end=1250
+  _globals['_LAUNCHMODELRESPONSE']._serialized_start=1252
+  _globals['_LAUNCHMODELRESPONSE']._serialized_end=1318
+  _globals['_LISTMODELSREQUEST']._serialized_start=1320
+  _globals['_LISTMODELSREQUEST']._serialized_end=1339
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1341
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1407
+  _globals['_GETMODELREQUEST']._serialized_start=1409
+  _globals['_GETMODELREQUEST']._serialized_end=1445
+  _globals['_GETMODELRESPONSE']._serialized_start=1447
+  _globals['_GETMODELRESPONSE']._serialized_end=1510
+  _globals['_TERMINATEMODELREQUEST']._serialized_start=1512
+  _globals['_TERMINATEMODELREQUEST']._serialized_end=1554
+  _globals['_TERMINATEMODELRESPONSE']._serialized_start=1556
+  _globals['_TERMINATEMODELRESPONSE']._serialized_end=1625
+  _globals['_MODELCONDITION']._serialized_start=1628
+  _globals['_MODELCONDITION']._serialized_end=1769
+  _globals['_WATCHMODELREQUEST']._serialized_start=1771
+  _globals['_WATCHMODELREQUEST']._serialized_end=1809
+  _globals['_WATCHMODELRESPONSE']._serialized_start=1811
+  _globals['_WATCHMODELRESPONSE']._serialized_end=1876
+  _globals['_MODELDESCRIPTION']._serialized_start=1879
+  _globals['_MODELDESCRIPTION']._serialized_end=2485
+  _globals['_REPLICADESCRIPTION']._serialized_start=2488
+  _globals['_REPLICADESCRIPTION']._serialized_end=2689
+  _globals['_LOADPROGRESS']._serialized_start=2691
+  _globals['_LOADPROGRESS']._serialized_end=2761
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2764
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2920
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=2922
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=3009
+  _globals['_MODELSERVICE']._serialized_start=3211
+  _globals['_MODELSERVICE']._serialized_end=3783
 # @@protoc_insertion_point(module_scope)

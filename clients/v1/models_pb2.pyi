@@ -333,6 +333,7 @@ class LaunchModelRequest(_message.Message):
     IDLE_UNLOAD_S_FIELD_NUMBER: _builtins.int
     N_GPU_FIELD_NUMBER: _builtins.int
     GPU_IDX_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Family name, e.g. "llama-3.1". Required."""
     model_engine: _builtins.str
@@ -373,6 +374,17 @@ class LaunchModelRequest(_message.Message):
     size (vLLM tensor_parallel_size, SGLang tp_size) follows from it unless
     engine_options set it; a contradiction is refused. Not with device "cpu".
     """
+    replica: _builtins.int
+    """Worker processes to run for this uid, each a whole copy of the model:
+    n_gpu says what one replica gets, gpu_idx lists every replica's GPUs in
+    equal shares, replica after replica. Replicas are placed one after
+    another, each counting what the earlier ones take (so they spread over
+    the GPUs with the most memory available); the launch is refused when any
+    does not fit, and returns once all are READY. Generate goes to the READY
+    replica with the fewest requests in flight; one whose worker dies is
+    restarted, with a growing backoff, while the others serve. Unset: 1;
+    1 to 64.
+    """
     @_builtins.property
     def engine_options(self) -> _struct_pb2.Struct:
         """Engine-specific options passed to the engine, e.g. {"n_threads": 2,
@@ -402,17 +414,22 @@ class LaunchModelRequest(_message.Message):
         idle_unload_s: _builtins.float | None = ...,
         n_gpu: _builtins.str = ...,
         gpu_idx: _abc.Iterable[_builtins.int] | None = ...,
+        replica: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_wait", b"_wait", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_replica", b"_replica", "_wait", b"_wait", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "replica", b"replica", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_wait", b"_wait", "device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "gpu_idx", b"gpu_idx", "idle_unload_s", b"idle_unload_s", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "n_gpu", b"n_gpu", "quantization", b"quantization", "size_in_billions", b"size_in_billions", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_replica", b"_replica", "_wait", b"_wait", "device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "gpu_idx", b"gpu_idx", "idle_unload_s", b"idle_unload_s", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "n_gpu", b"n_gpu", "quantization", b"quantization", "replica", b"replica", "size_in_billions", b"size_in_billions", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_unload_s: _TypeAlias = _typing.Literal["idle_unload_s"]  # noqa: Y015
     _WhichOneofArgType__idle_unload_s: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s"]  # noqa: Y015
+    _WhichOneofReturnType__replica: _TypeAlias = _typing.Literal["replica"]  # noqa: Y015
+    _WhichOneofArgType__replica: _TypeAlias = _typing.Literal["_replica", b"_replica"]  # noqa: Y015
     _WhichOneofReturnType__wait: _TypeAlias = _typing.Literal["wait"]  # noqa: Y015
     _WhichOneofArgType__wait: _TypeAlias = _typing.Literal["_wait", b"_wait"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_unload_s) -> _WhichOneofReturnType__idle_unload_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replica) -> _WhichOneofReturnType__replica | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait) -> _WhichOneofReturnType__wait | None: ...
 
@@ -589,7 +606,9 @@ class ModelCondition(_message.Message):
     """The state entered."""
     reason: _builtins.str
     """Why, as a stable CamelCase word: LaunchRequested, Loaded, LoadFailed,
-    WorkerExited, IdleUnloaded, Reloading, TerminateRequested, Terminated.
+    WorkerExited, IdleUnloaded, Reloading, TerminateRequested, Terminated;
+    Restarting for a replica restarted after its worker died (and for a model
+    none of whose replicas is READY meanwhile).
     """
     message: _builtins.str
     """Why, for people; may quote the error."""
@@ -690,6 +709,7 @@ class ModelDescription(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     CONDITION_FIELD_NUMBER: _builtins.int
     IDLE_UNLOAD_S_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     model_uid: _builtins.str
     """Unique id, used by Generate, GetModel and TerminateModel."""
     model_name: _builtins.str
@@ -705,7 +725,9 @@ class ModelDescription(_message.Message):
     state: Global___ModelState.ValueType
     """Current state."""
     device: _builtins.str
-    """Device it runs on: "cpu" or "cuda:N"."""
+    """Device it runs on: "cpu", "cuda:N" or "cuda:N,M" (its first replica's;
+    see `replicas` for each one's).
+    """
     memory_bytes: _builtins.int
     """Resident memory of the worker process, in bytes."""
     gpu_memory_bytes: _builtins.int
@@ -719,7 +741,9 @@ class ModelDescription(_message.Message):
     error: _builtins.str
     """Why the model FAILED (or why its worker is not answering); empty otherwise."""
     worker_pid: _builtins.int
-    """Operating-system process id of the worker (0 once it has exited)."""
+    """Operating-system process id of the (first replica's) worker (0 once it
+    has exited).
+    """
     peak_batch_size: _builtins.int
     """Most sequences the engine has decoded together in one step."""
     load_seconds: _builtins.float
@@ -735,6 +759,14 @@ class ModelDescription(_message.Message):
     @_builtins.property
     def condition(self) -> Global___ModelCondition:
         """How the model came to its current state, and when."""
+
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaDescription]:
+        """The model's worker processes, one per replica, in replica order (one
+        entry for a model launched without `replica`). The model is READY while
+        at least one replica is READY; `device` and `worker_pid` above are the
+        first replica's.
+        """
 
     def __init__(
         self,
@@ -760,14 +792,65 @@ class ModelDescription(_message.Message):
         progress: Global___LoadProgress | None = ...,
         condition: Global___ModelCondition | None = ...,
         idle_unload_s: _builtins.float = ...,
+        replicas: _abc.Iterable[Global___ReplicaDescription] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "idle_unload_s", b"idle_unload_s", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "progress", b"progress", "quantization", b"quantization", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "idle_unload_s", b"idle_unload_s", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "progress", b"progress", "quantization", b"quantization", "replicas", b"replicas", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelDescription: _TypeAlias = ModelDescription  # noqa: Y015
+
+@_typing.final
+class ReplicaDescription(_message.Message):
+    """One replica of a launched model: a worker process holding a whole copy of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    WORKER_PID_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Position among the model's replicas, from 0."""
+    state: Global___ModelState.ValueType
+    """The replica's own state: READY serves, LOADING is (re)starting, FAILED
+    waits for its restart, UNLOADED follows the model's idle unload.
+    """
+    device: _builtins.str
+    """Device(s) it runs on: "cpu", "cuda:N" or "cuda:N,M" (the machine's indices)."""
+    worker_pid: _builtins.int
+    """Operating-system process id of its worker (0 while none runs)."""
+    restarts: _builtins.int
+    """How many times its worker was restarted after dying."""
+    running_requests: _builtins.int
+    """Generate requests it is decoding now."""
+    @_builtins.property
+    def condition(self) -> Global___ModelCondition:
+        """How the replica came to its state, and when."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        state: Global___ModelState.ValueType = ...,
+        device: _builtins.str = ...,
+        worker_pid: _builtins.int = ...,
+        restarts: _builtins.int = ...,
+        running_requests: _builtins.int = ...,
+        condition: Global___ModelCondition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "device", b"device", "index", b"index", "restarts", b"restarts", "running_requests", b"running_requests", "state", b"state", "worker_pid", b"worker_pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaDescription: _TypeAlias = ReplicaDescription  # noqa: Y015
 
 @_typing.final
 class LoadProgress(_message.Message):

@@ -13,10 +13,14 @@ set -euo pipefail
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 TORCH=${TORCH:-torch==2.13.0}
 ONEDNN_VERSION=${ONEDNN_VERSION:-2023.2.0}
+# Ray: vLLM's executor across hosts (distributed_executor_backend "ray", docs/multi-node.md).
+RAY=${RAY:-ray[default]==2.60.0}
 PYTHON=${PYTHON:-python3}
 VENV=$(realpath -m "${1:-.venv-vllm}")
-WHEEL_CACHE=${LLMGRPC_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llmgrpc/wheels}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# A wheel is cached per version of the source patch: a changed patch_source.py builds anew.
+PATCH_ID=$(sha256sum "$HERE/patch_source.py" | cut -c1-12)
+WHEEL_CACHE=${LLMGRPC_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llmgrpc/wheels}/vllm-cpu-$PATCH_ID
 REPO=$(cd "$HERE/../.." && pwd)
 WORK=$REPO/build/vllm-cpu
 
@@ -66,8 +70,9 @@ if [ ${#cached[@]} -eq 0 ]; then
     cached=("$WHEEL_CACHE"/vllm-"$VLLM_VERSION"+cpu-*.whl)
 fi
 
-note "installing ${cached[0]##*/} and llmgrpc into $VENV"
-"${PIP[@]}" install -q "${cached[0]}"
+note "installing ${cached[0]##*/}, Ray and llmgrpc into $VENV"
+"${PIP[@]}" install -q --force-reinstall --no-deps "${cached[0]}"
+"${PIP[@]}" install -q "${cached[0]}" "$RAY"
 "${PIP[@]}" install -q -e "$REPO[vllm]"
 "$VENV/bin/python" -m llmgrpc.engines.probe; echo
 touch "$VENV/.installed"

@@ -28,6 +28,13 @@ What changes, and why:
 - `vllm/utils/cpu_triton_utils.py`: the CPU fallback for the slot-mapping kernel takes
   the arguments in the order vLLM 0.33.0 fixed it to (0.32.0's version fails at the
   first forward pass).
+- Ray (`distributed_executor_backend: ray`, vLLM's way across hosts): the CPU platform
+  names no Ray resource, so vLLM refuses Ray on it ("current platform cpu does not support
+  ray"). It gets the custom resource `vllm_cpu` (Ray reserves the name `CPU` for its own
+  count of cores): each Ray node declares how many of this model's workers it hosts
+  (`ray start --resources '{"vllm_cpu": 1}'`). Ray assigns no device ids for a custom
+  resource, so the executor's lookup of the worker's ids takes none instead of failing
+  (`KeyError: 'vllm_cpu'`); a CPU worker has no device to pick.
 """
 
 from __future__ import annotations
@@ -215,6 +222,29 @@ def patch(root: Path) -> None:
         helper,
         r"(        slot_mapping,\n        )block_size,\n(    \)\n)",
         r"\g<1>KV_CACHE_BLOCK_SIZE,\n\g<2>",
+    )
+
+    patch_ray(p)
+
+
+def patch_ray(p: Patcher) -> None:
+    """Ray's executor on the CPU platform (see the module docstring)."""
+    p.literal(
+        "vllm/platforms/cpu.py",
+        '    dist_backend: str = "gloo"\n',
+        '    dist_backend: str = "gloo"\n'
+        "    # llmgrpc: the Ray resource a CPU model worker takes (Ray reserves the name CPU).\n"
+        '    ray_device_key: str = "vllm_cpu"\n',
+    )
+    p.literal(
+        "vllm/v1/executor/ray_executor_v2.py",
+        "get_accelerator_ids()[device_key]",
+        "get_accelerator_ids().get(device_key, [])",
+    )
+    p.sub(
+        "vllm/v1/executor/ray_utils.py",
+        r"get_accelerator_ids\(\)\[\n( +)device_key\n( +)\]",
+        r"get_accelerator_ids().get(\n\g<1>device_key, []\n\g<2>)",
     )
 
 
