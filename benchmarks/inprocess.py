@@ -27,6 +27,7 @@ from streams import Level, StreamRecord, prompts
 from llmgrpc.engines import weights
 from llmgrpc.engines.base import GenerationRequest, LoadPlan
 from llmgrpc.engines.catalogue import engine_info
+from llmgrpc.engines.cpu_threads import on_a_thread_of_its_own
 from llmgrpc.v1 import generate_pb2
 
 
@@ -131,7 +132,7 @@ def main() -> None:
     mode, plan = sys.argv[1], LoadPlan.from_json_dict(json.loads(sys.argv[2]))
     started = time.perf_counter()
     if mode == "engine":
-        engine = load_engine(plan)
+        engine = asyncio.run(on_a_thread_of_its_own(load_engine, plan))  # as the worker loads it
         run = lambda c, m: engine_level(engine, c, m)  # noqa: E731
     elif mode == "runner":
         engine = load_engine(plan)

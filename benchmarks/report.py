@@ -136,28 +136,34 @@ def targets(results: dict) -> tuple[str, list[str]]:
     scaling = results["scaling"].get("llama.cpp")
     if scaling:
         levels = scaling["levels"]
-        ours = levels["llmgrpc"].get(16)
-        if ours:
-            for peer, goal in (
-                ("llama-cpp-python, one context", 0.9),
-                ("xllamacpp", 1.5),
-                ("llama_cpp.server", 3.5),
-            ):
-                values = ratios(ours, levels[peer][16])
+        for peer, goal, at in (
+            ("xllamacpp", 1.0, sorted(levels["llmgrpc"])),
+            ("llama-cpp-python, one context", 0.9, (1, 16)),
+            ("llama_cpp.server", 3.5, (16,)),
+        ):
+            for streams in at:
+                ours, theirs = levels["llmgrpc"].get(streams), levels[peer].get(streams)
+                if not (ours and theirs):
+                    continue
+                values = ratios(ours, theirs)
                 add(
-                    f"llama.cpp, 16 streams: llmgrpc / {peer}",
+                    f"llama.cpp, {streams} stream{'s' if streams > 1 else ''}: llmgrpc / {peer}",
                     f"≥ {goal}×",
                     values,
                     lambda v, g=goal: v >= g,
                     spread(values, 2) + "×",
                 )
-            values = ratios(ours, levels["xllamacpp"][16], "ttft_p99")
+        for streams in (16, 32):
+            ours, theirs = levels["llmgrpc"].get(streams), levels["xllamacpp"].get(streams)
+            if not (ours and theirs):
+                continue
+            values = ratios(ours, theirs, "ttft_p99")
             add(
-                "llama.cpp, 16 streams: TTFT p99, llmgrpc / xllamacpp",
+                f"llama.cpp, {streams} streams: TTFT p99, llmgrpc / xllamacpp",
                 "≤ 1×",
                 values,
                 lambda v: v <= 1.0,
-                f"{ms(stat(ours, 'ttft_p99'))} / {ms(stat(levels['xllamacpp'][16], 'ttft_p99'))} ms",
+                f"{ms(stat(ours, 'ttft_p99'))} / {ms(stat(theirs, 'ttft_p99'))} ms",
             )
     streams = sum(r["streams"] for r in our_runs(results))
     add(
@@ -367,9 +373,17 @@ def limits_section(results: dict, missed: list[str]) -> str:
             f"{added_ttft:+.1f} ms at p50). Per token the server process spends {cpu['server']:.0f} µs of "
             f"CPU, the worker {cpu['worker']:.0f} µs (the engine alone, in-process: {engine_cpu:.0f} µs) "
             f"and the client {cpu['client']:.0f} µs: about {beyond:.0f} µs of CPU per token beyond the "
-            f"engine's own, on {m['cores']} cores that the engine's {m['threads']} threads also use. The "
+            f"engine's own, on {m['cores']} cores that the engine's threads also use. The "
             f"transport alone (the firehose engine, one stream) takes {firehose_ttft} ms to a first token."
         )
+        transport_us = 1e6 / stat(firehose[min(firehose, key=int)], "tokens_per_s")
+        if base_us < 1.5 * transport_us:
+            text += (
+                " The engine alone makes a token about as fast as the transport alone carries one "
+                f"({base_us:.0f} against {transport_us:.0f} µs, the firehose engine at one stream), and "
+                "both need the same cores: at this model size the ratio measures that contention more "
+                "than what the service adds to a model's own time."
+            )
         levels = scaling.get(engine, {}).get("levels", {})
         if 1 in levels.get("llmgrpc", {}) and config["scaling_model"] != "tiny-llama-3.1":
             one = median(ratios(levels["llmgrpc"][1], levels["in-process engine"][1]))
@@ -404,7 +418,7 @@ def limits_section(results: dict, missed: list[str]) -> str:
                 f"one-context figure at {spare['threads']} thread"
                 + (": at full threads the loss is contention for the cores." if free >= 0.9 else ".")
                 + f" At 16 streams llmgrpc then makes {stat(ours_free, 'tokens_per_s'):.0f} tok/s, against "
-                f"{stat(levels['llmgrpc'][16], 'tokens_per_s'):.0f} with {m['threads']} threads."
+                f"{stat(levels['llmgrpc'][16], 'tokens_per_s'):.0f} with its default threads."
             )
         xl = levels.get("xllamacpp", {}).get(16)
         if xl and median(ratios(xl, runner)) > 1 / 1.5:
@@ -497,12 +511,23 @@ def profile_findings(results: dict) -> str:
     return "\n".join(lines)
 
 
+def llmgrpc_defaults(m: dict) -> str:
+    """llmgrpc's engine defaults on this machine, as the run found them."""
+    defaults = m.get("llama_cpp_defaults")
+    if not defaults:
+        return "threads as given"
+    single, batched = defaults["threads"]
+    environment = "".join(f", {name}={value}" for name, value in defaults["environment"].items())
+    return f"llama.cpp n_threads {single}, n_threads_batch {batched}{environment}; torch: all cores"
+
+
 def machine_section(results: dict) -> str:
     m = results["machine"]
     lines = [
         f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB; {m['os']}; Python {m['python']}",
         f"- CPU flags: {' '.join(m['flags'])}",
-        f"- threads per engine (llmgrpc's engines and every peer): {m['threads']}",
+        f"- llmgrpc's engines: their defaults ({llmgrpc_defaults(m)}); every peer and baseline: "
+        f"{m['threads']} threads",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
     ]
     lines += [f"- {name} build: `{info}`" for name, info in m["system_info"].items()]
@@ -624,7 +649,8 @@ def write(results: dict, out: Path) -> Path:
         "# Benchmarks",
         f"Generated by `make bench{' BENCH_ARGS=--quick' if results['quick'] else ''}` "
         f"(`{results['command']}`) on {m['date']}, in {results['duration_s'] / 60:.1f} minutes, on "
-        f"{m['cores']} cores ({m['cpu']}), every engine and peer with {m['threads']} threads. "
+        f"{m['cores']} cores ({m['cpu']}); llmgrpc with its defaults ({llmgrpc_defaults(m)}), every "
+        f"peer and baseline with {m['threads']} threads. "
         f"Repetitions: {config['reps']}; systems compared are measured in the same run, interleaved "
         "level by level. The machine may be shared: compare ratios, not absolute numbers across runs. "
         + outside_load_note(results),
@@ -643,8 +669,9 @@ def write(results: dict, out: Path) -> Path:
         "stream, continuous batching, OpenAI `/v1/completions` streamed) and **llama_cpp.server** "
         "(llama-cpp-python's server, `--interrupt_requests False`); for Transformers, **transformers "
         "generate** (`model.generate`, greedy, one stream, a streamer timestamping each token). Peers get "
-        "the same GGUF file and threads; end of text is suppressed everywhere, so every stream has "
-        "exactly its token count, which is checked.",
+        "the same GGUF file; llmgrpc and the in-process engine run with llmgrpc's default threads, the "
+        "peers and the one-context baseline with every core; end of text is suppressed everywhere, so "
+        "every stream has exactly its token count, which is checked.",
         *(f"![{name}]({name})" for name in images[:2]),
         *(
             part

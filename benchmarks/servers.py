@@ -165,7 +165,7 @@ class XllamacppServer(Process):
 class InProcess:
     """inprocess.py in one mode on one plan: the model loaded once, levels run on request."""
 
-    def __init__(self, log_path: Path, mode: str, plan: LoadPlan):
+    def __init__(self, log_path: Path, mode: str, plan: LoadPlan, env: dict[str, str] | None = None):
         self._log = open(log_path, "w")  # closed in stop()
         self.log_path = log_path
         self.process = subprocess.Popen(
@@ -174,6 +174,7 @@ class InProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.pid = self.process.pid
         self.load_s = json.loads(self._answer())["load_s"]

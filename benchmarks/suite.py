@@ -38,7 +38,8 @@ from servers import InProcess, LlamaCppServer, Llmgrpc, OutsideLoad, Process, Xl
 from streams import GrpcStreams, Level, SseStreams, median, percentile, run_level
 
 from llmgrpc.clients import Client
-from llmgrpc.engines.catalogue import load_plugins
+from llmgrpc.engines.catalogue import engine_info, load_plugins
+from llmgrpc.engines.cpu_threads import llama_cpp_threads, usable_cores
 from llmgrpc.server.registry import SpecQuery
 
 HERE = Path(__file__).parent
@@ -188,10 +189,18 @@ class Bench:
         )
 
     def engine_options(self, engine: str) -> dict:
-        options = {"n_threads": self.threads}
+        """llmgrpc's launches: the engine's own defaults (threads included), as a user gets them;
+        for llama.cpp only the KV cache is sized to the levels, as every peer's is."""
         if engine == "llama.cpp":
-            options["context_length"] = CONTEXT_PER_SEQUENCE * self.max_batch
-        return options
+            return {"context_length": CONTEXT_PER_SEQUENCE * self.max_batch}
+        return {}
+
+    def peer_options(self, engine: str) -> dict:
+        """The peers' and one-context baseline's: every core, for decoding and for batches."""
+        threads = {"n_threads": self.threads}
+        if engine == "llama.cpp":
+            threads["n_threads_batch"] = self.threads
+        return {**self.engine_options(engine), **threads}
 
     def model_path(self, model: str, engine: str) -> str:
         if model == TINY:
@@ -207,7 +216,7 @@ class Bench:
             quantization=quantization,
             model_uid=uid,
             model_path=self.model_path(model, engine),
-            engine_options=options or self.engine_options(engine),
+            engine_options=options if options is not None else self.engine_options(engine),
             timeout=600,
         )
 
@@ -220,10 +229,13 @@ class Bench:
             query,
             max_batch_size=self.max_batch,
             model_path=self.model_path(model, engine),
-            engine_options=options or self.engine_options(engine),
+            engine_options=options if options is not None else self.engine_options(engine),
         )
-        name = f"inprocess-{mode}-{model}-{engine}-{plan.engine_options['n_threads']}-threads"
-        return self.keep(InProcess(self.logs / f"{name}.log", mode, plan))
+        threads = plan.engine_options.get("n_threads", "default")
+        name = f"inprocess-{mode}-{model}-{engine}-{threads}-threads"
+        # The engine runs as a worker would: with the engine's CPU environment (its spin-wait bounds).
+        env = dict(engine_info(engine).cpu_environment) if mode == "engine" else {}
+        return self.keep(InProcess(self.logs / f"{name}.log", mode, plan, env))
 
     # Systems.
 
@@ -352,11 +364,8 @@ class Bench:
             ]
             peers = []
             if engine == "llama.cpp":
-                systems.append(
-                    self.baseline(
-                        "llama-cpp-python, one context", self.inprocess("runner", model, engine), ours=False
-                    )
-                )
+                one_context = self.inprocess("runner", model, engine, self.peer_options(engine))
+                systems.append(self.baseline("llama-cpp-python, one context", one_context, ours=False))
                 peers = [
                     self.keep(
                         XllamacppServer(
@@ -376,7 +385,7 @@ class Bench:
                 )
                 systems.append(self.http_peer("llama_cpp.server", peers[1]))
             else:
-                hf = self.inprocess("hf-generate", model, engine)
+                hf = self.inprocess("hf-generate", model, engine, self.peer_options(engine))
                 systems.append(self.baseline("transformers generate", hf, ours=False, levels=(1,)))
             await self.warm_up(systems)
             tokens = config.tokens[engine]
@@ -404,7 +413,7 @@ class Bench:
     async def spare_core(self, server: Llmgrpc, client: Client) -> dict:
         """llama.cpp with one core left to everything else: the same systems at threads = cores - 1."""
         threads, model = self.threads - 1, self.config.scaling_model
-        options = {**self.engine_options("llama.cpp"), "n_threads": threads}
+        options = {**self.engine_options("llama.cpp"), "n_threads": threads, "n_threads_batch": threads}
         uid = f"{model}-llama.cpp-{threads}-threads"
         self.launch(client, model, "llama.cpp", uid, options)
         systems = [
@@ -515,7 +524,7 @@ def main() -> None:
         "--work-dir", type=Path, default=ROOT / "build" / "bench", help="models, logs, raw results"
     )
     parser.add_argument(
-        "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every engine"
+        "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every peer and baseline"
     )
     parser.add_argument("--reps", type=int, help="repetitions (default: 3, or 1 with --quick)")
     args = parser.parse_args()
@@ -529,6 +538,10 @@ def main() -> None:
     started = time.perf_counter()
     command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     machine = report.machine(args.threads)
+    machine["llama_cpp_defaults"] = {
+        "threads": llama_cpp_threads(usable_cores()),
+        "environment": dict(engine_info("llama.cpp").cpu_environment),
+    }
     if config.scaling_model == BENCH_MODEL:
         hf_dir, _ = models.build_bench_model(work / "models")
         machine["bench_model_parameters"] = models.parameter_count(hf_dir)

@@ -87,6 +87,7 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
         f"({machine['cores']} cores); model `{results['model']}` in float32, {args.tokens} greedy tokens "
         f"per stream, medians of {args.reps} repetitions (spread: min-max).",
         "",
+        *target_lines(results),
         "| streams | " + " | ".join(f"{e} tok/s | {e} TTFT p50" for e in engines) + " |",
         "| --- | " + " | ".join("---: | ---:" for _ in engines) + " |",
     ]
@@ -111,6 +112,34 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+# The Transformers engine against vLLM at the busiest level: tok/s at least this share of
+# vLLM's, TTFT p50 at most this multiple of vLLM's.
+TOKENS_SHARE_GOAL = 0.7
+TTFT_MULTIPLE_GOAL = 2.0
+
+
+def target_lines(results: dict) -> list[str]:
+    levels = results["levels"]
+    if not {"Transformers", "vLLM"} <= levels.keys():
+        return []
+    busiest = max(levels["vLLM"])
+    ours, theirs = levels["Transformers"][busiest], levels["vLLM"][busiest]
+    share = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    multiple = ours["ttft_p50_ms"] / theirs["ttft_p50_ms"]
+    verdict = lambda met: "met" if met else "**missed**"  # noqa: E731
+    return [
+        "| target | goal | measured | |",
+        "| --- | --- | --- | --- |",
+        f"| {busiest} streams: Transformers tok/s ÷ vLLM's | ≥ {TOKENS_SHARE_GOAL}× | {share:.2f}× "
+        f"({ours['tokens_per_s']:.0f} / {theirs['tokens_per_s']:.0f}) | "
+        f"{verdict(share >= TOKENS_SHARE_GOAL)} |",
+        f"| {busiest} streams: Transformers TTFT p50 ÷ vLLM's | ≤ {TTFT_MULTIPLE_GOAL:g}× | {multiple:.2f}× "
+        f"({ours['ttft_p50_ms']:.0f} / {theirs['ttft_p50_ms']:.0f} ms) | "
+        f"{verdict(multiple <= TTFT_MULTIPLE_GOAL)} |",
+        "",
+    ]
 
 
 def host_check_lines(check: dict | None) -> list[str]:

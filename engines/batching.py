@@ -89,7 +89,9 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
-        """One step for every live sequence: feed each its last token, rows in key order."""
+        """One step for every live sequence: feed each its last token, rows in key order.
+
+        The rows may be a view of the runner's own buffer: valid until its next call."""
 
     @abc.abstractmethod
     def release(self, sequence_id: int) -> None:

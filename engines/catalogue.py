@@ -127,6 +127,9 @@ class EngineInfo:
     cpu_environment: tuple[tuple[str, str], ...] = ()
     # The engine_options key that shards the model over its GPUs (tensor parallel size), if any.
     parallel_size_option: str = ""
+    # The engine_options key that splits the model's layers into stages (pipeline parallel size),
+    # if any: the GPUs a launch takes are the tensor parallel size times this.
+    pipeline_size_option: str = ""
     # The engine_options key naming the fraction of each GPU's total memory the engine reserves
     # (weights and KV cache), and its default; empty: the engine takes what the model needs.
     memory_fraction_option: str = ""
@@ -173,9 +176,19 @@ ENGINES: tuple[EngineInfo, ...] = (
             EngineOption(
                 "decode",
                 str,
-                "plain (CPU default: growing KV cache), compiled (CUDA default: static KV cache and a "
-                "decode step compiled with CUDA graphs) or static (static KV cache, not compiled)",
+                "plain (CPU default: batched KV cache in buffers that grow now and then, sized to the "
+                "sequences), compiled (CUDA default: static KV cache and a decode step compiled with CUDA "
+                "graphs) or static (static KV cache of context_length, not compiled; on the CPU each step "
+                "attends to all of it)",
                 choices=("plain", "static", "compiled"),
+            ),
+            EngineOption(
+                "cpu_matmul",
+                str,
+                "onednn (default: linear layers through oneDNN, weights reordered once at load; about "
+                "3 times faster than torch's own CPU matmul at decode batch sizes; not with decode compiled, "
+                "which lowers them itself) or torch",
+                choices=("onednn", "torch"),
             ),
         ),
     ),
@@ -190,7 +203,16 @@ ENGINES: tuple[EngineInfo, ...] = (
             EngineOption(
                 "n_threads",
                 int,
-                "CPU threads for decoding (default: all cores)",
+                "CPU threads for a step of one token, one stream decoding (default: all cores); "
+                "alone, it sets n_threads_batch too",
+                minimum=1,
+                maximum=MAX_THREADS,
+            ),
+            EngineOption(
+                "n_threads_batch",
+                int,
+                "CPU threads for a larger step: several streams decoding together, or a prompt "
+                "(default: all cores)",
                 minimum=1,
                 maximum=MAX_THREADS,
             ),
@@ -236,6 +258,26 @@ ENGINES: tuple[EngineInfo, ...] = (
         options=(
             EngineOption(
                 "tensor_parallel_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS
+            ),
+            EngineOption(
+                "pipeline_parallel_size",
+                int,
+                "stages to split the model's layers over, each on tensor_parallel_size GPUs",
+                minimum=1,
+                maximum=MAX_GPUS,
+            ),
+            EngineOption(
+                "distributed_executor_backend",
+                str,
+                "where vLLM runs its model workers: mp, processes on this host (its default); ray, the "
+                "nodes of a Ray cluster (docs/multi-node.md)",
+                choices=("mp", "ray"),
+            ),
+            EngineOption(
+                "ray_address",
+                str,
+                "the Ray cluster to run the model workers on (its head's host:port); implies "
+                "distributed_executor_backend ray",
             ),
             EngineOption(
                 "gpu_memory_utilization",
@@ -286,6 +328,7 @@ ENGINES: tuple[EngineInfo, ...] = (
         # threads sleep after a short spin.
         cpu_environment=(("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("GOMP_SPINCOUNT", "10000")),
         parallel_size_option="tensor_parallel_size",
+        pipeline_size_option="pipeline_parallel_size",
         memory_fraction_option="gpu_memory_utilization",
         memory_fraction_default=0.9,  # vLLM's own default
         support_note=(
@@ -302,6 +345,13 @@ ENGINES: tuple[EngineInfo, ...] = (
         formats=("pytorch",),
         options=(
             EngineOption("tp_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS),
+            EngineOption(
+                "pp_size",
+                int,
+                "stages to split the model's layers over, each on tp_size GPUs",
+                minimum=1,
+                maximum=MAX_GPUS,
+            ),
             EngineOption(
                 "mem_fraction_static",
                 float,
@@ -327,6 +377,7 @@ ENGINES: tuple[EngineInfo, ...] = (
         ),
         needs_cuda=True,
         parallel_size_option="tp_size",
+        pipeline_size_option="pp_size",
         # SGLang's default depends on its version and the GPU; the server passes the fraction it
         # counted (see llmgrpc.server.placement), so what is counted is what SGLang reserves.
         memory_fraction_option="mem_fraction_static",

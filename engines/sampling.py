@@ -35,6 +35,14 @@ class Sampler:
         self._output_counts: Counter[int] = Counter()
         self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
         self._bias = np.fromiter(params.logit_bias.values(), dtype=np.float32)
+        # Greedy with nothing that changes logits: the argmax of the row as it is, no copy.
+        self._plain_greedy = (
+            (params.greedy or params.temperature < GREEDY_BELOW_TEMPERATURE)
+            and params.repetition_penalty == 1.0
+            and not params.presence_penalty
+            and not params.frequency_penalty
+            and not params.logit_bias
+        )
 
     def sample(
         self, logits: np.ndarray, banned: Iterable[int] = (), allowed: np.ndarray | None = None
@@ -43,6 +51,8 @@ class Sampler:
         chosen; where allowed (a boolean row, the structured-output mask) is given, only its
         tokens are, and it wins over banned if they leave nothing."""
         params = self.params
+        if self._plain_greedy and allowed is None and not banned:
+            return int(np.argmax(logits))  # penalties are off: nothing seen needs counting
         logits = np.array(logits, dtype=np.float32)
         self._apply_penalties(logits)
         if self._bias_ids.size:

@@ -3,24 +3,32 @@
 Concurrent requests share forward passes, through one of two runners chosen by
 ``engine_options.decode``:
 
-- ``plain`` (the CPU default): one batched KV cache that grows each step, left-padded
-  to a common length with an attention mask, each sequence with its own position ids.
+- ``plain`` (the CPU default): one batched KV cache in preallocated buffers that a step
+  writes in place, each sequence right-aligned to a shared write column (left padding
+  masked), each with its own position ids.
 - ``compiled`` (the CUDA default), or ``static`` (the same without compiling): a KV cache
   of fixed size and a decode step compiled by torch.compile, with CUDA graphs on CUDA.
 
-Either way a new request is prefilled alone, into a KV cache of its own, part by part
-as the batcher feeds it; it joins the batch at its first decode step, and a finished or
-aborted one leaves it at the next step."""
+Either way the prompts that start in one batcher step are prefilled together, in one
+forward pass over their parts packed end to end (a block-diagonal causal mask keeps them
+apart), each into a KV cache of its own; a long prompt's later parts are fed alone, after
+its own cache. A prefilled sequence joins the batch at its first decode step, and a
+finished or aborted one leaves it at the next step.
+
+On the CPU the linear layers run through oneDNN with weights prepacked once
+(``engine_options.cpu_matmul``): torch's default CPU matmul is several times slower at
+the few rows of a decode step (measured in docs/benchmarks-vllm.md's setting)."""
 
 from __future__ import annotations
 
 import gc
-import os
+import inspect
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from llmgrpc.clients.errors import InvalidArgument
 from llmgrpc.engines.base import LoadPlan, ProgressReport
@@ -28,6 +36,7 @@ from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.chat import Chat, hugging_face_chat_ids
 from llmgrpc.engines.constraints import tokenizer_from_hugging_face
+from llmgrpc.engines.cpu_threads import usable_cores
 from llmgrpc.engines.model_folder import check_tokenizer_files, read_model_config
 
 STATIC_CONTEXT_DEFAULT = 4096
@@ -49,7 +58,28 @@ class HuggingFaceRunner(ModelRunner):
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._prefilling: dict[int, DynamicCache] = {}  # prompt KV of sequences yet to join
+        # Models of the library compute logits only where asked (not at every prompt token);
+        # a model's own code (trust_remote_code) may not take the argument.
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # A 4-D mask goes to the attention as is: SDPA takes booleans, eager attention adds it.
+        self._additive_masks = model.config._attn_implementation != "sdpa"
         self._token_texts: dict[int, str] = {}
+
+    def _logits_at(self, positions: int | torch.Tensor) -> dict:
+        """The forward argument that asks for logits at these positions only (-1: the last),
+        where the model takes it."""
+        if not self._keeps_logits:
+            return {}
+        return {"logits_to_keep": 1 if isinstance(positions, int) else positions.to(self.device)}
+
+    def _attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A 4-D boolean mask (True: attend) in the form the model's attention takes."""
+        if not self._additive_masks:
+            return allowed
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
@@ -71,16 +101,53 @@ class HuggingFaceRunner(ModelRunner):
 
     @torch.inference_mode()
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        return np.stack([self._prefill_part(sequence_id, part) for sequence_id, part in sequences])
+        rows: dict[int, np.ndarray] = {}
+        first_parts = [(s, part) for s, part in sequences if s not in self._prefilling]
+        if first_parts:
+            rows.update(zip((s for s, _ in first_parts), self._prefill_together(first_parts), strict=True))
+        for sequence_id, part in sequences:
+            if sequence_id not in rows:
+                rows[sequence_id] = self._prefill_part(sequence_id, part)
+        return np.stack([rows[sequence_id] for sequence_id, _ in sequences])
+
+    def _prefill_together(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        """Start several prompts in one forward pass, their first parts packed into one row.
+
+        One pass reads the weights once for all the parts and multiplies them in large
+        matrices, where a pass per prompt reads them once each, in small ones (16 prompts of
+        16 tokens: a quarter of the time on 2 CPU cores). A block-diagonal causal mask keeps
+        each part to its own tokens, and each restarts the positions at 0. Each sequence gets
+        a KV cache of its own: its slice of the pass's."""
+        lengths = torch.tensor([len(part) for _, part in sequences])
+        ends = lengths.cumsum(0)
+        starts = ends - lengths
+        segment = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
+        positions = torch.arange(int(ends[-1])) - starts[segment]
+        mask = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
+        input_ids = torch.tensor([[token for _, part in sequences for token in part]], device=self.device)
+        cache = DynamicCache()
+        output = self.model(
+            input_ids=input_ids,
+            position_ids=positions[None].to(self.device),
+            attention_mask=self._attention_mask(mask[None, None].to(self.device)),
+            cache=cache,
+            use_cache=True,
+            **self._logits_at(ends - 1),
+        )
+        for (sequence_id, _), start, end in zip(sequences, starts.tolist(), ends.tolist(), strict=True):
+            self._prefilling[sequence_id] = DynamicCache(
+                ddp_cache_data=[
+                    (layer.keys[:, :, start:end], layer.values[:, :, start:end]) for layer in cache.layers
+                ]
+            )
+        logits = output.logits[0]
+        return (logits if self._keeps_logits else logits[ends - 1]).float().cpu().numpy()
 
     def _prefill_part(self, sequence_id: int, part: list[int]) -> np.ndarray:
         """Feed the next part of a prompt into the sequence's own KV cache; logits after it."""
-        cache = self._prefilling.get(sequence_id)
-        if cache is None:
-            cache = DynamicCache()
+        cache = self._prefilling[sequence_id]
         input_ids = torch.tensor([part], device=self.device)
-        output = self.model(input_ids=input_ids, cache=cache, use_cache=True)
-        self._prefilling[sequence_id] = cache
+        output = self.model(input_ids=input_ids, cache=cache, use_cache=True, **self._logits_at(-1))
         return output.logits[0, -1].float().cpu().numpy()
 
     def _prefilled(self, sequence_ids) -> list[tuple[int, DynamicCache]]:
@@ -88,76 +155,156 @@ class HuggingFaceRunner(ModelRunner):
         return [(s, self._prefilling.pop(s)) for s in sequence_ids if s in self._prefilling]
 
 
+class _BatchLayer(DynamicLayer):
+    """One layer of the decode batch's KV cache, as the model sees it: each step writes its
+    keys and values at the runner's write column and attends to the batch's window."""
+
+    def __init__(self, runner: DynamicCacheRunner, index: int):
+        super().__init__()
+        self.runner, self.index = runner, index
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.runner._write(self.index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.runner._end - self.runner._start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
 class DynamicCacheRunner(HuggingFaceRunner):
-    """The plain path: one batched, left-padded DynamicCache that grows with each step."""
+    """The plain path: the batch's KV cache in buffers that grow only now and then.
+
+    Each layer's keys and values live in one buffer of [rows, heads, columns, head dim],
+    allocated with room to spare. Every row writes each step at one shared column (the
+    write column); a joining sequence's prompt is copied in to end there, left padding
+    masked out; the step attends to the window from the first column any row uses to the
+    write column, a view of the buffer, so a step copies nothing. A leaving row is filled
+    by the last row. When the write column reaches the end of the buffer (or a joining
+    prompt is longer than the columns before it, or the rows run out), the window moves
+    to the start of a new buffer, twice as long where it has to grow: a copy every so
+    many steps instead of every step.
+    """
 
     def __init__(self, model, tokenizer, context_length: int):
         super().__init__(model, tokenizer, context_length)
         self._order: list[int] = []  # sequence id of each batch row
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cached tokens]: 0 where left padding
-        self._positions: torch.Tensor | None = None  # [rows]: position of each row's next token
+        self._keys: list[torch.Tensor] = []  # per layer: [rows, heads, columns, head dim]
+        self._values: list[torch.Tensor] = []
+        self._valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)  # [rows, columns]
+        self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's next position
+        self._start = self._end = 0  # the window: [first used column, write column)
+        self._cache: Cache | None = None
 
     @torch.inference_mode()
     def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
-        for sequence_id, cache in self._prefilled(last_tokens):
-            self._join(sequence_id, cache, cache.get_seq_length())
-        assert self._cache is not None and self._mask is not None and self._positions is not None
+        joining = self._prefilled(last_tokens)
+        if joining:  # room for all of them at once: at most one move
+            longest = max(cache.get_seq_length() for _, cache in joining)
+            self._make_room(len(self._order) + len(joining), longest, joining[0][1])
+        for sequence_id, cache in joining:
+            self._join(sequence_id, cache)
+        self._make_room(len(self._order), 0)
+        rows = len(self._order)
         input_ids = torch.tensor([[last_tokens[s]] for s in self._order], device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._order), 1))], dim=1)
+        self._valid[:rows, self._end] = True
         output = self.model(
             input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=self._positions[:, None],
+            position_ids=self._positions[:rows, None],
+            attention_mask=self._attention_mask(self._valid[:rows, None, None, self._start : self._end + 1]),
             cache=self._cache,
             use_cache=True,
+            **self._logits_at(-1),
         )
-        self._positions += 1
+        self._end += 1
+        self._positions[:rows] += 1
         logits = output.logits[:, -1].float().cpu().numpy()
         row_of = {sequence_id: row for row, sequence_id in enumerate(self._order)}
         return logits[[row_of[s] for s in last_tokens]]
 
+    def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        """A layer's keys and values of this step into the write column; the window to attend to."""
+        rows, column = keys.shape[0], self._end
+        self._keys[layer][:rows, :, column : column + 1] = keys
+        self._values[layer][:rows, :, column : column + 1] = values
+        window = slice(self._start, column + 1)
+        return self._keys[layer][:rows, :, window], self._values[layer][:rows, :, window]
+
+    def _join(self, sequence_id: int, cache: DynamicCache) -> None:
+        """Copy a prefilled prompt's KV into a new last row, ending at the write column."""
+        length = cache.get_seq_length()
+        self._make_room(len(self._order) + 1, length, cache)
+        row, start = len(self._order), self._end - length
+        for keys, values, layer in zip(self._keys, self._values, cache.layers, strict=True):
+            keys[row, :, start : self._end] = layer.keys[0]
+            values[row, :, start : self._end] = layer.values[0]
+        self._valid[row] = False
+        self._valid[row, start : self._end] = True
+        self._positions[row] = length
+        self._start = min(self._start, start) if self._order else start
+        self._order.append(sequence_id)
+
+    @torch.inference_mode()
     def release(self, sequence_id: int) -> None:
         if self._prefilling.pop(sequence_id, None) is not None:
             return
-        row = self._order.index(sequence_id)
-        del self._order[row]
-        if not self._order:
-            self._cache = self._mask = self._positions = None
+        row, last = self._order.index(sequence_id), len(self._order) - 1
+        window = slice(self._start, self._end)
+        if row != last:
+            for buffer in (*self._keys, *self._values):
+                buffer[row, :, window] = buffer[last, :, window]
+            self._valid[row, window] = self._valid[last, window]
+            self._positions[row] = self._positions[last]
+            self._order[row] = self._order[last]
+        self._order.pop()
+        if not self._order:  # nothing left: the memory goes back
+            self._keys, self._values, self._cache = [], [], None
+            self._valid, self._positions = self._valid[:0, :0], self._positions[:0]
+            self._start = self._end = 0
             return
-        assert self._cache is not None and self._mask is not None and self._positions is not None
-        keep = torch.tensor([r for r in range(self._mask.shape[0]) if r != row], device=self.device)
-        mask = self._mask[keep]
-        # Columns that are padding in every remaining row cost attention for nothing: drop them.
-        first_used = int(mask.any(dim=0).nonzero()[0])
-        self._mask = mask[:, first_used:]
-        self._positions = self._positions[keep]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[keep, :, first_used:]
-            layer.values = layer.values[keep, :, first_used:]
+        # Columns no remaining row uses leave the window: attending to them costs for nothing.
+        self._start += int(self._valid[:last, window].any(dim=0).nonzero()[0])
 
-    def _join(self, sequence_id: int, cache: DynamicCache, length: int) -> None:
-        """Add a prefilled sequence as a new batch row, left-padding it or the batch to one length."""
-        new_mask = torch.ones((1, length), dtype=torch.long, device=self.device)
-        new_position = torch.tensor([length], device=self.device)
-        if self._cache is None:
-            self._cache, self._mask, self._positions = cache, new_mask, new_position
-            self._order = [sequence_id]
+    def _grown(self, columns: int) -> int:
+        """Columns of a buffer for `columns` used ones: room for as many steps again, within the context."""
+        return min(max(2 * columns, columns + 64), self.context_length + 1)
+
+    def _make_room(self, rows: int, length: int, prompt: DynamicCache | None = None) -> None:
+        """Make sure the buffers have `rows` rows, `length` columns before the write column and
+        the write column itself; if not, move the window into new buffers that do (shaped
+        like the prompt's KV where there are none yet)."""
+        capacity, columns = self._valid.shape
+        if self._keys and rows <= capacity and length <= self._end < columns:
             return
-        assert self._mask is not None and self._positions is not None
-        width = max(self._mask.shape[1], length)
-        layers = []
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            layers.append(
-                (
-                    torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                    torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
-                )
-            )
-        self._cache = DynamicCache(ddp_cache_data=layers)
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(new_mask, width, dim=1)])
-        self._positions = torch.cat([self._positions, new_position])
-        self._order.append(sequence_id)
+        width = self._end - self._start
+        end = max(width, length)
+        columns = max(columns, self._grown(end))
+        assert end < columns, "a sequence longer than the context: the batcher's context check failed"
+        rows = max(rows, 2 * capacity) if rows > capacity else capacity
+        used, old_window, new_window = (
+            len(self._order),
+            slice(self._start, self._end),
+            slice(end - width, end),
+        )
+        if not self._keys:  # the first row: buffers shaped like its prompt's KV
+            assert prompt is not None
+            self._keys = [layer.keys for layer in prompt.layers]
+            self._values = [layer.values for layer in prompt.layers]
+        for buffers in (self._keys, self._values):
+            for index, old in enumerate(buffers):
+                new = old.new_empty((rows, old.shape[1], columns, old.shape[3]))
+                new[:used, :, new_window] = old[:used, :, old_window]
+                buffers[index] = new
+        valid = torch.zeros((rows, columns), dtype=torch.bool, device=self.device)
+        valid[:used, new_window] = self._valid[:used, old_window]
+        positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        positions[:used] = self._positions[:used]
+        self._valid, self._positions = valid, positions
+        self._start, self._end = end - width, end
+        if self._cache is None:
+            self._cache = Cache(layers=[_BatchLayer(self, index) for index in range(len(self._keys))])
 
 
 class StaticCacheRunner(HuggingFaceRunner):
@@ -308,13 +455,56 @@ class StaticCacheRunner(HuggingFaceRunner):
         self._column = end
 
 
-def _left_pad(tensor: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+class OneDnnLinear(torch.nn.Module):
+    """nn.Linear on the CPU through oneDNN, its weight reordered once into oneDNN's layout.
+
+    torch's own CPU matmul (MKL) was about 3 times slower at the 1 to 16 rows of a decode
+    step on the AMD EPYC this was measured on; oneDNN also gives each row the same result
+    whatever the number of rows beside it, where MKL changed kernels below 16 rows."""
+
+    # Rows the weight's layout is chosen for: oneDNN's results then match across 1 to 256 rows.
+    ROWS_HINT = 16
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), self.ROWS_HINT)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+def use_onednn_linears(model: torch.nn.Module) -> int:
+    """Swap the model's float32 and bfloat16 linear layers for OneDnnLinear; how many were swapped.
+
+    A layer whose weight another module shares (an output layer tied to the embeddings)
+    keeps it: a reordered copy would double that memory."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    counts: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        counts[id(parameter)] = counts.get(id(parameter), 0) + 1
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear
+        and child.weight.dtype in (torch.float32, torch.bfloat16)
+        and counts[id(child.weight)] == 1
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, OneDnnLinear(child))
+    return len(swaps)
+
+
+def _sliding_window(config) -> int:
+    """The attention window of a model with sliding-window layers (Mistral's kind); 0 if none."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return 0
+    return int(window)
 
 
 class TransformersEngine(BatchedEngine):
@@ -327,7 +517,7 @@ class TransformersEngine(BatchedEngine):
         # A broken folder would fail deep inside transformers (a JSONDecodeError, a division by zero).
         read_model_config(Path(weights))
         check_tokenizer_files(Path(weights))
-        torch.set_num_threads(int(options.get("n_threads") or os.cpu_count() or 1))
+        torch.set_num_threads(int(options.get("n_threads") or usable_cores()))
         device = torch.device(plan.device)
         dtype_name = options.get("dtype", "auto")
         if dtype_name == "auto":
@@ -359,6 +549,11 @@ class TransformersEngine(BatchedEngine):
         )
         model = (model if plan.gpu_count > 1 else model.to(device)).eval()
         model_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        window = _sliding_window(model.config)
+        if window:
+            # Both runners hand the attention one mask for all its layers: a model with
+            # sliding-window layers is served within its window, where that mask is exact.
+            model_context = min(model_context, window)
         decode = options.get("decode", "compiled" if device.type == "cuda" else "plain")
         # A static cache is allocated whole up front: bound its default size.
         default_context = model_context if decode == "plain" else min(model_context, STATIC_CONTEXT_DEFAULT)
@@ -368,6 +563,9 @@ class TransformersEngine(BatchedEngine):
                 f"engine_options.context_length {context_length} must be in [2, {model_context}] "
                 "for this model"
             )
+        # torch.compile lowers the linear layers itself (and cannot take prepacked weights).
+        if device.type == "cpu" and decode != "compiled" and options.get("cpu_matmul", "onednn") == "onednn":
+            use_onednn_linears(model)
         if decode == "plain":
             runner: HuggingFaceRunner = DynamicCacheRunner(model, tokenizer, context_length)
         elif decode in ("static", "compiled"):

@@ -34,6 +34,7 @@ from llmgrpc.clients.errors import FailedPrecondition, Reason, Unavailable
 from llmgrpc.engines import weights
 from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
+from llmgrpc.engines.cpu_threads import on_a_thread_of_its_own
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.v1 import generate_pb2, models_pb2
@@ -148,7 +149,7 @@ def _adopt_request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> 
     """The server's request id for this call (fallback when it sent none), set for every log line of it.
 
     Set before anything can fail: grpc_errors logs an unexpected error in this context, and
-    the threads a call starts (asyncio.to_thread) copy it, so the traceback of a failed load
+    the threads a call starts copy it, so the traceback of a failed load
     carries the id of the server's call that asked for it.
     """
     metadata = context.invocation_metadata() or ()
@@ -173,7 +174,8 @@ class _Reporting:
             progress = models_pb2.LoadProgress(phase=phase, done_bytes=done, total_bytes=total)
             loop.call_soon_threadsafe(events.put_nowait, progress)
 
-        running = asyncio.ensure_future(asyncio.to_thread(self.work, report))
+        # Loads compute (a warm-up step): never on a pooled thread (see on_a_thread_of_its_own).
+        running = asyncio.ensure_future(on_a_thread_of_its_own(self.work, report))
         while not running.done():
             next_event = asyncio.ensure_future(events.get())
             await asyncio.wait({running, next_event}, return_when=asyncio.FIRST_COMPLETED)

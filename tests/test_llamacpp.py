@@ -151,7 +151,7 @@ def test_prefill_longer_than_one_batch_is_split_and_equals_prefill_alone(in_proc
     # Two prompts of 1500 tokens: 3000 do not fit one llama_decode (2048), so the second is cut in two.
     prompts = [[0, *rng.integers(5, runner.vocab_size, 1499).tolist()] for _ in range(2)]
     together = runner.prefill([(1, prompts[0]), (2, prompts[1])])
-    next_together = runner.decode({1: 7, 2: 7})
+    next_together = runner.decode({1: 7, 2: 7}).copy()  # a view of llama.cpp's buffer until the next call
     runner.release(1)
     runner.release(2)
     for row, prompt in enumerate(prompts):

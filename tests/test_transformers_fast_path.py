@@ -52,3 +52,63 @@ def test_unknown_decode_mode_is_invalid(client: Client):
         client.launch(TINY, engine_options={"decode": "turbo"})
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "plain, static, compiled" in error.value.details()
+
+
+def test_the_plain_path_gives_each_sequence_the_greedy_tokens_of_transformers_generate(tiny_files):
+    """Prompts prefilled together, fed in parts, joining and leaving a running batch (rows
+    refilled, the cache's buffers moved on a small context) each decode as generate does,
+    with torch's own linear layers, oneDNN's, and eager attention."""
+    import asyncio
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmgrpc.engines.base import GenerationRequest, SamplingParams
+    from llmgrpc.engines.batching import ContinuousBatcher
+    from llmgrpc.engines.transformers_engine import DynamicCacheRunner, use_onednn_linears
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_files)
+    model = AutoModelForCausalLM.from_pretrained(tiny_files, dtype=torch.float32).eval()
+    prompts = [*PROMPTS, "one two three four five six seven eight nine ten " * 2]
+    max_tokens = [30, 12, 20, 25, 16]
+    expected = []
+    for prompt, count in zip(prompts, max_tokens, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        assert ids.shape[1] + count <= 96
+        output = model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+        expected.append(output[0, ids.shape[1] :].tolist())
+    onednn = AutoModelForCausalLM.from_pretrained(tiny_files, dtype=torch.float32).eval()
+    assert use_onednn_linears(onednn) > 0
+    eager = AutoModelForCausalLM.from_pretrained(
+        tiny_files, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+    class Recorder(DynamicCacheRunner):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.prefills: list[int] = []
+
+        def prefill(self, sequences):
+            self.prefills.append(len(sequences))
+            return super().prefill(sequences)
+
+    async def greedy(batcher: ContinuousBatcher, prompt: str, count: int) -> list[int]:
+        request = GenerationRequest(
+            "r", SamplingParams(temperature=0.0, max_tokens=count, ignore_eos=True), prompt=prompt
+        )
+        return [token async for chunk in batcher.generate(request) for token in chunk.token_ids]
+
+    async def all_of(batcher: ContinuousBatcher) -> list[list[int]]:
+        return await asyncio.gather(
+            *(greedy(batcher, p, n) for p, n in zip(prompts, max_tokens, strict=True))
+        )
+
+    for candidate in (model, onednn, eager):
+        runner = Recorder(candidate, tokenizer, 96)
+        # Three rows for five requests: the last ones join as the first leave.
+        batcher = ContinuousBatcher(runner, max_batch_size=3, prefill_chunk_tokens=16)
+        try:
+            assert asyncio.run(all_of(batcher)) == expected
+        finally:
+            batcher.close()
+        assert max(runner.prefills) > 1 and batcher.peak_batch_size == 3
