@@ -60,5 +60,7 @@ async def on_a_thread_of_its_own(work: Callable[..., T], *args: Any) -> T:
         else:
             loop.call_soon_threadsafe(settle, functools.partial(done.set_result, result))
 
-    threading.Thread(target=run, name=getattr(work, "__name__", "work"), daemon=True).start()
+    # Not a daemon: like to_thread's, the process waits for it at exit (a load is never cut off
+    # halfway by the interpreter shutting down).
+    threading.Thread(target=run, name=getattr(work, "__name__", "work")).start()
     return await done
