@@ -175,8 +175,12 @@ class EngineManager:
 
     async def _refresh_replica(self, replica: Replica) -> None:
         if replica.serves and replica.worker is not None:
+            # Bounded here too: with both replicas' workers killed, GetModel was seen to hang
+            # in this call (the restart closing the dead worker's channel under it) past its deadline.
             with contextlib.suppress(Exception):
-                replica.engine_stats = await replica.worker.stats(timeout=STATS_TIMEOUT_S)
+                replica.engine_stats = await asyncio.wait_for(
+                    replica.worker.stats(timeout=STATS_TIMEOUT_S), STATS_TIMEOUT_S
+                )
 
     async def refresh_all(self) -> list[LaunchedModel]:
         """Every model, its numbers refreshed from all workers at once."""

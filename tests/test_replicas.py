@@ -29,6 +29,16 @@ FAILED = models_pb2.MODEL_STATE_FAILED
 UNLOADED = models_pb2.MODEL_STATE_UNLOADED
 
 
+def socket_folders_of(model_uid: str) -> dict[int, Path]:
+    """pid -> socket folder of this model's workers (other tests' servers in this process may
+    have workers of their own alive)."""
+    return {
+        pid: Path(worker["socket"]).parent
+        for pid, worker in live_workers().items()
+        if worker["model_uid"] == model_uid
+    }
+
+
 def serving(client: Client, uid: str) -> bool:
     health = health_pb2_grpc.HealthStub(client.channel)
     check = health.Check(health_pb2.HealthCheckRequest(service=f"model/{uid}"), timeout=5)
@@ -122,7 +132,7 @@ def test_new_requests_go_to_the_other_replica_while_the_dead_one_restarts(gated_
     with Client(server.endpoint) as client:
         options = {"load_gate": str(gate.path), "token_delay_s": 0.05}
         model = client.launch("gated-model", model_uid="duo", replica=2, engine_options=options)
-        folders = {pid: Path(worker["socket"]).parent for pid, worker in live_workers().items()}
+        folders = socket_folders_of("duo")
         close(gate)  # the restart will wait at the gate
         killed = model.replicas[1].worker_pid
         os.kill(killed, signal.SIGKILL)
@@ -148,12 +158,12 @@ def test_new_requests_go_to_the_other_replica_while_the_dead_one_restarts(gated_
         # ListModels and the worker processes agree; the dead worker's socket folder is gone.
         assert wait_until(lambda: not fleet_disagreement(client), 20), fleet_disagreement(client)
         assert not folders[killed].exists()
-        folders.update({pid: Path(worker["socket"]).parent for pid, worker in live_workers().items()})
+        folders.update(socket_folders_of("duo"))
 
         client.terminate("duo")
         assert listed_uids(client) == set()
         assert wait_until(lambda: not gated_workers(), 20), gated_workers()
-        assert not any(folder.exists() for folder in folders.values())
+        assert wait_until(lambda: not any(folder.exists() for folder in folders.values()), 10)
 
 
 def test_a_model_with_no_replica_ready_is_loading_and_not_serving_until_one_is_back(gated_server, tmp_path):
