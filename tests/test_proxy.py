@@ -247,7 +247,12 @@ def fleet(tmp_path_factory, cache_dir) -> Iterator[Fleet]:
     folder = tmp_path_factory.mktemp("fleet")
     folder.chmod(0o755)
     models_file = folder / "models.yaml"
-    models_file.write_text(f"models:\n  - {{model_name: {TINY}, model_uid: {UID}, device: cpu}}\n")
+    # Two hosts on one machine's cores: each gets its share (README, Thread defaults), else both
+    # engines' threads contend for every core and the drain tests time out on a busy machine.
+    models_file.write_text(
+        f"models:\n  - {{model_name: {TINY}, model_uid: {UID}, device: cpu,"
+        " engine_options: {n_threads: 1}}\n"
+    )
     Network.remove_stale()
     network = Network()
     try:
@@ -452,7 +457,11 @@ def test_sigterm_drains_a_replica_while_new_calls_land_on_the_other(fleet):
     with channel(fleet.proxy, retries=True) as through:
         client = Client(fleet.proxy, channel=through)
         new_calls = [
-            collect(client.generate(UID, f"New {i}", max_tokens=4, timeout=60, metadata=(("x-call", "new"),)))
+            collect(
+                client.generate(
+                    UID, f"New {i}", max_tokens=4, ignore_eos=True, timeout=60, metadata=(("x-call", "new"),)
+                )
+            )
             for i in range(8)
         ]
     a_was_draining = a.process.poll() is None
