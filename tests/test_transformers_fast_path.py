@@ -111,4 +111,25 @@ def test_the_plain_path_gives_each_sequence_the_greedy_tokens_of_transformers_ge
             assert asyncio.run(all_of(batcher)) == expected
         finally:
             batcher.close()
-        assert max(runner.prefills) > 1 and batcher.peak_batch_size == 3
+        assert batcher.peak_batch_size == 3
+
+
+def test_prompts_prefilled_together_get_the_logits_each_gets_alone(tiny_files):
+    """One packed forward pass for several prompts' first parts: each row's logits, and the next
+    step's, equal those of the prompt prefilled by itself."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmgrpc.engines.transformers_engine import DynamicCacheRunner
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_files)
+    model = AutoModelForCausalLM.from_pretrained(tiny_files, dtype=torch.float32).eval()
+    prompts = [tokenizer(p).input_ids for p in PROMPTS[:3]]
+    together = DynamicCacheRunner(model, tokenizer, 96)
+    rows = together.prefill([(i, ids) for i, ids in enumerate(prompts)])
+    following = together.decode({i: 7 for i in range(len(prompts))}).copy()
+    for i, ids in enumerate(prompts):
+        alone = DynamicCacheRunner(model, tokenizer, 96)
+        np.testing.assert_allclose(rows[i], alone.prefill([(0, ids)])[0], atol=1e-4)
+        np.testing.assert_allclose(following[i], alone.decode({0: 7})[0], atol=1e-4)
