@@ -294,7 +294,9 @@ class DynamicCacheRunner(HuggingFaceRunner):
             self._values = [layer.values for layer in prompt.layers]
         for buffers in (self._keys, self._values):
             for index, old in enumerate(buffers):
-                new = old.new_empty((rows, old.shape[1], columns, old.shape[3]))
+                # Zeros, not uninitialised memory: a masked column is still multiplied in, and a NaN
+                # left there by the allocator would poison the row (NaN + -inf is NaN).
+                new = old.new_zeros((rows, old.shape[1], columns, old.shape[3]))
                 new[:used, :, new_window] = old[:used, :, old_window]
                 buffers[index] = new
         valid = torch.zeros((rows, columns), dtype=torch.bool, device=self.device)
