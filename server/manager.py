@@ -15,7 +15,6 @@ kept for GetModel; ``download`` fetches a spec's weights in a worker without lau
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -175,12 +174,16 @@ class EngineManager:
 
     async def _refresh_replica(self, replica: Replica) -> None:
         if replica.serves and replica.worker is not None:
-            # Bounded here too: with both replicas' workers killed, GetModel was seen to hang
-            # in this call (the restart closing the dead worker's channel under it) past its deadline.
-            with contextlib.suppress(Exception):
-                replica.engine_stats = await asyncio.wait_for(
-                    replica.worker.stats(timeout=STATS_TIMEOUT_S), STATS_TIMEOUT_S
-                )
+            # Left behind, not awaited, past its time: with both replicas' workers killed, a stats
+            # call was seen to hang (the restart closing the dead worker's channel under it) past
+            # its own deadline and past a cancel, which would hold GetModel forever.
+            call = asyncio.ensure_future(replica.worker.stats(timeout=STATS_TIMEOUT_S))
+            call.add_done_callback(lambda done: done.cancelled() or done.exception())
+            finished, _ = await asyncio.wait({call}, timeout=STATS_TIMEOUT_S)
+            if call in finished and not call.cancelled() and call.exception() is None:
+                replica.engine_stats = call.result()
+            else:
+                call.cancel()
 
     async def refresh_all(self) -> list[LaunchedModel]:
         """Every model, its numbers refreshed from all workers at once."""
