@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,11 +98,16 @@ class ModelRunner(abc.ABC):
         """Forget a sequence, decoding or still being prefilled, and free its KV state."""
 
 
+# What a caller's queue receives: a chunk, or the error that ends its stream.
+_Output = tuple[asyncio.Queue, "Chunk | BaseException"]
+
+
 @dataclass
 class _Sequence:
     id: int
     request: GenerationRequest
-    deliver: Callable[[Chunk | BaseException], None]
+    loop: asyncio.AbstractEventLoop  # the caller's: its output is put on queue there
+    queue: asyncio.Queue[Chunk | BaseException]
     prompt_ids: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens the runner has been fed
     stop_ids: frozenset[int] = frozenset()
@@ -137,6 +142,8 @@ class ContinuousBatcher:
         self._active: dict[int, _Sequence] = {}
         self._prefilling: dict[int, _Sequence] = {}  # admitted, prompt not yet all fed; oldest first
         self._closed = False
+        # Output of the current step, per caller's event loop (batcher thread only; see _send).
+        self._outgoing: dict[asyncio.AbstractEventLoop, list[_Output]] = {}
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(
             self.TOKENIZER_THREADS, thread_name_prefix="tokenize"
         )
@@ -153,14 +160,7 @@ class ContinuousBatcher:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-
-        def deliver(item: Chunk | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                pass
-
-        sequence = _Sequence(id=next(self._ids), request=request, deliver=deliver)
+        sequence = _Sequence(id=next(self._ids), request=request, loop=loop, queue=queue)
         if self._closed:
             raise Unavailable("the engine is shutting down")
         # Tokenizing costs time in proportion to the prompt (seconds for megabytes): it runs
@@ -293,10 +293,27 @@ class ContinuousBatcher:
             except Exception as error:  # a broken forward pass fails its requests, not the worker
                 log.exception("decode step failed")
                 for sequence in [*self._active.values(), *self._prefilling.values()]:
-                    sequence.deliver(error)
+                    self._send(sequence, error)
                     self._forget(sequence)
+            self._flush()
         for sequence in doomed:
-            sequence.deliver(Unavailable("the engine was shut down"))
+            self._send(sequence, Unavailable("the engine was shut down"))
+        self._flush()
+
+    def _send(self, sequence: _Sequence, item: Chunk | BaseException) -> None:
+        """Queue item for sequence's caller; it goes out with the rest of the step (_flush)."""
+        self._outgoing.setdefault(sequence.loop, []).append((sequence.queue, item))
+
+    def _flush(self) -> None:
+        """Hand the step's output to each caller's event loop in one call. Each
+        call_soon_threadsafe wakes its loop, whose thread then competes with this one for the
+        GIL: one wake-up per step, not one per sequence, keeps this thread from waiting."""
+        for loop, items in self._outgoing.items():
+            try:
+                loop.call_soon_threadsafe(_put_each, items)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                pass
+        self._outgoing = {}
 
     def _step(self) -> None:
         if self._active:
@@ -396,7 +413,7 @@ class ContinuousBatcher:
         if finish is not None:
             chunk.usage = Usage(len(sequence.prompt_ids), len(sequence.output_ids))
             self._forget(sequence)
-        sequence.deliver(chunk)
+        self._send(sequence, chunk)
 
     def _logprob(self, logits: np.ndarray, token: int, alternatives: int) -> TokenLogprob:
         text = self.runner.token_text
@@ -407,6 +424,11 @@ class ContinuousBatcher:
         known = self._active.pop(sequence.id, None) or self._prefilling.pop(sequence.id, None)
         if known is not None and sequence.prefilled:  # the runner has seen it
             self.runner.release(sequence.id)
+
+
+def _put_each(items: list[_Output]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class BatchedEngine(Engine):

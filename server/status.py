@@ -63,6 +63,11 @@ def _pack(message) -> any_pb2.Any:
 
 def to_rpc_status(error: BaseException) -> grpc.Status:
     """The status a caller gets for error, with machine-readable details."""
+    return rpc_status.to_status(to_status_proto(error))
+
+
+def to_status_proto(error: BaseException) -> status_pb2.Status:
+    """error as a google.rpc.Status: its code, clipped message and details."""
     code = status_code(error)
     message = str(error) if isinstance(error, LlmgrpcError) else "internal error; see the server log"
     message = clip(message, MESSAGE_LIMIT, percent_encoded=True)
@@ -96,21 +101,26 @@ def to_rpc_status(error: BaseException) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(retry_after_s * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return rpc_status.to_status(
-        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
-    )
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
     """An error a worker process answered with, as a domain error keeping its code, reason and
     field violations."""
-    reason, retry_after_s, metadata = None, None, {}
-    violations: list[FieldViolation] = []
     try:
         status = rpc_status.from_call(error)
     except ValueError:  # trailers that disagree with the status: keep the code and message
         status = None
-    for detail in status.details if status is not None else ():
+    if status is None:
+        return RemoteError(code_name=error.code().name, message=error.details() or error.code().name)
+    return from_status_proto(status)
+
+
+def from_status_proto(status: status_pb2.Status) -> RemoteError:
+    """A worker's google.rpc.Status as a domain error keeping its code, reason and field violations."""
+    reason, retry_after_s, metadata = None, None, {}
+    violations: list[FieldViolation] = []
+    for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
@@ -123,9 +133,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
             violations = [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+    code_name = code_pb2.Code.Name(status.code) if status.code in code_pb2.Code.values() else "UNKNOWN"
     return RemoteError(
-        code_name=error.code().name,
-        message=error.details() or error.code().name,
+        code_name=code_name,
+        message=status.message or code_name,
         reason=reason,
         retry_after_s=retry_after_s,
         metadata=metadata,

@@ -1,13 +1,14 @@
 """The worker process: one launched model, served to the server over a Unix socket.
 
-The server starts ``python -m llmgrpc.server.worker --socket PATH --plan JSON`` with the
-engine's interpreter. The worker serves the internal API of protos/llmgrpc/worker/v1,
-``llmgrpc.worker.v1.WorkerService``: ``Load`` (progress, then the engine's stats),
-``Generate`` (a resolved request with the caller's deadline), ``Stats``, ``Tokenize`` and
-``Detokenize`` (the model's tokenizer), and ``Download``
-(fetch the weights only, for DownloadModel: progress, then their path). Cancelling a
-Generate call closes the engine's stream, which aborts the request. The worker exits when
-the server closes its standard input, so it never outlives the server.
+The server starts ``python -m llmgrpc.server.worker --socket PATH --generate-socket PATH
+--plan JSON`` with the engine's interpreter. The worker serves the internal API of
+protos/llmgrpc/worker/v1, ``llmgrpc.worker.v1.WorkerService``, on the first socket:
+``Load`` (progress, then the engine's stats), ``Stats``, ``Tokenize`` and ``Detokenize``
+(the model's tokenizer), and ``Download`` (fetch the weights only, for DownloadModel:
+progress, then their path). Generate streams (a resolved request with the caller's
+deadline) come on the second socket (server/generate_socket.py); the server closing one
+closes the engine's stream, which aborts the request. The worker exits when the server
+closes its standard input, so it never outlives the server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ from llmgrpc.engines import weights
 from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
 from llmgrpc.engines.cpu_threads import on_a_thread_of_its_own
-from llmgrpc.server import logs, tracing
+from llmgrpc.server import generate_socket, logs, tracing
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.v1 import generate_pb2, models_pb2
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -83,21 +85,20 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             yield worker_pb2.DownloadResponse(progress=progress)
         yield worker_pb2.DownloadResponse(model_path=downloading.result)
 
-    @grpc_errors
-    async def Generate(
-        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    async def generate(
+        self, request: worker_pb2.GenerateRequest
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """The engine's pieces for one request of the Generate socket (generate_socket.serve)."""
         if self.engine is None:
             raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
-        request_id = _adopt_request_id(context, fallback=uuid.uuid4().hex)
-        metadata = context.invocation_metadata() or ()
+        request_id = request.request_id or uuid.uuid4().hex
         deadline = request.deadline.ToNanoseconds() / 1e9 if request.HasField("deadline") else None
         generation = GenerationRequest.from_pb(request.request, request_id, deadline)
-        # The engine's part of the request's trace: a child of the server's call to this worker.
+        # The engine's part of the request's trace: a child of the server's hop to this worker.
         with tracing.current_span(
             self.tracer,
             "engine.generate",
-            context=tracing.extract(metadata),
+            context=tracing.extract(request.trace_context.items()),
             kind=trace.SpanKind.SERVER,
             attributes={
                 "llmgrpc.request_id": request_id,
@@ -145,8 +146,8 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         return self.engine
 
 
-def _adopt_request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> str:
-    """The server's request id for this call (fallback when it sent none), set for every log line of it.
+def _adopt_request_id(context: grpc.aio.ServicerContext) -> None:
+    """The server's request id for this call, set for every log line of it.
 
     Set before anything can fail: grpc_errors logs an unexpected error in this context, and
     the threads a call starts copy it, so the traceback of a failed load
@@ -154,9 +155,7 @@ def _adopt_request_id(context: grpc.aio.ServicerContext, fallback: str = "") -> 
     """
     metadata = context.invocation_metadata() or ()
     sent = next((v for k, v in metadata if k == logs.REQUEST_ID_METADATA and isinstance(v, str)), "")
-    request_id = sent or fallback
-    logs.REQUEST_ID.set(request_id)
-    return request_id
+    logs.REQUEST_ID.set(sent)
 
 
 class _Reporting:
@@ -209,9 +208,20 @@ def exit_when_server_goes(shut_down: Callable[[], None]) -> None:
     threading.Thread(target=watch, name="server-lifeline", daemon=True).start()
 
 
-async def run(socket_path: str, plan: LoadPlan, tracer_provider: trace.TracerProvider | None = None) -> None:
+async def run(
+    socket_path: str,
+    generate_socket_path: str,
+    plan: LoadPlan,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> None:
     provider = tracer_provider or trace.NoOpTracerProvider()
     worker = Worker(plan, provider.get_tracer(tracing.TRACER_NAME))
+    # Bound before the gRPC socket, whose appearing tells the server the worker is up.
+    await asyncio.start_unix_server(
+        functools.partial(generate_socket.serve, worker.generate),
+        generate_socket_path,
+        limit=generate_socket.FRAME_LIMIT,
+    )
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker, server)
     server.add_insecure_port(f"unix:{socket_path}")
@@ -228,7 +238,10 @@ async def run(socket_path: str, plan: LoadPlan, tracer_provider: trace.TracerPro
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--socket", required=True, help="Unix socket path to serve on")
+    parser.add_argument("--socket", required=True, help="Unix socket path to serve gRPC on")
+    parser.add_argument(
+        "--generate-socket", required=True, help="Unix socket path to serve Generate streams on"
+    )
     parser.add_argument("--plan", required=True, help="the LoadPlan, as JSON")
     args = parser.parse_args(argv)
     plan = LoadPlan.from_json_dict(json.loads(args.plan))
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.get("LLMGRPC_TRACE_EXPORTER", "none"), service_name="llmgrpc-worker"
     )
     load_plugins_from_environment()
-    asyncio.run(run(args.socket, plan, provider))
+    asyncio.run(run(args.socket, args.generate_socket, plan, provider))
 
 
 class _WorkerFields(logging.Filter):

@@ -18,13 +18,13 @@ from opentelemetry.trace import SpanKind
 
 from llmgrpc.clients.errors import Reason, Unavailable
 from llmgrpc.engines.base import LoadPlan
-from llmgrpc.server import logs, tracing
+from llmgrpc.server import generate_socket, logs, tracing
 from llmgrpc.server.status import from_rpc_error
 from llmgrpc.v1 import generate_pb2, models_pb2
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
-# The worker's service as the spans of calls to it name it.
-WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+# The span of a Generate stream's hop to the worker.
+GENERATE_HOP = f"{worker_pb2.DESCRIPTOR.package}/Generate"
 
 # Reconnect fast: the worker binds its socket moments after it starts.
 CHANNEL_OPTIONS = [
@@ -81,6 +81,7 @@ class WorkerProcess:
         self.env = env  # the worker's whole environment (worker_environment.worker_environment)
         self._folder = Path(tempfile.mkdtemp(prefix="llmgrpc-worker-"))
         self.socket_path = self._folder / "worker.sock"
+        self.generate_streams = generate_socket.Streams(self._folder / "generate.sock")
         self.process: asyncio.subprocess.Process | None = None
         self.channel: grpc.aio.Channel | None = None
         self._stub: worker_pb2_grpc.WorkerServiceAsyncStub | None = None
@@ -104,6 +105,8 @@ class WorkerProcess:
             "llmgrpc.server.worker",
             "--socket",
             str(self.socket_path),
+            "--generate-socket",
+            str(self.generate_streams.socket_path),
             "--plan",
             json.dumps(self.plan.to_json_dict()),
             stdin=asyncio.subprocess.PIPE,
@@ -157,30 +160,27 @@ class WorkerProcess:
         self, request: generate_pb2.GenerateRequest, request_id: str, deadline: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """Stream request (resolved: max_tokens set) from the worker; deadline: the caller's, as a
-        time.time() moment, sent as it is and as the call's own deadline."""
-        call_request = worker_pb2.GenerateRequest(request=request)
-        timeout = None
+        time.time() moment, which the worker and this side both keep."""
+        call_request = worker_pb2.GenerateRequest(request=request, request_id=request_id)
         if deadline is not None:
             call_request.deadline.FromNanoseconds(int(deadline * 1e9))
-            timeout = max(deadline - time.time(), 0.0)
-        # A CLIENT span for the hop to the worker (when traced); its context travels as the
-        # call's traceparent.
+        # A CLIENT span for the hop to the worker (when traced); its context travels in the request.
         span = (
             tracing.current_span(
                 self.tracer,
-                f"{WORKER_SERVICE}/Generate",
+                GENERATE_HOP,
                 kind=SpanKind.CLIENT,
-                attributes={"rpc.system": "grpc", "llmgrpc.model_uid": self.plan.model_uid},
+                attributes={"llmgrpc.model_uid": self.plan.model_uid},
             )
             if self.tracer is not None
             else contextlib.nullcontext()
         )
         with span:
-            traceparent = tracing.inject() if self.tracer is not None else ()
-            metadata = ((logs.REQUEST_ID_METADATA, request_id), *traceparent)
-            call = self.stub.Generate(call_request, timeout=timeout, metadata=metadata)
-            async for event in self._relay(call):
-                yield event.response
+            if self.tracer is not None:
+                call_request.trace_context.update(tracing.inject())
+            async with contextlib.aclosing(self.generate_streams.stream(call_request, deadline)) as pieces:
+                async for piece in pieces:
+                    yield piece.response
 
     async def tokenize(
         self, request: generate_pb2.TokenizeRequest, timeout: float | None
@@ -203,6 +203,7 @@ class WorkerProcess:
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit (close its standard input), then kill it if it lingers."""
+        self.generate_streams.close_all()
         if self.channel is not None:
             await self.channel.close()
         if self.process is not None and self.process.returncode is None:

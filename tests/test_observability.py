@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
@@ -22,11 +23,11 @@ from test_lifecycle import wait_until
 from llmgrpc.clients import Client
 from llmgrpc.engines.base import LoadPlan, SpecRef
 from llmgrpc.engines.batching import BatchedEngine
-from llmgrpc.server import logs, tracing
+from llmgrpc.server import generate_socket, logs, tracing
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.worker import Worker
 from llmgrpc.v1 import generate_pb2, models_pb2
-from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
+from llmgrpc.worker.v1 import worker_pb2
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -123,7 +124,7 @@ def test_a_trace_follows_the_request_with_the_callers_trace_id(observed, spans):
     assert rpc.kind == SpanKind.SERVER
     assert format(rpc.parent.span_id, "016x") == "00f067aa0ba902b7"
     assert rpc.attributes["rpc.grpc.status_code"] == 0
-    hop = by_name["llmgrpc.worker.v1.WorkerService/Generate"]
+    hop = by_name["llmgrpc.worker.v1/Generate"]
     assert hop.kind == SpanKind.CLIENT and hop.parent.span_id == rpc.context.span_id
 
 
@@ -237,20 +238,18 @@ def test_the_worker_opens_a_span_around_the_engine_continuing_the_trace(tmp_path
     async def scenario() -> list[generate_pb2.GenerateResponse]:
         worker = Worker(plan, provider.get_tracer("test"))
         worker.engine = _CountingEngine(CountingRunner(), 4, "cpu")
-        server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker, server)
-        socket = tmp_path / "worker.sock"
-        server.add_insecure_port(f"unix:{socket}")
-        await server.start()
+        socket = tmp_path / "generate.sock"
+        serve = functools.partial(generate_socket.serve, worker.generate)
+        server = await asyncio.start_unix_server(serve, socket)
         try:
-            async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
-                generate = worker_pb2_grpc.WorkerServiceStub(channel).Generate
-                request = generate_pb2.GenerateRequest(model_uid="counting", prompt="abc", max_tokens=4)
-                metadata = (("traceparent", TRACEPARENT), ("x-request-id", "worker-span-1"))
-                call = generate(worker_pb2.GenerateRequest(request=request), metadata=metadata)
-                return [event.response async for event in call]
+            request = worker_pb2.GenerateRequest(
+                request=generate_pb2.GenerateRequest(model_uid="counting", prompt="abc", max_tokens=4),
+                request_id="worker-span-1",
+                trace_context={"traceparent": TRACEPARENT},
+            )
+            return [piece.response async for piece in generate_socket.Streams(socket).stream(request, None)]
         finally:
-            await server.stop(0)
+            server.close()
             worker.engine.close()
 
     responses = asyncio.run(scenario())

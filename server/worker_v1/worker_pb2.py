@@ -27,13 +27,15 @@ from llmgrpc.v1 import generate_pb2 as llmgrpc_dot_v1_dot_generate__pb2
 from llmgrpc.v1 import models_pb2 as llmgrpc_dot_v1_dot_models__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ellmgrpc/worker/v1/worker.proto\x12\x11llmgrpc.worker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19llmgrpc/v1/generate.proto\x1a\x17llmgrpc/v1/models.proto\"\r\n\x0bLoadRequest\"v\n\x0cLoadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12/\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStatsH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0f\x44ownloadRequest\"_\n\x10\x44ownloadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12\x14\n\nmodel_path\x18\x02 \x01(\tH\x00\x42\x07\n\x05\x65vent\"m\n\x0fGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.llmgrpc.v1.GenerateRequest\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x10GenerateResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.GenerateResponse\"\x0e\n\x0cStatsRequest\">\n\rStatsResponse\x12-\n\x05stats\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStats\"\x82\x01\n\x0b\x45ngineStats\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x04 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x03\"?\n\x0fTokenizeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.llmgrpc.v1.TokenizeRequest\"B\n\x10TokenizeResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.TokenizeResponse\"C\n\x11\x44\x65tokenizeRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.llmgrpc.v1.DetokenizeRequest\"F\n\x12\x44\x65tokenizeResponse\x12\x30\n\x08response\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.v1.DetokenizeResponse2\x84\x04\n\rWorkerService\x12I\n\x04Load\x12\x1e.llmgrpc.worker.v1.LoadRequest\x1a\x1f.llmgrpc.worker.v1.LoadResponse0\x01\x12U\n\x08\x44ownload\x12\".llmgrpc.worker.v1.DownloadRequest\x1a#.llmgrpc.worker.v1.DownloadResponse0\x01\x12U\n\x08Generate\x12\".llmgrpc.worker.v1.GenerateRequest\x1a#.llmgrpc.worker.v1.GenerateResponse0\x01\x12J\n\x05Stats\x12\x1f.llmgrpc.worker.v1.StatsRequest\x1a .llmgrpc.worker.v1.StatsResponse\x12S\n\x08Tokenize\x12\".llmgrpc.worker.v1.TokenizeRequest\x1a#.llmgrpc.worker.v1.TokenizeResponse\x12Y\n\nDetokenize\x12$.llmgrpc.worker.v1.DetokenizeRequest\x1a%.llmgrpc.worker.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ellmgrpc/worker/v1/worker.proto\x12\x11llmgrpc.worker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19llmgrpc/v1/generate.proto\x1a\x17llmgrpc/v1/models.proto\"\r\n\x0bLoadRequest\"v\n\x0cLoadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12/\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStatsH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0f\x44ownloadRequest\"_\n\x10\x44ownloadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12\x14\n\nmodel_path\x18\x02 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\x83\x02\n\x0fGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.llmgrpc.v1.GenerateRequest\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12K\n\rtrace_context\x18\x04 \x03(\x0b\x32\x34.llmgrpc.worker.v1.GenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x10GenerateResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.GenerateResponse\"c\n\rGenerateFrame\x12\x37\n\x08response\x18\x01 \x01(\x0b\x32#.llmgrpc.worker.v1.GenerateResponseH\x00\x12\x10\n\x06status\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rame\"\x0e\n\x0cStatsRequest\">\n\rStatsResponse\x12-\n\x05stats\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStats\"\x82\x01\n\x0b\x45ngineStats\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x04 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x03\"?\n\x0fTokenizeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.llmgrpc.v1.TokenizeRequest\"B\n\x10TokenizeResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.TokenizeResponse\"C\n\x11\x44\x65tokenizeRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.llmgrpc.v1.DetokenizeRequest\"F\n\x12\x44\x65tokenizeResponse\x12\x30\n\x08response\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.v1.DetokenizeResponse2\xad\x03\n\rWorkerService\x12I\n\x04Load\x12\x1e.llmgrpc.worker.v1.LoadRequest\x1a\x1f.llmgrpc.worker.v1.LoadResponse0\x01\x12U\n\x08\x44ownload\x12\".llmgrpc.worker.v1.DownloadRequest\x1a#.llmgrpc.worker.v1.DownloadResponse0\x01\x12J\n\x05Stats\x12\x1f.llmgrpc.worker.v1.StatsRequest\x1a .llmgrpc.worker.v1.StatsResponse\x12S\n\x08Tokenize\x12\".llmgrpc.worker.v1.TokenizeRequest\x1a#.llmgrpc.worker.v1.TokenizeResponse\x12Y\n\nDetokenize\x12$.llmgrpc.worker.v1.DetokenizeRequest\x1a%.llmgrpc.worker.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmgrpc.worker.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_LOADREQUEST']._serialized_start=138
   _globals['_LOADREQUEST']._serialized_end=151
   _globals['_LOADRESPONSE']._serialized_start=153
@@ -42,24 +44,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADREQUEST']._serialized_end=290
   _globals['_DOWNLOADRESPONSE']._serialized_start=292
   _globals['_DOWNLOADRESPONSE']._serialized_end=387
-  _globals['_GENERATEREQUEST']._serialized_start=389
-  _globals['_GENERATEREQUEST']._serialized_end=498
-  _globals['_GENERATERESPONSE']._serialized_start=500
-  _globals['_GENERATERESPONSE']._serialized_end=566
-  _globals['_STATSREQUEST']._serialized_start=568
-  _globals['_STATSREQUEST']._serialized_end=582
-  _globals['_STATSRESPONSE']._serialized_start=584
-  _globals['_STATSRESPONSE']._serialized_end=646
-  _globals['_ENGINESTATS']._serialized_start=649
-  _globals['_ENGINESTATS']._serialized_end=779
-  _globals['_TOKENIZEREQUEST']._serialized_start=781
-  _globals['_TOKENIZEREQUEST']._serialized_end=844
-  _globals['_TOKENIZERESPONSE']._serialized_start=846
-  _globals['_TOKENIZERESPONSE']._serialized_end=912
-  _globals['_DETOKENIZEREQUEST']._serialized_start=914
-  _globals['_DETOKENIZEREQUEST']._serialized_end=981
-  _globals['_DETOKENIZERESPONSE']._serialized_start=983
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1053
-  _globals['_WORKERSERVICE']._serialized_start=1056
-  _globals['_WORKERSERVICE']._serialized_end=1572
+  _globals['_GENERATEREQUEST']._serialized_start=390
+  _globals['_GENERATEREQUEST']._serialized_end=649
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=598
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=649
+  _globals['_GENERATERESPONSE']._serialized_start=651
+  _globals['_GENERATERESPONSE']._serialized_end=717
+  _globals['_GENERATEFRAME']._serialized_start=719
+  _globals['_GENERATEFRAME']._serialized_end=818
+  _globals['_STATSREQUEST']._serialized_start=820
+  _globals['_STATSREQUEST']._serialized_end=834
+  _globals['_STATSRESPONSE']._serialized_start=836
+  _globals['_STATSRESPONSE']._serialized_end=898
+  _globals['_ENGINESTATS']._serialized_start=901
+  _globals['_ENGINESTATS']._serialized_end=1031
+  _globals['_TOKENIZEREQUEST']._serialized_start=1033
+  _globals['_TOKENIZEREQUEST']._serialized_end=1096
+  _globals['_TOKENIZERESPONSE']._serialized_start=1098
+  _globals['_TOKENIZERESPONSE']._serialized_end=1164
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1166
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1233
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1235
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1305
+  _globals['_WORKERSERVICE']._serialized_start=1308
+  _globals['_WORKERSERVICE']._serialized_end=1737
 # @@protoc_insertion_point(module_scope)

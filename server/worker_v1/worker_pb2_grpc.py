@@ -28,6 +28,16 @@ if _version_not_supported:
 class WorkerServiceStub:
     """WorkerService serves the one model its process was started for. The process
     gets the model's load plan on its command line, so requests never repeat it.
+
+    Generate is not one of its RPCs: its streams have a Unix socket of their own
+    (the worker's --generate-socket), one connection per request. The server
+    writes a GenerateRequest; the worker answers GenerateFrame messages, each
+    message a 4-byte little-endian length and then its bytes, and closes the
+    connection after the status frame. The server closing its end (its caller
+    went away) aborts the request in the engine, as does the request's deadline
+    passing. Unlike a gRPC stream, a frame costs no hand-off to gRPC's polling
+    thread on either side: at one token a message, that is a good part of the
+    CPU the service spends per token.
     """
 
     def __init__(self, channel):
@@ -45,11 +55,6 @@ class WorkerServiceStub:
                 '/llmgrpc.worker.v1.WorkerService/Download',
                 request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DownloadResponse.FromString,
-                _registered_method=True)
-        self.Generate = channel.unary_stream(
-                '/llmgrpc.worker.v1.WorkerService/Generate',
-                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/llmgrpc.worker.v1.WorkerService/Stats',
@@ -71,6 +76,16 @@ class WorkerServiceStub:
 class WorkerServiceServicer:
     """WorkerService serves the one model its process was started for. The process
     gets the model's load plan on its command line, so requests never repeat it.
+
+    Generate is not one of its RPCs: its streams have a Unix socket of their own
+    (the worker's --generate-socket), one connection per request. The server
+    writes a GenerateRequest; the worker answers GenerateFrame messages, each
+    message a 4-byte little-endian length and then its bytes, and closes the
+    connection after the status frame. The server closing its end (its caller
+    went away) aborts the request in the engine, as does the request's deadline
+    passing. Unlike a gRPC stream, a frame costs no hand-off to gRPC's polling
+    thread on either side: at one token a message, that is a good part of the
+    CPU the service spends per token.
     """
 
     def Load(self, request, context):
@@ -85,15 +100,6 @@ class WorkerServiceServicer:
     def Download(self, request, context):
         """Download fetches the plan's weights without loading an engine: progress,
         then their local path as the last message. Cancelling the call stops it.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Generate(self, request, context):
-        """Generate streams the continuation of a request the server has checked and
-        resolved. Cancelling the call, or its deadline passing, aborts the request
-        in the engine.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,11 +141,6 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DownloadRequest.FromString,
                     response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DownloadResponse.SerializeToString,
             ),
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
-                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
-            ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
                     request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.FromString,
@@ -166,6 +167,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
 class WorkerService:
     """WorkerService serves the one model its process was started for. The process
     gets the model's load plan on its command line, so requests never repeat it.
+
+    Generate is not one of its RPCs: its streams have a Unix socket of their own
+    (the worker's --generate-socket), one connection per request. The server
+    writes a GenerateRequest; the worker answers GenerateFrame messages, each
+    message a 4-byte little-endian length and then its bytes, and closes the
+    connection after the status frame. The server closing its end (its caller
+    went away) aborts the request in the engine, as does the request's deadline
+    passing. Unlike a gRPC stream, a frame costs no hand-off to gRPC's polling
+    thread on either side: at one token a message, that is a good part of the
+    CPU the service spends per token.
     """
 
     @staticmethod
@@ -212,33 +223,6 @@ class WorkerService:
             '/llmgrpc.worker.v1.WorkerService/Download',
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DownloadRequest.SerializeToString,
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DownloadResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/llmgrpc.worker.v1.WorkerService/Generate',
-            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
-            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

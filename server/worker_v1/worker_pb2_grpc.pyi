@@ -33,6 +33,16 @@ GRPC_VERSION: str
 class WorkerServiceStub:
     """WorkerService serves the one model its process was started for. The process
     gets the model's load plan on its command line, so requests never repeat it.
+
+    Generate is not one of its RPCs: its streams have a Unix socket of their own
+    (the worker's --generate-socket), one connection per request. The server
+    writes a GenerateRequest; the worker answers GenerateFrame messages, each
+    message a 4-byte little-endian length and then its bytes, and closes the
+    connection after the status frame. The server closing its end (its caller
+    went away) aborts the request in the engine, as does the request's deadline
+    passing. Unlike a gRPC stream, a frame costs no hand-off to gRPC's polling
+    thread on either side: at one token a message, that is a good part of the
+    CPU the service spends per token.
     """
 
     @_typing.overload
@@ -47,11 +57,6 @@ class WorkerServiceStub:
     Download: _grpc.UnaryStreamMultiCallable[_worker_pb2.DownloadRequest, _worker_pb2.DownloadResponse]
     """Download fetches the plan's weights without loading an engine: progress,
     then their local path as the last message. Cancelling the call stops it.
-    """
-    Generate: _grpc.UnaryStreamMultiCallable[_worker_pb2.GenerateRequest, _worker_pb2.GenerateResponse]
-    """Generate streams the continuation of a request the server has checked and
-    resolved. Cancelling the call, or its deadline passing, aborts the request
-    in the engine.
     """
     Stats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.StatsResponse]
     """Stats reports the loaded engine's numbers; the server also calls it to
@@ -68,6 +73,16 @@ class WorkerServiceStub:
 class WorkerServiceAsyncStub(WorkerServiceStub):
     """WorkerService serves the one model its process was started for. The process
     gets the model's load plan on its command line, so requests never repeat it.
+
+    Generate is not one of its RPCs: its streams have a Unix socket of their own
+    (the worker's --generate-socket), one connection per request. The server
+    writes a GenerateRequest; the worker answers GenerateFrame messages, each
+    message a 4-byte little-endian length and then its bytes, and closes the
+    connection after the status frame. The server closing its end (its caller
+    went away) aborts the request in the engine, as does the request's deadline
+    passing. Unlike a gRPC stream, a frame costs no hand-off to gRPC's polling
+    thread on either side: at one token a message, that is a good part of the
+    CPU the service spends per token.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -79,11 +94,6 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     Download: _aio.UnaryStreamMultiCallable[_worker_pb2.DownloadRequest, _worker_pb2.DownloadResponse]  # type: ignore[assignment]
     """Download fetches the plan's weights without loading an engine: progress,
     then their local path as the last message. Cancelling the call stops it.
-    """
-    Generate: _aio.UnaryStreamMultiCallable[_worker_pb2.GenerateRequest, _worker_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generate streams the continuation of a request the server has checked and
-    resolved. Cancelling the call, or its deadline passing, aborts the request
-    in the engine.
     """
     Stats: _aio.UnaryUnaryMultiCallable[_worker_pb2.StatsRequest, _worker_pb2.StatsResponse]  # type: ignore[assignment]
     """Stats reports the loaded engine's numbers; the server also calls it to
@@ -99,6 +109,16 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkerService serves the one model its process was started for. The process
     gets the model's load plan on its command line, so requests never repeat it.
+
+    Generate is not one of its RPCs: its streams have a Unix socket of their own
+    (the worker's --generate-socket), one connection per request. The server
+    writes a GenerateRequest; the worker answers GenerateFrame messages, each
+    message a 4-byte little-endian length and then its bytes, and closes the
+    connection after the status frame. The server closing its end (its caller
+    went away) aborts the request in the engine, as does the request's deadline
+    passing. Unlike a gRPC stream, a frame costs no hand-off to gRPC's polling
+    thread on either side: at one token a message, that is a good part of the
+    CPU the service spends per token.
     """
 
     @_abc_1.abstractmethod
@@ -120,17 +140,6 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.DownloadResponse], _abc.AsyncIterator[_worker_pb2.DownloadResponse]]:
         """Download fetches the plan's weights without loading an engine: progress,
         then their local path as the last message. Cancelling the call stops it.
-        """
-
-    @_abc_1.abstractmethod
-    def Generate(
-        self,
-        request: _worker_pb2.GenerateRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_worker_pb2.GenerateResponse], _abc.AsyncIterator[_worker_pb2.GenerateResponse]]:
-        """Generate streams the continuation of a request the server has checked and
-        resolved. Cancelling the call, or its deadline passing, aborts the request
-        in the engine.
         """
 
     @_abc_1.abstractmethod
