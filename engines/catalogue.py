@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from llmgrpc.clients.errors import InvalidArgument, Reason
+from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import Engine
 
 # Bounds shared by several engines' options.
@@ -45,6 +45,8 @@ class EngineOption:
     maximum: float | None = None
     exclusive_minimum: bool = False
     choices: tuple[str, ...] = ()
+    # (option, value): setting this one means that option has that value; another is refused.
+    implies: tuple[str, str] | None = None
 
     def describe(self) -> str:
         """The option for a message or a listing: "n_threads (an int in [1, 1024]: what it does)"."""
@@ -278,6 +280,7 @@ ENGINES: tuple[EngineInfo, ...] = (
                 str,
                 "the Ray cluster to run the model workers on (its head's host:port); implies "
                 "distributed_executor_backend ray",
+                implies=("distributed_executor_backend", "ray"),
             ),
             EngineOption(
                 "gpu_memory_utilization",
@@ -438,6 +441,16 @@ def validate_engine_options(info: EngineInfo, options: dict) -> None:
         if not option.accepts(value):
             raise InvalidArgument(
                 f"engine_options.{name} must be {option.valid_values()}, got {_shown(value)}",
+                reason=Reason.ENGINE_OPTION_INVALID,
+            )
+    for name in options:
+        implied = known[name].implies
+        if implied is not None and implied[0] in options and options[implied[0]] != implied[1]:
+            other, value = implied
+            raise InvalidArgument(
+                f"engine_options.{name} means {other} {value}, and {other} {_shown(options[other])} "
+                "contradicts it",
+                [FieldViolation(f"engine_options.{other}", f"must be {value}, or unset, with {name}")],
                 reason=Reason.ENGINE_OPTION_INVALID,
             )
 

@@ -17,7 +17,7 @@ import os
 from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any
 
-from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
+from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.base import (
     Chunk,
     Constraint,
@@ -30,6 +30,7 @@ from llmgrpc.engines.base import (
     TokenLogprob,
     Usage,
 )
+from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.library_engine import (
     FINISH_REASONS,
     LibraryEngine,
@@ -49,20 +50,15 @@ CPU_KV_CACHE_BYTES = 4 * 2**30
 
 def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
     """AsyncEngineArgs keyword arguments for a plan: the model, then the engine options
-    (already checked against the catalogue). ray_address is not one of vLLM's: it goes to the
-    environment (see process_environment) and means distributed_executor_backend ray."""
+    (checked against the catalogue, as the server did). ray_address is not one of vLLM's: it goes
+    to the environment (see process_environment) and means distributed_executor_backend ray."""
+    validate_engine_options(engine_info("vllm"), plan.engine_options)
     options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"gpu_memory_utilization"}))
     memory_told = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & options.keys()
     if plan.device == "cpu" and not memory_told:
         options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if options.pop("ray_address", None) is not None:
-        if options.setdefault("distributed_executor_backend", "ray") != "ray":
-            raise InvalidArgument(
-                "engine_options.ray_address names a Ray cluster, and distributed_executor_backend "
-                f"{options['distributed_executor_backend']} runs vLLM's workers on this host",
-                [FieldViolation("engine_options.distributed_executor_backend", "must be ray, or unset")],
-                reason=Reason.ENGINE_OPTION_INVALID,
-            )
+        options["distributed_executor_backend"] = "ray"
     return {"model": weights, "tokenizer": weights, "max_num_seqs": plan.max_batch_size, **options}
 
 

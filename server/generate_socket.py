@@ -37,6 +37,10 @@ M = TypeVar("M", bound=Message)
 _LENGTH = struct.Struct("<I")
 # The largest frame either side accepts, as the worker's gRPC channel does.
 FRAME_LIMIT = 64 * 1024 * 1024
+# Frames a stream writes before it lets the worker's other streams run: writing rarely waits
+# (the socket's buffers are large), so an engine whose pieces come without waiting (a burst of
+# them, or a benchmark engine) would otherwise keep the event loop from every other request.
+FRAMES_PER_TURN = 16
 
 
 def write_frame(writer: asyncio.StreamWriter, message: Message) -> None:
@@ -114,9 +118,13 @@ async def _write_all(
 ) -> None:
     try:
         async with contextlib.aclosing(pieces), asyncio.timeout_at(_deadline_at(deadline)):
+            written = 0
             async for piece in pieces:
                 write_frame(writer, worker_pb2.GenerateFrame(response=piece))
                 await writer.drain()  # the server reading slower than the engine makes holds the engine
+                written += 1
+                if written % FRAMES_PER_TURN == 0:
+                    await asyncio.sleep(0)
     except TimeoutError:
         raise _deadline_passed() from None
 

@@ -143,13 +143,17 @@ class Metrics:
                 count = len(response.token_ids)
                 if count:
                     if generated == 0:
+                        # This model's series: looked up once per stream, not per token, and only
+                        # once it has output (a call for a model that does not exist makes none).
+                        between_tokens = self.inter_token_latency.labels(model_uid)
+                        tokens = self.generation_tokens.labels(model_uid)
                         self.time_to_first_token.labels(model_uid).observe(now - started)
                     else:
                         # A message may settle several tokens at once: spread the wait over them.
                         for _ in range(count):
-                            self.inter_token_latency.labels(model_uid).observe((now - last) / count)
+                            between_tokens.observe((now - last) / count)
                     generated += count
-                    self.generation_tokens.labels(model_uid).inc(count)
+                    tokens.inc(count)
                     last = now
                 if response.finish_reason:
                     finished = response
@@ -192,7 +196,8 @@ class _ModelCollector(Collector):
         )
         memory = GaugeMetricFamily(
             "llmgrpc:model_memory_bytes",
-            "Memory of each model: rss (its worker process), gpu (the engine's CUDA memory), estimated",
+            "Memory of each model: rss (its worker processes, every replica's), gpu (the engines' CUDA "
+            "memory), estimated",
             labels=["model_uid", "kind"],
         )
         load = GaugeMetricFamily(
@@ -208,8 +213,8 @@ class _ModelCollector(Collector):
             uid = model.uid
             running.add_metric([uid], model.gate.running)
             waiting.add_metric([uid], model.gate.waiting)
-            pid = model.worker.pid if model.worker else 0
-            memory.add_metric([uid, "rss"], resources.process_memory_bytes(pid) if pid else 0)
+            pids = [replica.pid for replica in model.replicas if replica.pid]
+            memory.add_metric([uid, "rss"], sum(resources.process_memory_bytes(pid) for pid in pids))
             memory.add_metric([uid, "gpu"], model.engine_stats.gpu_memory_bytes)
             memory.add_metric([uid, "estimated"], model.estimated_bytes)
             load.add_metric([uid], model.load_seconds)

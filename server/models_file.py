@@ -14,10 +14,12 @@ LaunchModelRequest's words::
         engine_options: {n_gpu_layers: -1}
         download_hub: auto                # or model_path: /models/llama.gguf
         idle_unload_s: 600
+        replica: 2                        # n_gpu, gpu_idx too
       - model_name: tiny-llama-3.1
 
 Parsing is pure: ``parse_models`` checks every entry and names the entry and the field of the
 first problem (unknown keys are refused, so a typo never silently launches the wrong model).
+Each entry becomes a LaunchModelRequest, checked by the same rules as one sent over gRPC.
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ from typing import Any
 
 import yaml
 
+from llmgrpc.clients.errors import InvalidArgument
 from llmgrpc.server.manager import LaunchRequest
 from llmgrpc.server.registry import SpecQuery
+from llmgrpc.server.validation import check_launch
+from llmgrpc.v1 import models_pb2
 
 __all__ = ["ModelsFileError", "launch_requests", "load_models_file", "parse_models"]
 
 # The spec words, as LaunchModelRequest names them (SpecQuery's fields).
 _QUERY_FIELDS = ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")
 _TEXT_FIELDS = (*_QUERY_FIELDS, "model_uid", "model_path", "device", "download_hub")
-_KNOWN_FIELDS = (*_TEXT_FIELDS, "engine_options", "idle_unload_s")
+_TEXT_FIELDS = (*_TEXT_FIELDS, "n_gpu")
+_KNOWN_FIELDS = (*_TEXT_FIELDS, "engine_options", "idle_unload_s", "replica", "gpu_idx")
 
 
 class ModelsFileError(ValueError):
@@ -86,16 +92,31 @@ def _launch(index: int, item: Any) -> LaunchRequest:
         or idle_unload_s < 0
     ):
         raise ModelsFileError(f"{entry}: idle_unload_s must be seconds >= 0, not {idle_unload_s!r}")
-    return LaunchRequest(
-        query=SpecQuery(**{name: words.get(name, "") for name in _QUERY_FIELDS}),
-        # Like --launch NAME: the family's name is the uid unless one is given.
-        model_uid=words.get("model_uid") or words["model_name"],
-        model_path=words.get("model_path", ""),
-        device=words.get("device", ""),
-        engine_options=dict(engine_options),
-        download_hub=words.get("download_hub", ""),
-        idle_unload_s=None if idle_unload_s is None else float(idle_unload_s),
+    replica = item.get("replica")
+    if replica is not None and (isinstance(replica, bool) or not isinstance(replica, int)):
+        raise ModelsFileError(f"{entry}: replica must be a whole number, not {replica!r}")
+    gpu_idx = item.get("gpu_idx") or []
+    if not isinstance(gpu_idx, list) or not all(
+        isinstance(index, int) and not isinstance(index, bool) for index in gpu_idx
+    ):
+        raise ModelsFileError(f"{entry}: gpu_idx must be a list of GPU indices, not {gpu_idx!r}")
+    # Like --launch NAME: the family's name is the uid unless one is given.
+    request = models_pb2.LaunchModelRequest(
+        **{**words, "model_uid": words.get("model_uid") or words["model_name"]}
     )
+    request.gpu_idx.extend(gpu_idx)
+    if engine_options:
+        request.engine_options.update(engine_options)
+    if idle_unload_s is not None:
+        request.idle_unload_s = float(idle_unload_s)
+    if replica is not None:
+        request.replica = replica
+    try:
+        check_launch(request)
+    except InvalidArgument as error:
+        problems = "; ".join(f"{v.field}: {v.description}" for v in error.violations)
+        raise ModelsFileError(f"{entry}: {problems}") from None
+    return LaunchRequest.from_pb(request)
 
 
 def parse_models(document: Any) -> list[LaunchRequest]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmgrpc.v1 import generate_pb2
 
@@ -34,3 +36,19 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool
             return True
         time.sleep(interval)
     return predicate()
+
+
+def scrape(port: int) -> dict[str, dict[tuple, float]]:
+    """Every sample of /metrics: name -> {sorted labels: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    wanted = set(labels.items())
+    return sum(v for key, v in samples.get(name, {}).items() if wanted <= set(key))

@@ -109,6 +109,16 @@ def test_each_engine_refuses_values_out_of_its_declared_range(engine, options):
     assert len(str(caught.value)) < 200
 
 
+def test_an_option_that_implies_another_refuses_a_contradicting_value():
+    vllm = engine_info("vllm")
+    validate_engine_options(vllm, {"ray_address": "10.0.0.1:6379", "distributed_executor_backend": "ray"})
+    with pytest.raises(InvalidArgument) as caught:
+        validate_engine_options(vllm, {"ray_address": "10.0.0.1:6379", "distributed_executor_backend": "mp"})
+    assert caught.value.reason == Reason.ENGINE_OPTION_INVALID
+    assert "ray_address means distributed_executor_backend ray" in str(caught.value)
+    assert [v.field for v in caught.value.violations] == ["engine_options.distributed_executor_backend"]
+
+
 def test_values_at_the_ends_of_the_ranges_are_accepted():
     validate_engine_options(engine_info("vllm"), {"gpu_memory_utilization": 1, "tensor_parallel_size": 1.0})
     validate_engine_options(engine_info("llama.cpp"), {"n_gpu_layers": -1, "n_threads": 1024})

@@ -189,3 +189,35 @@ def test_stopping_the_worker_ends_its_streams_as_stopping(tmp_path):
                 await anext(more)
 
     asyncio.run(serving(generation, tmp_path, scenario))
+
+
+def test_an_engine_that_never_waits_still_lets_the_other_streams_run(tmp_path):
+    """Writing a frame rarely waits: the worker's half gives up the event loop every
+    FRAMES_PER_TURN frames, or one such stream would hold off every other request."""
+    turns = 0
+    turns_at_piece: list[int] = []
+
+    async def never_waits(request):
+        for index in range(10 * generate_socket.FRAMES_PER_TURN):
+            turns_at_piece.append(turns)
+            yield piece(str(index))
+
+    async def scenario(streams):
+        nonlocal turns
+
+        async def other_work():
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        beside = asyncio.ensure_future(other_work())
+        try:
+            return [p async for p in streams.stream(request(), None)]
+        finally:
+            beside.cancel()
+
+    assert len(asyncio.run(serving(never_waits, tmp_path, scenario))) == 10 * generate_socket.FRAMES_PER_TURN
+    # The other work ran between every FRAMES_PER_TURN pieces, at least.
+    for start in range(0, len(turns_at_piece) - generate_socket.FRAMES_PER_TURN):
+        assert turns_at_piece[start + generate_socket.FRAMES_PER_TURN] > turns_at_piece[start]

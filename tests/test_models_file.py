@@ -36,6 +36,20 @@ models:
 """
         )
     )
+    (pair,) = parse_models(
+        yaml.safe_load(
+            """
+models:
+  - model_name: llama-3.1
+    model_uid: pair
+    device: cuda
+    n_gpu: 2
+    gpu_idx: [0, 1, 2, 3]
+    replica: 2
+"""
+        )
+    )
+    assert (pair.replica, pair.n_gpu, pair.gpu_idx) == (2, "2", (0, 1, 2, 3))
     assert full.query == SpecQuery("llama-3.1", "llama.cpp", "ggufv2", "8", "Q4_K_M")
     assert (full.model_uid, full.device, full.download_hub, full.idle_unload_s) == (
         "llama",
@@ -78,6 +92,12 @@ def test_json_is_read_too(tmp_path):
         ([{"model_name": "a", "idle_unload_s": -1}], "models[0] (a): idle_unload_s must be seconds >= 0"),
         ([{"model_name": "a", "idle_unload_s": "soon"}], "idle_unload_s must be seconds >= 0"),
         ([{"model_name": "a", "wait": False}], "unknown field wait"),
+        ([{"model_name": "a", "replica": 0}], "models[0] (a): replica: 0 is not valid: 1 to 64"),
+        ([{"model_name": "a", "replica": "two"}], "replica must be a whole number"),
+        ([{"model_name": "a", "gpu_idx": "0,1"}], "gpu_idx must be a list of GPU indices"),
+        ([{"model_name": "a", "replica": 2, "gpu_idx": [0, 1, 2]}], "cannot be shared by 2 replicas"),
+        ([{"model_name": "a", "device": "cpu", "n_gpu": 2}], "GPUs cannot be asked for with device cpu"),
+        ([{"model_name": "a", "model_uid": "no spaces"}], "model_uid: 'no spaces' is not valid"),
         ([{"model_name": "a"}, {"model_name": "a"}], "model_uid 'a' is launched twice"),
         (["tiny-llama-3.1"], "models[0]: each model is a mapping"),
         ({"model_name": "a"}, "models must be a list"),

@@ -7,7 +7,6 @@ import functools
 import io
 import json
 import logging
-import urllib.request
 
 import grpc
 import pytest
@@ -17,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from prometheus_client.parser import text_string_to_metric_families
+from rpc_helpers import scrape, value
 from test_lifecycle import wait_until
 
 from llmgrpc.clients import Client
@@ -49,22 +48,6 @@ def observed(cache_dir, spans):
     yield server, client
     client.close()
     server.stop()
-
-
-def scrape(port: int) -> dict[str, dict[tuple, float]]:
-    """Every sample of /metrics: name -> {sorted labels: value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples, name: str, **labels) -> float:
-    wanted = set(labels.items())
-    return sum(v for key, v in samples.get(name, {}).items() if wanted <= set(key))
 
 
 def test_metrics_reflect_a_generation(observed):

@@ -17,10 +17,11 @@ import pytest
 from conftest import TINY
 from fleet import Gate, fleet_disagreement, gated_workers, listed_uids, live_workers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rpc_helpers import collect, rpc_error, wait_until
+from rpc_helpers import collect, rpc_error, scrape, value, wait_until
 from status_details import bad_request
 
 from llmgrpc.clients import Client
+from llmgrpc.server.resources import process_memory_bytes
 from llmgrpc.v1 import models_pb2
 
 LOADING = models_pb2.MODEL_STATE_LOADING
@@ -88,6 +89,7 @@ def test_two_replicas_of_the_tiny_model_split_the_streams_and_outlive_a_killed_w
         max_waiting_requests=4,
         replica_restart_backoff_s=0.5,
         worker_ping_timeout_s=60,
+        metrics_port=0,
     )
     with Client(server.endpoint) as client:
         model = client.launch(TINY, model_uid="pair", replica=2, timeout=300)
@@ -96,6 +98,10 @@ def test_two_replicas_of_the_tiny_model_split_the_streams_and_outlive_a_killed_w
         assert all(pids) and pids[0] != pids[1] and model.worker_pid == pids[0]
         assert [replica.device for replica in model.replicas] == ["cpu", "cpu"]
         assert serving(client, "pair")
+        # The model's memory is both workers': well above either one's.
+        metrics = scrape(server.server.metrics_port)
+        rss = value(metrics, "llmgrpc:model_memory_bytes", model_uid="pair", kind="rss")
+        assert rss > 1.5 * max(process_memory_bytes(pid) for pid in pids)
 
         streams = [Stream(client, "pair", max_tokens=400, ignore_eos=True) for _ in range(16)]
         # The fewest in flight first: 16 streams at once are 8 on each worker.
