@@ -39,6 +39,7 @@ test: install
 lint: install
 	$(BUF) lint protos
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint deploy/Containerfile
 
 # Rewrite clients/v1 from protos/llmgrpc/v1, server/worker_v1 from protos/llmgrpc/worker/v1, and

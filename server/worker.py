@@ -217,7 +217,7 @@ async def run(
     provider = tracer_provider or trace.NoOpTracerProvider()
     worker = Worker(plan, provider.get_tracer(tracing.TRACER_NAME))
     # Bound before the gRPC socket, whose appearing tells the server the worker is up.
-    await asyncio.start_unix_server(
+    generate_server = await asyncio.start_unix_server(
         functools.partial(generate_socket.serve, worker.generate),
         generate_socket_path,
         limit=generate_socket.FRAME_LIMIT,
@@ -231,6 +231,7 @@ async def run(
     try:
         await server.wait_for_termination()
     finally:
+        generate_server.close()  # no new streams; those open end with the engine
         if worker.engine is not None:
             worker.engine.close()
         tracing.shutdown(provider)
