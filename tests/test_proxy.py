@@ -330,14 +330,21 @@ def test_streams_through_the_proxy_carry_what_direct_calls_do(fleet):
         name: collect(generate(r.endpoint, "Once upon a time", **sampling))
         for name, r in fleet.replicas.items()
     }
+
+    def generates() -> list[str]:
+        return [upstream for path, _, upstream, _ in fleet.upstream_log() if path.endswith("/Generate")]
+
+    before = len(generates())
     for _ in range(2):  # round-robin: one through each replica
         tokens, text, messages = collect(generate(fleet.proxy, "Once upon a time", **sampling))
         assert len(messages) > 1  # streamed, not one buffered reply
         assert messages[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
         for direct_tokens, direct_text, _ in direct.values():
             assert (tokens, text) == (direct_tokens, direct_text)
-    tried = [upstream for path, _, upstream, _ in fleet.upstream_log() if path.endswith("/Generate")]
-    assert {upstream for upstream in tried[-2:]} == {r.endpoint for r in fleet.replicas.values()}
+    # nginx writes a call's log line once it has finished the call, which may be after the caller
+    # has its last message.
+    assert wait_until(lambda: len(generates()) >= before + 2, timeout=10), generates()
+    assert set(generates()[before : before + 2]) == {r.endpoint for r in fleet.replicas.values()}
 
 
 def test_a_cancel_through_the_proxy_stops_the_engine(fleet):
