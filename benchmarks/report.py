@@ -86,6 +86,11 @@ def ratios(a: list[dict], b: list[dict], key: str = "tokens_per_s") -> list[floa
     return [x[key] / y[key] for x, y in zip(a, b, strict=False) if y[key]]
 
 
+def verdict(met: bool) -> str:
+    """A target's last column."""
+    return "met" if met else "**missed**"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -110,7 +115,7 @@ def targets(results: dict) -> tuple[str, list[str]]:
 
     def add(name: str, goal: str, values: list[float], ok, shown: str) -> None:
         met = bool(values) and ok(median(values))
-        rows.append([name, goal, shown, "met" if met else "**missed**"])
+        rows.append([name, goal, shown, verdict(met)])
         if not met:
             missed.append(name)
 

@@ -17,7 +17,7 @@ import importlib
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
@@ -453,6 +453,12 @@ def validate_engine_options(info: EngineInfo, options: dict) -> None:
                 [FieldViolation(f"engine_options.{other}", f"must be {value}, or unset, with {name}")],
                 reason=Reason.ENGINE_OPTION_INVALID,
             )
+
+
+def runs_on_ray(options: Mapping[str, object]) -> bool:
+    """Whether a launch's engine options put its model workers on a Ray cluster's nodes (vLLM's
+    multi-node way): ray_address, which implies the ray backend, or that backend itself."""
+    return "ray_address" in options or options.get("distributed_executor_backend") == "ray"
 
 
 def engine_info(name: str) -> EngineInfo:

@@ -30,7 +30,7 @@ from llmgrpc.engines.base import (
     TokenLogprob,
     Usage,
 )
-from llmgrpc.engines.catalogue import engine_info, validate_engine_options
+from llmgrpc.engines.catalogue import engine_info, runs_on_ray, validate_engine_options
 from llmgrpc.engines.library_engine import (
     FINISH_REASONS,
     LibraryEngine,
@@ -75,7 +75,7 @@ def process_environment(plan: LoadPlan, environ: Mapping[str, str], cpus: Collec
     variables: dict[str, str] = {}
     if "ray_address" in options:
         variables["RAY_ADDRESS"] = str(options["ray_address"])
-    on_ray = "ray_address" in options or options.get("distributed_executor_backend") == "ray"
+    on_ray = runs_on_ray(options)
     workers = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
     if plan.device == "cpu" and workers > 1 and not on_ray and "VLLM_CPU_OMP_THREADS_BIND" not in environ:
         variables["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(sorted(cpus), workers)

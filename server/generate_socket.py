@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,12 +25,10 @@ from typing import TypeVar
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from llmgrpc.clients.errors import DeadlineExceeded, LlmgrpcError, Reason, Unavailable
+from llmgrpc.clients.errors import DeadlineExceeded, Reason, Unavailable
 from llmgrpc.server import logs
-from llmgrpc.server.status import from_status_proto, to_status_proto
+from llmgrpc.server.status import from_status_proto, status_of
 from llmgrpc.worker.v1 import worker_pb2
-
-log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 _LENGTH = struct.Struct("<I")
@@ -62,6 +59,11 @@ async def read_frame(reader: asyncio.StreamReader, message_class: type[M]) -> M 
         return None
 
 
+def deadline_of(request: worker_pb2.GenerateRequest) -> float | None:
+    """The caller's deadline a request carries, as a time.time() moment; None: no deadline."""
+    return request.deadline.ToNanoseconds() / 1e9 if request.HasField("deadline") else None
+
+
 def _deadline_at(deadline: float | None) -> float | None:
     """A time.time() deadline as the event loop's clock reads it (for asyncio.timeout_at)."""
     if deadline is None:
@@ -86,7 +88,7 @@ async def serve(generate: Generation, reader: asyncio.StreamReader, writer: asyn
         request = await read_frame(reader, worker_pb2.GenerateRequest)
         if request is None:
             return
-        deadline = request.deadline.ToNanoseconds() / 1e9 if request.HasField("deadline") else None
+        deadline = deadline_of(request)
         logs.REQUEST_ID.set(request.request_id)  # for every log line of it, the engine's included
         writing = asyncio.ensure_future(_write_all(generate(request), writer, deadline))
         # The server sends nothing after its request: the read ends when it closes its end.
@@ -103,9 +105,7 @@ async def serve(generate: Generation, reader: asyncio.StreamReader, writer: asyn
         if abandoned:
             return
         error = writing.exception()
-        if error is not None and not isinstance(error, LlmgrpcError):
-            log.error("unexpected error in Generate", exc_info=error)
-        status = to_status_proto(error) if error is not None else status_pb2.Status()
+        status = status_of(error, "Generate") if error is not None else status_pb2.Status()
         write_frame(writer, worker_pb2.GenerateFrame(status=status.SerializeToString()))
         with contextlib.suppress(ConnectionError):
             await writer.drain()

@@ -28,7 +28,7 @@ from llmgrpc.clients.errors import (
     Reason,
     ResourceExhausted,
 )
-from llmgrpc.engines.catalogue import EngineInfo
+from llmgrpc.engines.catalogue import EngineInfo, runs_on_ray
 
 GIB = 1024**3
 AUTO = "auto"
@@ -314,7 +314,10 @@ def _counts_to_try(
         count = (tensor or 1) * (stages or 1)  # with n_gpu auto, a pipeline size alone tries each count
     if count is None and words.n_gpu != AUTO:
         count = 1  # no words: one GPU, as before GPUs could be counted
-    if count is not None and count > gpus_here and not _on_ray(options):
+    # On a Ray cluster the count may exceed this host's GPUs: only this host's share is checked
+    # here (the model's bytes over count GPUs, on as many of them as it has); other nodes' memory
+    # is Ray's.
+    if count is not None and count > gpus_here and not runs_on_ray(options):
         raise FailedPrecondition(
             f"{count} GPUs were asked for but the {info.name} environment sees {gpus_here}",
             reason=Reason.DEVICE_UNAVAILABLE,
@@ -334,13 +337,6 @@ def _counts_to_try(
         return [count]
     counts = range(per_stage, gpus_here + 1, per_stage)
     return [n for n in counts if not heads or heads % (n // per_stage) == 0]
-
-
-def _on_ray(options: Mapping[str, Any]) -> bool:
-    """Whether the engine runs its workers on a Ray cluster's nodes (vLLM's multi-node way): then
-    the count may exceed this host's GPUs, and only this host's share is checked here (the model's
-    bytes over count GPUs, on as many of them as this host has); other nodes' memory is Ray's."""
-    return "ray_address" in options or options.get("distributed_executor_backend") == "ray"
 
 
 def _parallel_sizes(info: EngineInfo, options: Mapping[str, Any]) -> tuple[int | None, int | None]:

@@ -66,6 +66,14 @@ def to_rpc_status(error: BaseException) -> grpc.Status:
     return rpc_status.to_status(to_status_proto(error))
 
 
+def status_of(error: BaseException, where: str) -> status_pb2.Status:
+    """The status a caller gets for error that escaped where (an RPC, a stream). One that is not
+    a domain error is a bug: logged here with its traceback, and the caller gets INTERNAL."""
+    if not isinstance(error, LlmgrpcError):
+        log.error("unexpected error in %s", where, exc_info=error)
+    return to_status_proto(error)
+
+
 def to_status_proto(error: BaseException) -> status_pb2.Status:
     """error as a google.rpc.Status: its code, clipped message and details."""
     code = status_code(error)
@@ -148,9 +156,7 @@ def grpc_errors(method):
     """Wrap a servicer method (unary or server-streaming) so domain errors become statuses."""
 
     async def fail(context: grpc.aio.ServicerContext, error: Exception) -> None:
-        if not isinstance(error, LlmgrpcError):
-            log.exception("unexpected error in %s", method.__name__, exc_info=error)
-        await context.abort_with_status(to_rpc_status(error))
+        await context.abort_with_status(rpc_status.to_status(status_of(error, method.__name__)))
 
     if inspect.isasyncgenfunction(method):
 

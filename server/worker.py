@@ -92,7 +92,7 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         if self.engine is None:
             raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         request_id = request.request_id or uuid.uuid4().hex
-        deadline = request.deadline.ToNanoseconds() / 1e9 if request.HasField("deadline") else None
+        deadline = generate_socket.deadline_of(request)
         generation = GenerationRequest.from_pb(request.request, request_id, deadline)
         # The engine's part of the request's trace: a child of the server's hop to this worker.
         with tracing.current_span(
