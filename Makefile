@@ -6,9 +6,10 @@ PIP    := $(PY) -m pip
 # torch stays an unpinned dependency of the package; this pin takes the CPU build for
 # development machines without a GPU. Override with TORCH=torch (CUDA) where you have one.
 TORCH  ?= torch==2.13.0
-# llama-cpp-python builds from source (minutes); pip keeps the built wheel in its cache,
-# so later installs of the same version reuse it. CMAKE_ARGS=-DGGML_CUDA=on builds for CUDA.
-LLAMA_CPP ?= llama-cpp-python==0.3.36
+# llama-cpp-python builds from source with the project's one recipe (deploy/llama-cpp/recipe.env:
+# every x86-64 CPU variant, chosen at run time; no AMX): about 15 minutes once, then the wheel
+# kept under the recipe's name installs in seconds. LLAMA_CPP_EXTRA_CMAKE_ARGS=-DGGML_CUDA=on
+# adds CUDA.
 BUF    := protos/node_modules/.bin/buf
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
@@ -17,11 +18,11 @@ PORT   ?= 50051
 
 install: $(VENV)/.installed $(BUF)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml deploy/llama-cpp/recipe.env deploy/llama-cpp/build.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "$(LLAMA_CPP)"
+	deploy/llama-cpp/build.sh $(PY)
 	$(PIP) install -q -e ".[transformers,llamacpp,modelscope,dev]"
 	touch $@
 

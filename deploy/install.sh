@@ -9,8 +9,8 @@
 #   PYTHON     interpreter the environment is made from (python3)
 #   TORCH      torch requirement: torch==2.13.0, the CPU build where the package index serves it;
 #              `torch` takes the default (CUDA) build; empty: none (an engine that pins its own)
-#   LLAMA_CPP  llama-cpp-python requirement (built from source: minutes; pip caches the wheel);
-#              CMAKE_ARGS chooses the build (-DGGML_CUDA=on for CUDA); empty: none
+#   LLAMA_CPP  1: build llama-cpp-python with the project's recipe (deploy/llama-cpp/build.sh,
+#              which reads LLAMA_CPP_EXTRA_CMAKE_ARGS, e.g. -DGGML_CUDA=on); empty: none
 #   EXTRAS     llmgrpc's extras (transformers,llamacpp)
 set -euo pipefail
 
@@ -22,7 +22,7 @@ VENV=$1
 SOURCE=${2:-$(cd "$(dirname "$0")/.." && pwd)}
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH-torch==2.13.0}
-LLAMA_CPP=${LLAMA_CPP-llama-cpp-python==0.3.36}
+LLAMA_CPP=${LLAMA_CPP-1}
 EXTRAS=${EXTRAS-transformers,llamacpp}
 
 "$PYTHON" -m venv "$VENV"
@@ -30,7 +30,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip
 # torch first, so the engines' extras find it installed rather than pull another build.
 if [ -n "$TORCH" ]; then "${PIP[@]}" "$TORCH"; fi
-if [ -n "$LLAMA_CPP" ]; then "${PIP[@]}" "$LLAMA_CPP"; fi
+if [ -n "$LLAMA_CPP" ]; then "$SOURCE/deploy/llama-cpp/build.sh" "$VENV/bin/python"; fi
 "${PIP[@]}" "$SOURCE${EXTRAS:+[$EXTRAS]}"
 # The entrypoint runs: every module of the server imports in this environment.
 "$VENV/bin/llmgrpc" serve --help >/dev/null
