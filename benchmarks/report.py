@@ -30,7 +30,10 @@ PACKAGES = (
 )
 FLAGS = ("sse4_2", "fma", "f16c", "bmi2")
 SYSTEM_INFO = {
-    "llama-cpp-python": "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())",
+    "llama-cpp-python": (
+        "from llmgrpc.engines.llamacpp_build import import_llama_cpp; "
+        "print(import_llama_cpp().llama_print_system_info().decode())"
+    ),
     "xllamacpp": "import xllamacpp; print(xllamacpp.get_system_info())",
 }
 

@@ -48,7 +48,6 @@ import heapq
 import logging
 import os
 
-import llama_cpp
 import numpy as np
 
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -58,6 +57,9 @@ from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.chat import Chat, render
 from llmgrpc.engines.constraints import tokenizer_from_llama_cpp
 from llmgrpc.engines.cpu_threads import llama_cpp_threads, usable_cores
+from llmgrpc.engines.llamacpp_build import import_llama_cpp
+
+llama_cpp = import_llama_cpp()
 
 log = logging.getLogger("llmgrpc.llama_cpp")
 

@@ -2,6 +2,7 @@
 
 llmgrpc serve [--host H] [--port P] [--launch tiny-llama-3.1] ...   (every setting is a flag)
 llmgrpc tiny-model OUTPUT_DIR
+llmgrpc doctor                                (can this host run the engines installed here?)
 llmgrpc specs | launch | download | models | get | generate | terminate ...
                                               (the client commands: llmgrpc.clients.cli)
 """
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny-model", help="write the tiny Llama 3.1 model to a folder")
     tiny.add_argument("output_dir", type=Path)
+
+    doctor = commands.add_parser(
+        "doctor", help="check this host against the engines' builds (CPU features, GPUs, caches)"
+    )
+    _add_settings_flags(doctor)
     return parser
 
 
@@ -74,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         from llmgrpc.engines.weights import tiny_model
 
         print(tiny_model.generate(args.output_dir))
+    elif args.command == "doctor":
+        from llmgrpc.server import doctor
+
+        raise SystemExit(doctor.run(_settings_from(args)))
     else:
         run_client_command(args)
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +28,7 @@ from google.rpc import status_pb2
 from llmgrpc.clients.errors import DeadlineExceeded, Reason, Unavailable
 from llmgrpc.server import logs
 from llmgrpc.server.status import from_status_proto, status_of
+from llmgrpc.server.worker_exit import WorkerExit
 from llmgrpc.worker.v1 import worker_pb2
 
 M = TypeVar("M", bound=Message)
@@ -132,11 +133,23 @@ async def _write_all(
 # The server's half.
 
 
-class Streams:
-    """The open Generate connections to one worker, so that stopping it ends them all."""
+def worker_died(ended: WorkerExit | None, when: str = "") -> Unavailable:
+    """UNAVAILABLE for a worker that stopped answering, saying how it ended where it has (its
+    exit code or signal, what that means, its last stderr lines; the same facts in ErrorInfo)."""
+    what = " ".join(filter(None, ["the model's worker process stopped answering", when]))
+    if ended is None:
+        return Unavailable(what, reason=Reason.WORKER_UNAVAILABLE)
+    return Unavailable(f"{what}: {ended.message}", reason=Reason.WORKER_UNAVAILABLE, metadata=ended.metadata())
 
-    def __init__(self, socket_path: Path):
+
+class Streams:
+    """The open Generate connections to one worker, so that stopping it ends them all.
+
+    ended: how the worker process ended, awaited when a stream breaks without a status."""
+
+    def __init__(self, socket_path: Path, ended: Callable[[], Awaitable[WorkerExit | None]] | None = None):
         self.socket_path = socket_path
+        self._ended = ended
         self._open: set[asyncio.StreamWriter] = set()
         self._stopping = False
 
@@ -152,11 +165,11 @@ class Streams:
         """The worker's pieces for request; its error as a domain error. Leaving early (the
         caller went away) closes the connection, which aborts the request in the worker."""
         if self._stopping:
-            raise self._gone("")
+            raise await self._gone("")
         try:
             reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=2**16)
         except OSError as error:
-            raise self._gone(f": {error.strerror or error}") from None
+            raise await self._gone(f"({error.strerror or error})") from None
         self._open.add(writer)
         ends_at = _deadline_at(deadline)
         try:
@@ -170,7 +183,7 @@ class Streams:
                 except TimeoutError:
                     raise _deadline_passed() from None
                 if frame is None:
-                    raise self._gone(": its Generate stream ended without a status")
+                    raise await self._gone("(its Generate stream ended without a status)")
                 if frame.HasField("response"):
                     yield frame.response
                     continue
@@ -182,9 +195,8 @@ class Streams:
             self._open.discard(writer)
             writer.close()
 
-    def _gone(self, detail: str) -> Unavailable:
+    async def _gone(self, detail: str) -> Unavailable:
         if self._stopping:
             return Unavailable("the model's worker process is stopping", reason=Reason.WORKER_UNAVAILABLE)
-        return Unavailable(
-            f"the model's worker process stopped answering{detail}", reason=Reason.WORKER_UNAVAILABLE
-        )
+        ended = await self._ended() if self._ended else None
+        return worker_died(ended, "" if ended else detail)

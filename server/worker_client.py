@@ -20,6 +20,7 @@ from llmgrpc.clients.errors import Reason, Unavailable
 from llmgrpc.engines.base import LoadPlan
 from llmgrpc.server import generate_socket, logs, tracing
 from llmgrpc.server.status import from_rpc_error
+from llmgrpc.server.worker_exit import StderrTail, WorkerExit
 from llmgrpc.v1 import generate_pb2, models_pb2
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -34,14 +35,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
-
-
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "the worker process is running"
-    if returncode < 0:
-        return f"the worker process was killed by signal {signal.Signals(-returncode).name}"
-    return f"the worker process exited with code {returncode}"
 
 
 def end_process_group(leader_pid: int) -> None:
@@ -81,8 +74,9 @@ class WorkerProcess:
         self.env = env  # the worker's whole environment (worker_environment.worker_environment)
         self._folder = Path(tempfile.mkdtemp(prefix="llmgrpc-worker-"))
         self.socket_path = self._folder / "worker.sock"
-        self.generate_streams = generate_socket.Streams(self._folder / "generate.sock")
+        self.generate_streams = generate_socket.Streams(self._folder / "generate.sock", self.ended)
         self.process: asyncio.subprocess.Process | None = None
+        self._stderr: StderrTail | None = None
         self.channel: grpc.aio.Channel | None = None
         self._stub: worker_pb2_grpc.WorkerServiceAsyncStub | None = None
 
@@ -91,8 +85,25 @@ class WorkerProcess:
         return self.process.pid if self.process and self.process.returncode is None else 0
 
     @property
+    def exit(self) -> WorkerExit | None:
+        """How the process ended (with what its stderr said last); None while it runs."""
+        if self.process is None or self.process.returncode is None:
+            return None
+        return WorkerExit(self.process.returncode, self._stderr.text if self._stderr else "")
+
+    @property
     def exit_reason(self) -> str:
-        return describe_exit(self.process.returncode if self.process else None)
+        ended = self.exit
+        return ended.message if ended else "the worker process is running"
+
+    async def ended(self, within_s: float = 2.0) -> WorkerExit | None:
+        """How the process ended, waiting at most within_s for it to end (a broken socket comes
+        moments before the exit status); None if it still runs."""
+        if self.process is None:
+            return None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.wait()), within_s)
+        return self.exit
 
     async def start(self, timeout_s: float) -> None:
         """Start the process and wait until its socket accepts connections."""
@@ -110,19 +121,20 @@ class WorkerProcess:
             "--plan",
             json.dumps(self.plan.to_json_dict()),
             stdin=asyncio.subprocess.PIPE,
+            # Passed through to the server's stderr, its end kept for the exit's description.
+            stderr=asyncio.subprocess.PIPE,
             env=env,
             # A process group of its own: what the engine library starts (vLLM's engine core
             # and workers) can be ended with the worker, and a terminal's Ctrl-C reaches only
             # the server, which then stops its workers in order.
             start_new_session=True,
         )
+        assert self.process.stderr is not None
+        self._stderr = StderrTail(self.process.stderr)
         deadline = time.monotonic() + timeout_s
         while not self.socket_path.exists():
             if self.process.returncode is not None:
-                raise Unavailable(
-                    f"{self.exit_reason} before it started serving (see the server log)",
-                    reason=Reason.WORKER_UNAVAILABLE,
-                )
+                raise self._died((await self.ended()) or self.exit, "before it started serving")
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"the worker process did not start serving within {timeout_s:.0f} s",
@@ -145,10 +157,10 @@ class WorkerProcess:
             if event.HasField("stats"):
                 return event.stats
             on_progress(event.progress)
-        raise Unavailable(
-            f"the worker ended its load without a result; {self.exit_reason}",
-            reason=Reason.WORKER_UNAVAILABLE,
-        )
+        ended = await self.ended()
+        if ended is not None:
+            raise self._died(ended, "while loading")
+        raise Unavailable("the worker ended its load without a result", reason=Reason.WORKER_UNAVAILABLE)
 
     async def download(self) -> AsyncIterator[worker_pb2.DownloadResponse]:
         """Have the worker fetch its plan's weights, loading nothing: progress, then the model_path."""
@@ -216,11 +228,18 @@ class WorkerProcess:
                 await self.process.wait()
         if self.process is not None:
             end_process_group(self.process.pid)
+        if self._stderr is not None:
+            await self._stderr.drained(within_s=1.0)
+            self._stderr.close()
         shutil.rmtree(self._folder, ignore_errors=True)
 
     async def wait(self) -> int:
+        """The exit status, once the process has ended and its stderr has been read to the end."""
         assert self.process is not None
-        return await self.process.wait()
+        returncode = await self.process.wait()
+        if self._stderr is not None:
+            await self._stderr.drained(within_s=1.0)
+        return returncode
 
     @property
     def stub(self) -> worker_pb2_grpc.WorkerServiceAsyncStub:
@@ -232,7 +251,7 @@ class WorkerProcess:
         try:
             return await call
         except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+            raise await self._translate(error) from None
 
     async def _relay(self, call) -> AsyncIterator:
         """Iterate a worker stream; its errors become domain errors; leaving early cancels it."""
@@ -240,7 +259,7 @@ class WorkerProcess:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as error:
-            raise self._translate(error) from None
+            raise await self._translate(error) from None
         except asyncio.CancelledError:
             if _this_task_is_cancelled():
                 raise
@@ -251,13 +270,20 @@ class WorkerProcess:
         finally:
             call.cancel()
 
-    def _translate(self, error: grpc.aio.AioRpcError) -> Exception:
+    async def _translate(self, error: grpc.aio.AioRpcError) -> Exception:
         remote = from_rpc_error(error)
         if error.code() == grpc.StatusCode.UNAVAILABLE and remote.reason is None:
             # No reason: not the worker's answer (a hub it cannot reach is) but the channel breaking,
             # because the process died or is dying.
+            ended = await self.ended()
+            if ended is not None:
+                return self._died(ended, "")
             return Unavailable(
                 f"the model's worker process stopped answering: {error.details()}",
                 reason=Reason.WORKER_UNAVAILABLE,
             )
         return remote
+
+    @staticmethod
+    def _died(ended: WorkerExit | None, when: str) -> Unavailable:
+        return generate_socket.worker_died(ended, when)

@@ -5,14 +5,19 @@ Loaded as a plugin, like ``plugin_engine``. Its load waits until the file named 
 a test holds a launch in LOADING (and its worker slow to stop) exactly as long as it needs.
 It streams ``max_tokens`` tokens ("a", "b", ...), ``token_delay_s`` apart, so a test holds
 streams in flight as long as it needs too. With ``request_log``, it appends each request as
-it arrived (prompt, max_tokens, deadline) to that file, one JSON object a line.
+it arrived (prompt, max_tokens, deadline) to that file, one JSON object a line. It crashes
+as an engine library would, by a signal after a last line on stderr: at load with
+``crash_at_load: SIGILL``, or mid-stream for a prompt ``die by SIGSEGV``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import string
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +37,7 @@ ENGINE_INFO = EngineInfo(
         EngineOption("load_gate", str, "a file whose existence lets the load finish"),
         EngineOption("token_delay_s", float, "seconds between streamed tokens", minimum=0, maximum=10),
         EngineOption("request_log", str, "a file each request is appended to as it arrives"),
+        EngineOption("crash_at_load", str, "a signal (SIGILL, ...) the worker sends itself while loading"),
     ),
 )
 
@@ -39,6 +45,13 @@ ENGINE_INFO = EngineInfo(
 GATE_LIMIT_S = 120.0
 
 FAMILY = plugin_family("gated-model", "gated")
+
+
+def die(signal_name: str, when: str) -> None:
+    """End this worker process by a signal, as an engine library's crash would, after a last line
+    on stderr (what the server is to quote)."""
+    print(f"gated engine: dying by {signal_name} {when}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.Signals[signal_name])
 
 
 class GatedEngine(Engine):
@@ -49,6 +62,8 @@ class GatedEngine(Engine):
 
     @classmethod
     def load(cls, plan, weights, report):
+        if plan.engine_options.get("crash_at_load"):
+            die(plan.engine_options["crash_at_load"], "while loading")
         gate = plan.engine_options.get("load_gate")
         if gate:
             Path(gate + ".waiting").touch()  # tells the test the load has begun
@@ -59,6 +74,9 @@ class GatedEngine(Engine):
         return cls(float(options.get("token_delay_s", 0.0)), options.get("request_log", ""))
 
     async def generate(self, request):
+        if request.prompt.startswith("die by "):  # after a first piece: a crash mid-stream
+            yield Chunk([0], "a")
+            die(request.prompt.removeprefix("die by "), "in the middle of a stream")
         limit = request.sampling.max_tokens
         if self.request_log:
             entry = {"prompt": request.prompt, "max_tokens": limit, "deadline": request.deadline}

@@ -251,7 +251,9 @@ def convert_llama(model_dir: Path, output: Path, name: str = "") -> Path:
 
 def quantize(source: Path, output: Path, quantization: str, n_threads: int = 0) -> Path:
     """Quantize an F32 or F16 GGUF with llama.cpp's quantizer (n_threads 0: all cores)."""
-    import llama_cpp
+    from llmgrpc.engines.llamacpp_build import import_llama_cpp
+
+    llama_cpp = import_llama_cpp()
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quantization.upper()}", None)
     if quantization.upper() not in QUANTIZATIONS or ftype is None:
