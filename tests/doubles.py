@@ -31,6 +31,7 @@ class CountingRunner(ModelRunner):
         self.decoded_ids: list[list[int]] = []
         self.live: set[int] = set()
         self.prefilled: list[int] = []
+        self.first_prefill = threading.Event()
         self.step_started = threading.Event()
 
     def tokenize(self, text: str) -> list[int]:
@@ -48,6 +49,7 @@ class CountingRunner(ModelRunner):
         for sequence_id, _ in sequences:
             self.live.add(sequence_id)
             self.prefilled.append(sequence_id)
+        self.first_prefill.set()
         return np.stack([self._logits_after(prompt[-1]) for _, prompt in sequences])
 
     def decode(self, last_tokens):

@@ -70,7 +70,9 @@ class HubStandIn:
         self.repos: dict[tuple[str, str], StandInRepo] = {}
         self.requests: list[Seen] = []
         self.sent_bytes = 0  # file bytes sent, all requests together
+        self.open_transfers = 0  # file bodies being sent now
         self._lock = threading.Lock()
+        self._transfer_ended = threading.Condition(self._lock)
         stand_in = self
 
         class Handler(_Handler):
@@ -110,6 +112,17 @@ class HubStandIn:
     def count_sent(self, size: int) -> None:
         with self._lock:
             self.sent_bytes += size
+
+    def transfer(self, change: int) -> None:
+        with self._transfer_ended:
+            self.open_transfers += change
+            self._transfer_ended.notify_all()
+
+    def wait_no_transfer(self, timeout: float) -> bool:
+        """Whether every file body being sent has ended (sent whole, or cut by a client that went
+        away: nothing more is counted for it) within timeout seconds."""
+        with self._transfer_ended:
+            return self._transfer_ended.wait_for(lambda: self.open_transfers == 0, timeout)
 
     def record(self, seen: Seen) -> None:
         with self._lock:
@@ -287,6 +300,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        self.hub.transfer(+1)
+        try:
+            self._send_body(repo, file_path, data, start)
+        finally:
+            self.hub.transfer(-1)
+
+    def _send_body(self, repo: StandInRepo, file_path: str, data: bytes, start: int) -> None:
         drop_at = repo.drop_after.pop(file_path, None)
         delay = repo.delay_per_chunk_s.get(file_path, 0.0)
         for offset in range(start, len(data), CHUNK):

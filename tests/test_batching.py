@@ -98,8 +98,7 @@ def test_an_abandoned_stream_leaves_the_batch_within_one_decode_step():
 
     async def main():
         survivor = asyncio.ensure_future(collect(batcher, request("a", max_tokens=40, ignore_eos=True)))
-        while not runner.prefilled:
-            await asyncio.sleep(0.001)
+        assert await asyncio.to_thread(runner.first_prefill.wait, 30), "the survivor was never prefilled"
         stream = batcher.generate(request("b", max_tokens=1000, ignore_eos=True))
         await stream.__anext__()
         await stream.aclose()  # the caller went away

@@ -75,6 +75,17 @@ def test_images_are_built_by_the_install_script_alone():
         assert not any("pip" in run for run in runs), (name, runs)
 
 
+def test_images_build_llama_cpp_with_the_one_recipe():
+    """The builders take deploy/llama-cpp's recipe and set no CMake flags of their own (a native
+    build on the build host would not run on every host the image meets)."""
+    for name in ("cpu-builder", "cuda-builder"):
+        steps = stages()[name]
+        assert ("COPY", "deploy/llama-cpp deploy/llama-cpp") in steps, name
+        environment = " ".join(arguments for keyword, arguments in steps if keyword == "ENV")
+        assert "CMAKE_ARGS=" not in environment.replace("LLAMA_CPP_EXTRA_CMAKE_ARGS=", ""), name
+        assert "GGML_NATIVE" not in environment, name
+
+
 def test_runtime_images_run_the_server_as_the_manifest_user():
     manifest_user = yaml.safe_load((ROOT / "deploy" / "base" / "deployment.yaml").read_text())["spec"][
         "template"
