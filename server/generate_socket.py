@@ -139,7 +139,9 @@ def worker_died(ended: WorkerExit | None, when: str = "") -> Unavailable:
     what = " ".join(filter(None, ["the model's worker process stopped answering", when]))
     if ended is None:
         return Unavailable(what, reason=Reason.WORKER_UNAVAILABLE)
-    return Unavailable(f"{what}: {ended.message}", reason=Reason.WORKER_UNAVAILABLE, metadata=ended.metadata())
+    return Unavailable(
+        f"{what}: {ended.message}", reason=Reason.WORKER_UNAVAILABLE, metadata=ended.metadata()
+    )
 
 
 class Streams:

@@ -25,7 +25,7 @@ SIGNAL_READINGS = {
         "(see README, Engines; `llmgrpc doctor` checks the build against this host)"
     ),
     signal.SIGKILL: "killed, often by the kernel's out-of-memory killer (see the kernel log, dmesg)",
-    signal.SIGSEGV: "the engine crashed on an invalid memory access (a bug in the engine library or its build)",
+    signal.SIGSEGV: "the engine crashed on an invalid memory access (a bug in its library or its build)",
     signal.SIGABRT: "the engine aborted, usually on a failed assertion in the engine library",
     signal.SIGBUS: "a bus error, often a model file that was truncated or replaced while mapped",
     signal.SIGFPE: "the engine crashed on an arithmetic fault",
@@ -41,23 +41,27 @@ class WorkerExit:
     stderr_tail: str = ""
 
     @property
-    def signal_name(self) -> str | None:
+    def signal(self) -> signal.Signals | None:
         if self.returncode >= 0:
             return None
         with contextlib.suppress(ValueError):
-            return signal.Signals(-self.returncode).name
-        return f"signal {-self.returncode}"
+            return signal.Signals(-self.returncode)
+        return None
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.returncode >= 0:
+            return None
+        return self.signal.name if self.signal else f"signal {-self.returncode}"
 
     @property
     def message(self) -> str:
-        name = self.signal_name
-        if name is None:
+        if self.returncode >= 0:
             what = f"the worker process exited with code {self.returncode}"
         else:
-            what = f"the worker process was killed by signal {name}"
-            reading = SIGNAL_READINGS.get(signal.Signals(-self.returncode)) if name.startswith("SIG") else None
-            if reading:
-                what += f": {reading}"
+            what = f"the worker process was killed by signal {self.signal_name}"
+            if self.signal in SIGNAL_READINGS:
+                what += f": {SIGNAL_READINGS[self.signal]}"
         if self.stderr_tail:
             what += f"; its last words on stderr: {self.stderr_tail}"
         return what

@@ -160,7 +160,8 @@ def test_doctor_refuses_builds_that_cannot_run_on_the_host():
     native_amx = compiled_features("CPU : AVX512 = 1 | AMX_INT8 = 1 | LLAMAFILE = 1")
     (amx,) = check_build("v", Path("lib"), {}, native_amx, amx_host).problems
     assert "AMX" in amx and "make install" in amx
-    assert check_build("v", Path("lib"), {"x64": 1, "zen4": 0, "haswell": 4}, [], avx2_host).chosen == "haswell"
+    scores = {"x64": 1, "zen4": 0, "haswell": 4}
+    assert check_build("v", Path("lib"), scores, [], avx2_host).chosen == "haswell"
     (none,) = check_build("v", Path("lib"), {"zen4": 0}, [], avx2_host).problems
     assert "no CPU variant" in none
     (chosen_amx,) = check_build("v", Path("lib"), {"x64": 1, "sapphirerapids": 9}, [], amx_host).problems

@@ -33,9 +33,7 @@ def models_listing(endpoint: str) -> str:
 
 
 @pytest.mark.parametrize("signal_name", ["SIGILL", "SIGKILL", "SIGSEGV"])
-def test_a_worker_dying_mid_stream_names_its_signal_its_meaning_and_its_last_words(
-    gated_server, signal_name
-):
+def test_a_worker_dying_mid_stream_names_its_signal_its_meaning_and_its_last_words(gated_server, signal_name):
     server = gated_server()
     with Client(server.endpoint) as client:
         client.launch("gated-model", model_uid="victim", engine_options={"token_delay_s": 0.01})
