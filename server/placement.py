@@ -1,4 +1,5 @@
-"""Which GPUs a launch gets: decided once, before any worker starts or any byte is fetched.
+"""Where a launch runs (which GPUs, or the CPU): decided once, before any worker starts or any
+byte is fetched.
 
 The inputs are the GPUs the engine's environment sees (total and free memory, read now), the
 launch's words (``device``, ``n_gpu``, ``gpu_idx``, the engine's parallel size option), what the
@@ -29,6 +30,7 @@ from llmgrpc.clients.errors import (
     ResourceExhausted,
 )
 from llmgrpc.engines.catalogue import EngineInfo, runs_on_ray
+from llmgrpc.server.resources import check_fits
 
 GIB = 1024**3
 AUTO = "auto"
@@ -237,6 +239,16 @@ def place_replicas(
             taken[gpu] = taken.get(gpu, 0) + reserved
         placed.append(one)
     return placed
+
+
+def place_on_cpu(
+    engine_options: Mapping[str, Any], need: ModelNeed, free: int, loading: int, what: str, replicas: int
+) -> list[Placement]:
+    """Every replica on the CPU: refused when they do not fit together in the memory free now
+    (free) less what launches still loading will take (loading)."""
+    label = f"{replicas} replicas of {what}" if replicas > 1 else what
+    check_fits(need.total_bytes * replicas, max(free - loading, 0), label, "cpu")
+    return [Placement(engine_options=engine_options)] * replicas
 
 
 def replica_violations(replica: int, gpu_idx: Sequence[int]) -> list[FieldViolation]:

@@ -216,22 +216,24 @@ class WorkerProcess:
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit (close its standard input), then kill it if it lingers."""
         self.generate_streams.close_all()
-        if self.channel is not None:
-            await self.channel.close()
-        if self.process is not None and self.process.returncode is None:
-            if self.process.stdin is not None:
-                self.process.stdin.close()
-            try:
-                await asyncio.wait_for(self.process.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        if self.process is not None:
-            end_process_group(self.process.pid)
-        if self._stderr is not None:
+        try:
+            if self.channel is not None:
+                await self.channel.close()
+            if self.process is not None and self.process.returncode is None:
+                if self.process.stdin is not None:
+                    self.process.stdin.close()
+                try:
+                    await asyncio.wait_for(self.process.wait(), timeout_s)
+                except asyncio.TimeoutError:
+                    self.process.kill()
+                    await self.process.wait()
+        finally:  # even when the caller is cancelled meanwhile: nothing of the worker stays behind
+            if self.process is not None:
+                end_process_group(self.process.pid)
+            shutil.rmtree(self._folder, ignore_errors=True)
+        if self._stderr is not None:  # what it said last, for its exit's description
             await self._stderr.drained(within_s=1.0)
             self._stderr.close()
-        shutil.rmtree(self._folder, ignore_errors=True)
 
     async def wait(self) -> int:
         """The exit status, once the process has ended and its stderr has been read to the end."""

@@ -168,7 +168,7 @@ def listed(manager: EngineManager, uid: str, replicas: int = 1) -> LaunchedModel
         gate=AdmissionGate(1, 1),
         replicas=[Replica(index) for index in range(replicas)],
     )
-    manager._models[uid] = model
+    manager.table.add(model)
     return model
 
 
@@ -176,7 +176,7 @@ def test_the_manager_plans_70b_on_two_gpus_with_tensor_parallel_two(tmp_path):
     async def scenario():
         manager = manager_with(tmp_path, gpus(2))
         model = listed(manager, "big")
-        await manager._check_and_place(model, launch("70", n_gpu="auto"))
+        await manager.admission.check_and_place(model, launch("70", n_gpu="auto"))
         worker = model.replicas[0].new_worker()  # made, not started
         assert worker.visible_gpu == "0,1"
         assert worker.plan.gpu_count == 2 and worker.plan.device == "cuda:0"
@@ -191,8 +191,8 @@ def test_two_concurrent_auto_launches_land_on_different_gpus(tmp_path):
         manager = manager_with(tmp_path, gpus(2))
         first, second = listed(manager, "first"), listed(manager, "second")
         await asyncio.gather(
-            manager._check_and_place(first, launch("8", n_gpu="auto")),
-            manager._check_and_place(second, launch("8", n_gpu="auto")),
+            manager.admission.check_and_place(first, launch("8", n_gpu="auto")),
+            manager.admission.check_and_place(second, launch("8", n_gpu="auto")),
         )
         made = [model.replicas[0].new_worker() for model in (first, second)]
         assert {worker.visible_gpu for worker in made} == {"0", "1"}
@@ -215,7 +215,7 @@ def test_a_two_replica_auto_launch_on_two_gpus_lands_one_per_gpu(tmp_path):
     async def scenario():
         manager = manager_with(tmp_path, gpus(2))
         model = listed(manager, "pair", replicas=2)
-        await manager._check_and_place(model, launch("8", n_gpu="auto", replica=2))
+        await manager.admission.check_and_place(model, launch("8", n_gpu="auto", replica=2))
         made = [replica.new_worker() for replica in model.replicas]  # made, not started
         assert [worker.visible_gpu for worker in made] == ["0", "1"]
         assert [replica.device for replica in model.replicas] == ["cuda:0", "cuda:1"]
@@ -224,7 +224,7 @@ def test_a_two_replica_auto_launch_on_two_gpus_lands_one_per_gpu(tmp_path):
         reserved = int(0.9 * 80 * 2**30)
         assert [replica.gpu_reserved_bytes for replica in model.replicas] == [{0: reserved}, {1: reserved}]
         assert model.estimated_bytes == 2 * reserved
-        assert manager._loading_reservations() == {0: reserved, 1: reserved}
+        assert manager.admission.loading_reservations() == {0: reserved, 1: reserved}
 
     asyncio.run(scenario())
 

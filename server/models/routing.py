@@ -1,0 +1,137 @@
+"""The calls a launched model answers, routed to one of its READY replicas: Generate through
+the model's admission gate (a bounded batch and a bounded queue), Tokenize and Detokenize
+without one. A call to an idle-unloaded model reloads it first, within the caller's deadline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from llmgrpc.clients.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    LlmgrpcError,
+    Reason,
+    Unavailable,
+)
+from llmgrpc.engines.chat import attach_tool_calls
+from llmgrpc.server.launched import LaunchedModel, ModelState, Replica
+from llmgrpc.server.metrics import Metrics
+from llmgrpc.server.models.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle
+from llmgrpc.server.models.table import ModelTable
+from llmgrpc.server.settings import Settings
+from llmgrpc.v1 import generate_pb2
+
+
+class Routing:
+    def __init__(self, settings: Settings, table: ModelTable, lifecycle: Lifecycle, metrics: Metrics):
+        self.settings = settings
+        self.table = table
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+
+    async def generate(
+        self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        # The caller's deadline as a moment (wall clock: the worker is another process), so that
+        # time spent waiting for admission counts against it.
+        deadline = time.time() + timeout if timeout is not None else None
+        model = self.table.get(request.model_uid)
+        await self.lifecycle.ready_within(model, deadline)
+        self._require_ready(model)
+        if request.messages:
+            _check_chat_abilities(model, request)
+        wants_tool_calls = bool(request.tools) and request.tool_choice != "none"
+        answer: list[str] = []
+        if not request.HasField("max_tokens"):  # the caller's message stays as it was sent
+            resolved = generate_pb2.GenerateRequest()
+            resolved.CopyFrom(request)
+            resolved.max_tokens = self.settings.default_max_tokens
+            request = resolved
+        queued = time.monotonic()
+        async with model.gate.slot(model.uid, request.priority):
+            self.metrics.observe_queue_time(model.uid, time.monotonic() - queued)
+            replica = self._ready_replica(model)
+            assert replica.worker is not None
+            replica.in_flight += 1
+            try:
+                async for response in replica.worker.generate(request, request_id, deadline):
+                    if wants_tool_calls:  # a whole answer of calls becomes tool_calls
+                        answer.append(response.text)
+                        if response.finish_reason == generate_pb2.FINISH_REASON_STOP:
+                            attach_tool_calls(response, "".join(answer), request.tools)
+                    yield response
+            except LlmgrpcError:
+                if model.ending is not None:  # the stream broke because the model is going away
+                    raise model.ending(model.uid) from None
+                raise
+            finally:
+                replica.in_flight -= 1
+                model.last_active = time.monotonic()
+
+    async def tokenize(
+        self, request: generate_pb2.TokenizeRequest, timeout: float | None
+    ) -> generate_pb2.TokenizeResponse:
+        model = await self._ready_for_call(request.model_uid, timeout)
+        worker = self._ready_replica(model).worker
+        assert worker is not None
+        return await worker.tokenize(request, timeout)
+
+    async def detokenize(
+        self, request: generate_pb2.DetokenizeRequest, timeout: float | None
+    ) -> generate_pb2.DetokenizeResponse:
+        model = await self._ready_for_call(request.model_uid, timeout)
+        worker = self._ready_replica(model).worker
+        assert worker is not None
+        return await worker.detokenize(request, timeout)
+
+    async def _ready_for_call(self, model_uid: str, timeout: float | None) -> LaunchedModel:
+        """A READY model for a call that does not decode (it takes no admission slot)."""
+        model = self.table.get(model_uid)
+        await self.lifecycle.ready_within(model, time.time() + timeout if timeout is not None else None)
+        self._require_ready(model)
+        model.last_active = time.monotonic()
+        return model
+
+    def _ready_replica(self, model: LaunchedModel) -> Replica:
+        """The replica a call goes to (see LaunchedModel.pick_replica); the model must be READY."""
+        self._require_ready(model)
+        replica = model.pick_replica()
+        assert replica is not None, "a READY model has a READY replica"
+        return replica
+
+    def _require_ready(self, model: LaunchedModel) -> None:
+        if model.state is ModelState.READY:
+            return
+        if model.state is ModelState.FAILED:
+            raise FailedPrecondition(
+                f"model {model.uid} has FAILED ({model.error}); terminate it and launch it again",
+                reason=Reason.MODEL_FAILED,
+                metadata={"model_uid": model.uid},
+            )
+        if model.ending is not None:
+            raise model.ending(model.uid)
+        raise Unavailable(
+            f"model {model.uid} is {model.state.name}, not READY; retry once it is READY",
+            reason=Reason.MODEL_LOADING,
+            retry_after_s=LOADING_RETRY_AFTER_S,
+            metadata={"model_uid": model.uid},
+        )
+
+
+def _check_chat_abilities(model: LaunchedModel, request: generate_pb2.GenerateRequest) -> None:
+    """Messages need a model with the chat ability, tools one with the tools ability."""
+    assert model.selection is not None
+    family = model.selection.family
+    needed = {"messages": "chat", "tools": "tools"}
+    for field_name, ability in needed.items():
+        if getattr(request, field_name) and ability not in family.abilities:
+            abilities = ", ".join(family.abilities) or "none"
+            raise InvalidArgument(
+                f"model {model.uid} is a {family.model_name} model, whose abilities are {abilities}: it "
+                f"cannot take {field_name} (that needs the {ability} ability, e.g. llama-3.1-instruct)",
+                [FieldViolation(field_name, f"model {model.uid} has no {ability} ability ({abilities})")],
+                reason=Reason.INVALID_FIELD,
+                metadata={"model_uid": model.uid},
+            )
