@@ -55,7 +55,9 @@ class Constraint:
     @property
     def field(self) -> str:
         """The request field it came from, for error details."""
-        return f"structured_output.{self.kind}"
+        return (
+            "structured_output.choice.choices" if self.kind == "choice" else f"structured_output.{self.kind}"
+        )
 
     @classmethod
     def from_pb(cls, pb: generate_pb2.StructuredOutput) -> Constraint | None:

@@ -370,8 +370,11 @@ class ContinuousBatcher:
         stop_ids = sequence.stop_ids
         early = len(sequence.output_ids) < params.min_tokens
         constraint = sequence.constraint
-        if constraint is not None and allowed is None:
-            allowed = constraint.allowed()
+        if constraint is not None:
+            if allowed is None:
+                allowed = constraint.allowed()
+            if self._format_failed(sequence, constraint):
+                return
         token = sequence.sampler.sample(logits, banned=stop_ids if early else (), allowed=allowed)
         sequence.output_ids.append(token)
         sequence.unreleased_ids.append(token)
@@ -379,6 +382,8 @@ class ContinuousBatcher:
             sequence.unreleased_logprobs.append(self._logprob(logits, token, params.logprobs))
         if constraint is not None:
             constraint.accept(token)
+            if self._format_failed(sequence, constraint):
+                return
 
         finish: FinishReason | None = None
         stop: str | int | None = None
@@ -414,6 +419,15 @@ class ContinuousBatcher:
             chunk.usage = Usage(len(sequence.prompt_ids), len(sequence.output_ids))
             self._forget(sequence)
         self._send(sequence, chunk)
+
+    def _format_failed(self, sequence: _Sequence, constraint: ConstraintState) -> bool:
+        """End sequence with its format's error if the grammar library has failed on it."""
+        error = constraint.failure(len(sequence.output_ids))
+        if error is None:
+            return False
+        self._forget(sequence)
+        self._send(sequence, error)
+        return True
 
     def _logprob(self, logits: np.ndarray, token: int, alternatives: int) -> TokenLogprob:
         text = self.runner.token_text
