@@ -194,7 +194,7 @@ class VllmEngine(LibraryEngine):
         )
         if sampling.constraint is not None:
             self._check_format(sampling.constraint, params)
-        truncated = await self.truncated_prompt(request)
+        truncated = await self.prompt_ids(request)
         prompt: Any = (
             {"prompt_token_ids": truncated if truncated is not None else list(request.prompt_token_ids or ())}
             if request.prompt_token_ids is not None or truncated is not None
