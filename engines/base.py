@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmgrpc.clients.errors import FailedPrecondition
+from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.chat import Chat, tool_call_schema
 from llmgrpc.v1 import generate_pb2
 
@@ -58,6 +58,14 @@ class Constraint:
         """The request field it came from, for error details."""
         return (
             "structured_output.choice.choices" if self.kind == "choice" else f"structured_output.{self.kind}"
+        )
+
+    def invalid(self, description: str) -> InvalidArgument:
+        """The error that refuses this format, naming its field."""
+        return InvalidArgument(
+            f"invalid {self.field}: {description}",
+            [FieldViolation(self.field, description)],
+            reason=Reason.INVALID_FIELD,
         )
 
     @classmethod

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.base import Constraint
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,6 @@ def _library_error(text: str) -> str:
     return first
 
 
-def _invalid(constraint: Constraint, description: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"invalid {constraint.field}: {description}",
-        [FieldViolation(constraint.field, description)],
-        reason=Reason.INVALID_FIELD,
-    )
-
-
 class ConstraintState:
     """One request's progress through its format: which tokens may come next."""
 
@@ -136,8 +128,7 @@ class ConstraintState:
         if not self.matcher.is_error():
             return None
         problem = _library_error(self.matcher.get_error())
-        return _invalid(
-            self._constraint,
+        return self._constraint.invalid(
             f"the grammar library gave up on this format after {generated} generated tokens: {problem}; "
             "the output so far does not satisfy it (simplify the format)",
         )
@@ -220,5 +211,5 @@ class GrammarCompiler:
                 raise
             error = _library_error(f"panic: {raised}")
         if error:
-            raise _invalid(constraint, error)
+            raise constraint.invalid(error)
         return compiled

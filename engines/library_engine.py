@@ -17,7 +17,6 @@ from typing import Any
 from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import (
     Chunk,
-    Constraint,
     Engine,
     EngineStats,
     FinishReason,
@@ -33,14 +32,6 @@ FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abo
 def choice_grammar(choices: tuple[str, ...]) -> str:
     """A list of choices as a Lark grammar (llguidance's dialect): the output is one of them."""
     return "start: " + " | ".join(json.dumps(choice) for choice in choices)
-
-
-def invalid_constraint(constraint: Constraint, message: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"invalid {constraint.field}: {message}",
-        [FieldViolation(constraint.field, message)],
-        reason=Reason.INVALID_FIELD,
-    )
 
 
 def whole_numbers_as_ints(options: dict[str, Any], keep_float: frozenset[str]) -> dict[str, Any]:

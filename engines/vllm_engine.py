@@ -34,7 +34,6 @@ from llmgrpc.engines.catalogue import engine_info, runs_on_ray, validate_engine_
 from llmgrpc.engines.library_engine import (
     FINISH_REASONS,
     LibraryEngine,
-    invalid_constraint,
     whole_numbers_as_ints,
 )
 
@@ -245,7 +244,7 @@ class VllmEngine(LibraryEngine):
         try:
             validate_guidance_grammar(params)
         except (ValueError, VLLMValidationError) as error:
-            raise invalid_constraint(constraint, str(error)) from None
+            raise constraint.invalid(str(error)) from None
 
     def hugging_face_tokenizer(self) -> Any:
         return self.engine.get_tokenizer()
