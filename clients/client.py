@@ -160,10 +160,13 @@ class Client:
         return self.models.TerminateModel(request, timeout=timeout).model
 
     def tokenize(
-        self, model_uid: str, text: str, *, timeout: float | None = None
+        self, model_uid: str, text: str, *, parse_special_tokens: bool = False, timeout: float | None = None
     ) -> generate_pb2.TokenizeResponse:
-        """text's token ids (and each token's text), as Generate tokenizes a prompt."""
-        request = generate_pb2.TokenizeRequest(model_uid=model_uid, text=text)
+        """text's token ids (and each token's text), as Generate tokenizes a prompt: special-token
+        spellings in text are text unless parse_special_tokens."""
+        request = generate_pb2.TokenizeRequest(
+            model_uid=model_uid, text=text, parse_special_tokens=parse_special_tokens
+        )
         return self.generation.Tokenize(request, timeout=timeout)
 
     def detokenize(self, model_uid: str, token_ids: list[int], *, timeout: float | None = None) -> str:

@@ -10,8 +10,9 @@ An engine serves one loaded model inside a worker process. Its whole contract:
   batched by the engine, not served one after another. Closing the generator early
   (the caller went away, passed its deadline, or the model is terminated) must stop the
   engine's work on that request within one decode step.
-- ``engine.tokenize(text)`` / ``engine.detokenize(token_ids)`` (async) use the model's
-  tokenizer as ``generate`` does; an engine without one refuses (FailedPrecondition).
+- ``engine.tokenize(text, parse_special)`` / ``engine.detokenize(token_ids)`` (async) use the
+  model's tokenizer as ``generate`` does: special-token spellings in text are ordinary text
+  unless parse_special; an engine without a tokenizer refuses (FailedPrecondition).
 - ``engine.stats()`` reports what the manager shows in ``GetModel``.
 - ``engine.close()`` frees the model.
 
@@ -30,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmgrpc.clients.errors import FailedPrecondition
+from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.chat import Chat, tool_call_schema
 from llmgrpc.v1 import generate_pb2
 
@@ -55,7 +56,17 @@ class Constraint:
     @property
     def field(self) -> str:
         """The request field it came from, for error details."""
-        return f"structured_output.{self.kind}"
+        return (
+            "structured_output.choice.choices" if self.kind == "choice" else f"structured_output.{self.kind}"
+        )
+
+    def invalid(self, description: str) -> InvalidArgument:
+        """The error that refuses this format, naming its field."""
+        return InvalidArgument(
+            f"invalid {self.field}: {description}",
+            [FieldViolation(self.field, description)],
+            reason=Reason.INVALID_FIELD,
+        )
 
     @classmethod
     def from_pb(cls, pb: generate_pb2.StructuredOutput) -> Constraint | None:
@@ -130,7 +141,9 @@ class GenerationRequest:
     is rendered into the prompt by the model's own template, see llmgrpc.engines.chat).
 
     deadline is the caller's, a time.time() moment (None: it set none); the worker closes
-    the request's stream when it passes, so an engine needs it only to plan ahead."""
+    the request's stream when it passes, so an engine needs it only to plan ahead.
+    parse_special_tokens: read special-token spellings in prompt ("<|eot_id|>") as those
+    tokens; otherwise they are text (a chat's contents always are, see engines.chat)."""
 
     request_id: str
     sampling: SamplingParams
@@ -138,6 +151,7 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...] | None = None
     deadline: float | None = None
     chat: Chat | None = None
+    parse_special_tokens: bool = False
 
     @classmethod
     def from_pb(
@@ -157,6 +171,7 @@ class GenerationRequest:
             prompt_token_ids=tuple(pb.prompt_token_ids) if pb.prompt_token_ids else None,
             deadline=deadline,
             chat=chat,
+            parse_special_tokens=pb.parse_special_tokens,
         )
 
 
@@ -296,8 +311,9 @@ class Engine(abc.ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream the continuation of request; closing the iterator aborts the request."""
 
-    async def tokenize(self, text: str) -> Tokens:
-        """text's tokens, as generate tokenizes a prompt (with the beginning-of-text token)."""
+    async def tokenize(self, text: str, parse_special: bool = False) -> Tokens:
+        """text's tokens, as generate tokenizes a prompt (with the beginning-of-text token);
+        special-token spellings in text are text unless parse_special."""
         raise FailedPrecondition(f"the {type(self).__name__} engine does not tokenize")
 
     async def detokenize(self, token_ids: list[int]) -> str:

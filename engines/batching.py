@@ -59,15 +59,17 @@ class ModelRunner(abc.ABC):
     eos_token_ids: frozenset[int]
 
     @abc.abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of a prompt, with the model's beginning-of-text token."""
+    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
+        """Token ids of a prompt, with the model's beginning-of-text token. Special-token
+        spellings in text ("<|eot_id|>") are ordinary text unless parse_special."""
 
     @abc.abstractmethod
     def detokenize(self, token_ids: list[int]) -> str:
         """Text of generated token ids, special tokens left out."""
 
     def chat_prompt_ids(self, chat: Chat) -> list[int]:
-        """Token ids of a conversation rendered by the model's own chat template."""
+        """Token ids of a conversation rendered by the model's own chat template, control tokens
+        only where the template writes them (engines.chat.chat_prompt_ids)."""
         raise FailedPrecondition("this engine cannot render chat messages: send prompt instead")
 
     def token_text(self, token_id: int) -> str:
@@ -189,12 +191,12 @@ class ContinuousBatcher:
                     self._aborted.add(sequence.id)
                     self._wake.notify()
 
-    async def tokenize(self, text: str) -> Tokens:
+    async def tokenize(self, text: str, parse_special: bool = False) -> Tokens:
         """text's tokens as a prompt's, in the tokenizer pool (a huge text occupies one thread)."""
         runner = self.runner
 
         def tokenize() -> Tokens:
-            ids = runner.tokenize(text)
+            ids = runner.tokenize(text, parse_special)
             return Tokens(ids, [runner.token_text(token) for token in ids])
 
         return await asyncio.get_running_loop().run_in_executor(self._tokenizers, tokenize)
@@ -238,7 +240,7 @@ class ContinuousBatcher:
         elif request.chat is not None:
             prompt_ids = runner.chat_prompt_ids(request.chat)
         else:
-            prompt_ids = runner.tokenize(request.prompt or "")
+            prompt_ids = runner.tokenize(request.prompt or "", request.parse_special_tokens)
         params = request.sampling
         if params.truncate_prompt_tokens is not None:
             prompt_ids = prompt_ids[-params.truncate_prompt_tokens :]
@@ -370,8 +372,11 @@ class ContinuousBatcher:
         stop_ids = sequence.stop_ids
         early = len(sequence.output_ids) < params.min_tokens
         constraint = sequence.constraint
-        if constraint is not None and allowed is None:
-            allowed = constraint.allowed()
+        if constraint is not None:
+            if allowed is None:
+                allowed = constraint.allowed()
+            if self._format_failed(sequence, constraint):
+                return
         token = sequence.sampler.sample(logits, banned=stop_ids if early else (), allowed=allowed)
         sequence.output_ids.append(token)
         sequence.unreleased_ids.append(token)
@@ -379,6 +384,8 @@ class ContinuousBatcher:
             sequence.unreleased_logprobs.append(self._logprob(logits, token, params.logprobs))
         if constraint is not None:
             constraint.accept(token)
+            if self._format_failed(sequence, constraint):
+                return
 
         finish: FinishReason | None = None
         stop: str | int | None = None
@@ -415,6 +422,15 @@ class ContinuousBatcher:
             self._forget(sequence)
         self._send(sequence, chunk)
 
+    def _format_failed(self, sequence: _Sequence, constraint: ConstraintState) -> bool:
+        """End sequence with its format's error if the grammar library has failed on it."""
+        error = constraint.failure(len(sequence.output_ids))
+        if error is None:
+            return False
+        self._forget(sequence)
+        self._send(sequence, error)
+        return True
+
     def _logprob(self, logits: np.ndarray, token: int, alternatives: int) -> TokenLogprob:
         text = self.runner.token_text
         logprob, top = token_logprobs(logits, token, alternatives)
@@ -447,8 +463,8 @@ class BatchedEngine(Engine):
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         return self.batcher.generate(request)
 
-    async def tokenize(self, text: str) -> Tokens:
-        return await self.batcher.tokenize(text)
+    async def tokenize(self, text: str, parse_special: bool = False) -> Tokens:
+        return await self.batcher.tokenize(text, parse_special)
 
     async def detokenize(self, token_ids: list[int]) -> str:
         return await self.batcher.detokenize(token_ids)

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from llmgrpc.clients.errors import InvalidArgument, Reason
 
@@ -144,8 +147,14 @@ def _compiled(template: str):
     return environment.from_string(template)
 
 
-def render(template: str, chat: Chat, special_tokens: dict[str, str]) -> str:
-    """The prompt text of chat under template; special_tokens: bos_token, eos_token, ... as text.
+def render(
+    template: str,
+    chat: Chat,
+    special_tokens: dict[str, str],
+    protect: Callable[[Any], Any] = lambda value: value,
+) -> str:
+    """The prompt text of chat under template; special_tokens: bos_token, eos_token, ... as text;
+    protect: applied to each message and tool as the template receives them.
 
     A template that refuses the conversation (raise_exception, or an error while rendering) is
     the caller's INVALID_ARGUMENT, with the template's own message.
@@ -157,10 +166,10 @@ def render(template: str, chat: Chat, special_tokens: dict[str, str]) -> str:
             "this model has no chat template, so it cannot take messages: send prompt instead",
             reason=Reason.INVALID_FIELD,
         )
-    tools = [tool.for_template() for tool in chat.tools] or None
+    tools = [protect(tool.for_template()) for tool in chat.tools] or None
     try:
         return _compiled(template).render(
-            messages=[message.for_template() for message in chat.messages],
+            messages=[protect(message.for_template()) for message in chat.messages],
             tools=tools,
             add_generation_prompt=chat.add_generation_prompt,
             **special_tokens,
@@ -172,12 +181,70 @@ def render(template: str, chat: Chat, special_tokens: dict[str, str]) -> str:
         ) from None
 
 
+# Private-use characters around a placeholder's number (see chat_prompt_ids).
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
+def chat_prompt_ids(
+    template: str,
+    chat: Chat,
+    special_tokens: dict[str, str],
+    control_ids: Mapping[str, int],
+    tokenize_text: Callable[[list[str]], list[list[int]]],
+) -> list[int]:
+    """A conversation's prompt ids: the template rendered, its own control tokens as their ids
+    (control_ids: each control token's spelling), everything else as text (tokenize_text, which
+    reads no special tokens, tokenizes a list of texts).
+
+    What callers wrote (contents, tool results, arguments, names, descriptions) is text even
+    where it spells a control token: while the template renders, each such spelling is a
+    placeholder of private-use characters (and so is any such character of theirs); the rendered
+    prompt is cut at the control tokens left, which are the template's own, and each piece
+    between them gets the callers' spellings back and is tokenized as text. Tokenizers cut text
+    at special tokens the same way, so a conversation without such spellings gets the ids it
+    always had (apply_chat_template's).
+    """
+    control = sorted(filter(None, control_ids), key=len, reverse=True)  # the longest wins, as in tokenizers
+    caller_specials = re.compile("|".join([*map(re.escape, control), f"[{_OPEN}{_CLOSE}]"]))
+    originals: list[str] = []
+
+    def placeholder(match: re.Match) -> str:
+        originals.append(match.group())
+        return f"{_OPEN}{len(originals) - 1}{_CLOSE}"
+
+    def protect(value: Any) -> Any:
+        if isinstance(value, str):
+            return caller_specials.sub(placeholder, value)
+        if isinstance(value, dict):
+            return {protect(key): protect(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [protect(item) for item in value]
+        return value
+
+    text = render(template, chat, special_tokens, protect)
+    pieces = re.split(f"({'|'.join(map(re.escape, control))})", text) if control else [text]
+    # re.split with one group: text, control token, text, ..., text.
+    texts = [_PLACEHOLDER.sub(lambda match: originals[int(match.group(1))], piece) for piece in pieces[::2]]
+    tokenized = iter(tokenize_text(texts))
+    ids: list[int] = []
+    for index, piece in enumerate(pieces):
+        ids += next(tokenized) if index % 2 == 0 else [control_ids[piece]]
+    return ids
+
+
 def hugging_face_chat_ids(tokenizer, chat: Chat) -> list[int]:
-    """A conversation's prompt ids with a Hugging Face tokenizer: its chat template rendered, then
-    tokenized as written (the template writes the beginning-of-text token itself)."""
+    """A conversation's prompt ids with a Hugging Face tokenizer (see chat_prompt_ids; the template
+    writes the beginning-of-text token itself)."""
     specials = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
-    text = render(tokenizer.chat_template or "", chat, specials)
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+    control_ids = {
+        token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+
+    def tokenize_text(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    return chat_prompt_ids(tokenizer.chat_template or "", chat, specials, control_ids, tokenize_text)
 
 
 def parse_tool_calls(text: str, tools: tuple[Tool, ...]) -> list[ToolCall]:
@@ -194,7 +261,7 @@ def parse_tool_calls(text: str, tools: tuple[Tool, ...]) -> list[ToolCall]:
     while position < len(body):
         try:
             value, end = decoder.raw_decode(body, position)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # a model can write "[[[[..." too
             return []
         arguments = value.get("parameters", value.get("arguments")) if isinstance(value, dict) else None
         if not isinstance(value, dict) or value.get("name") not in names or not isinstance(arguments, dict):

@@ -10,11 +10,18 @@ the decode thread; a step costs one mask (tens of microseconds for small vocabul
 llguidance is imported here only, and only when a request asks for a format: a request
 without one pays nothing, and an environment without the library fails those requests
 only, naming the extra to install.
+
+The library never raises for a format it cannot follow: its matcher enters an error state
+(and then also reports itself stopped). So a format is tried once at admission (its first
+mask: a format that matches nothing fails there), and a request's matcher is checked at
+every step; one that fails mid-output (the library reached one of its limits) ends the
+stream with INVALID_ARGUMENT naming the field, never as if the output were complete.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -22,11 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.base import Constraint
+
+log = logging.getLogger(__name__)
 
 # Compiled formats kept per model: a service answering for a few schemas compiles each once.
 CACHE_SIZE = 64
+# The library's word for a state no token can continue: at the start, a format nothing satisfies.
+_NOTHING_MATCHES = "NoExtensionBias"
 
 
 def _llguidance():
@@ -63,11 +74,7 @@ def _grammar(constraint: Constraint) -> str:
     kind, spec = constraint.kind, constraint.spec
     if kind == "json_object":
         return llguidance.grammar_from("json_schema", '{"type": "object"}')
-    if kind == "json_schema":
-        try:
-            json.loads(spec)  # type: ignore[arg-type]
-        except ValueError as error:
-            raise ValueError(f"not JSON: {error}") from None
+    if kind == "json_schema":  # JSON the server has read (validation.parse_json)
         return llguidance.grammar_from("json_schema", spec)  # type: ignore[arg-type]
     if kind == "choice":
         return llguidance.grammar_from("choice", json.dumps(list(spec)))
@@ -87,12 +94,25 @@ def _rows_of_bits(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.concatenate([allowed, missing], axis=-1)
 
 
+def _library_error(text: str) -> str:
+    """The library's error message as a caller may see it: its first line; never a panic's text
+    (a Rust panic message and backtrace say nothing about the format: logged instead)."""
+    if "panic" in text or "backtrace" in text:
+        log.error("the grammar library failed: %s", text)
+        return "the grammar library failed on it (an internal error of the library; see the server log)"
+    first = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    if first == _NOTHING_MATCHES:
+        return "no output can satisfy it (it matches nothing, or never ends)"
+    return first
+
+
 class ConstraintState:
     """One request's progress through its format: which tokens may come next."""
 
-    def __init__(self, matcher: Any, vocab_size: int):
+    def __init__(self, matcher: Any, vocab_size: int, constraint: Constraint):
         self.matcher = matcher
         self._vocab_size = vocab_size
+        self._constraint = constraint
 
     def allowed(self) -> np.ndarray:
         """A boolean row over the vocabulary: True where a token may come next."""
@@ -102,10 +122,22 @@ class ConstraintState:
     def accept(self, token_id: int) -> None:
         self.matcher.consume_token(token_id)
 
+    def failure(self, generated: int) -> InvalidArgument | None:
+        """The error that ends the request if the library has failed on its format (after
+        generated tokens), else None. Checked after every mask and every token."""
+        if not self.matcher.is_error():
+            return None
+        problem = _library_error(self.matcher.get_error())
+        return self._constraint.invalid(
+            f"the grammar library gave up on this format after {generated} generated tokens: {problem}; "
+            "the output so far does not satisfy it (simplify the format)",
+        )
+
     @property
     def complete(self) -> bool:
-        """The output satisfies the format and nothing more may follow."""
-        return bool(self.matcher.is_stopped())
+        """The output satisfies the format and nothing more may follow (a matcher in its error
+        state reports itself stopped too: that is no completion)."""
+        return bool(self.matcher.is_stopped()) and not self.matcher.is_error()
 
 
 class GrammarCompiler:
@@ -140,31 +172,44 @@ class GrammarCompiler:
         return _rows_of_bits(bitmask, self._vocab_size)
 
     def compile(self, constraint: Constraint) -> ConstraintState:
-        """A fresh state for constraint; InvalidArgument naming its field if it does not compile."""
+        """A fresh state for constraint; InvalidArgument naming its field if it does not compile,
+        exceeds the library's limits, or can match nothing."""
         with self._lock:
             compiled = self._cache.get(constraint)
             if compiled is not None:
                 self._cache.move_to_end(constraint)
-                return ConstraintState(compiled.deep_copy(), self._vocab_size)
+                return ConstraintState(compiled.deep_copy(), self._vocab_size, constraint)
             if self._tokenizer is None:
                 self._tokenizer = self._make_tokenizer()
             tokenizer = self._tokenizer
-        llguidance = _llguidance()
-        try:
-            grammar = _grammar(constraint)
-            # Compiling releases the GIL: other streams keep decoding meanwhile.
-            compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-            error = compiled.get_error() if compiled.is_error() else ""
-        except ValueError as raised:
-            error = str(raised)
-        if error:
-            raise InvalidArgument(
-                f"invalid {constraint.field}: {error}",
-                [FieldViolation(constraint.field, error)],
-                reason=Reason.INVALID_FIELD,
-            )
+        compiled = self._checked_matcher(constraint, tokenizer)
         with self._lock:
             self._cache[constraint] = compiled
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-            return ConstraintState(compiled.deep_copy(), self._vocab_size)
+            return ConstraintState(compiled.deep_copy(), self._vocab_size, constraint)
+
+    def _checked_matcher(self, constraint: Constraint, tokenizer: Any) -> Any:
+        """The format's matcher, compiled and tried on its first step (off the decode thread)."""
+        llguidance = _llguidance()
+        try:
+            grammar = _grammar(constraint)
+            # Terse errors: verbose ones quote the parser's state. Compiling releases the GIL:
+            # other streams keep decoding meanwhile.
+            limits = llguidance.LLParserLimits(verbose_errors=False)
+            compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=limits)
+            if not compiled.is_error():
+                first_step = compiled.deep_copy()  # the first mask finds a format nothing satisfies
+                first_step.compute_bitmask()
+                if first_step.is_error():
+                    compiled = first_step
+            error = _library_error(compiled.get_error()) if compiled.is_error() else ""
+        except ValueError as raised:
+            error = _library_error(str(raised))
+        except BaseException as raised:  # a Rust panic is a BaseException (pyo3's PanicException)
+            if type(raised).__name__ != "PanicException":
+                raise
+            error = _library_error(f"panic: {raised}")
+        if error:
+            raise constraint.invalid(error)
+        return compiled

@@ -17,7 +17,6 @@ from typing import Any
 from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import (
     Chunk,
-    Constraint,
     Engine,
     EngineStats,
     FinishReason,
@@ -33,14 +32,6 @@ FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abo
 def choice_grammar(choices: tuple[str, ...]) -> str:
     """A list of choices as a Lark grammar (llguidance's dialect): the output is one of them."""
     return "start: " + " | ".join(json.dumps(choice) for choice in choices)
-
-
-def invalid_constraint(constraint: Constraint, message: str) -> InvalidArgument:
-    return InvalidArgument(
-        f"invalid {constraint.field}: {message}",
-        [FieldViolation(constraint.field, message)],
-        reason=Reason.INVALID_FIELD,
-    )
 
 
 def whole_numbers_as_ints(options: dict[str, Any], keep_float: frozenset[str]) -> dict[str, Any]:
@@ -85,11 +76,15 @@ class LibraryEngine(Engine):
         """The library's tokenizer (a Hugging Face one), for Tokenize, Detokenize and truncation."""
         raise FailedPrecondition(f"{self.library} gives no tokenizer")
 
-    async def tokenize(self, text: str) -> Tokens:
+    def _encode(self, text: str, parse_special: bool) -> list[int]:
+        """text's ids as a prompt's (the library's own encoding would read special tokens in it)."""
+        return list(self.hugging_face_tokenizer().encode(text, split_special_tokens=not parse_special))
+
+    async def tokenize(self, text: str, parse_special: bool = False) -> Tokens:
         tokenizer = self.hugging_face_tokenizer()
 
         def tokenize() -> Tokens:
-            ids = list(tokenizer.encode(text))
+            ids = self._encode(text, parse_special)
             return Tokens(ids, [tokenizer.decode([token]) for token in ids])
 
         return await asyncio.to_thread(tokenize)
@@ -107,22 +102,25 @@ class LibraryEngine(Engine):
             )
         return await asyncio.to_thread(tokenizer.decode, token_ids, skip_special_tokens=True)
 
-    async def truncated_prompt(self, request: GenerationRequest) -> list[int] | None:
+    async def prompt_ids(self, request: GenerationRequest) -> list[int] | None:
         """The prompt as ids when the library must be given ids (None: the request's own prompt
         goes as it is): a conversation rendered by the model's chat template, as every engine
-        renders it, or a prompt cut to its last truncate_prompt_tokens ids."""
+        renders it; a text prompt whose special-token spellings are text (the library would read
+        them as special tokens); either cut to its last truncate_prompt_tokens ids."""
         keep = request.sampling.truncate_prompt_tokens
         if request.chat is not None:
             tokenizer = self.hugging_face_tokenizer()
             ids = tuple(await asyncio.to_thread(hugging_face_chat_ids, tokenizer, request.chat))
-        elif keep is None:
+        elif request.prompt_token_ids is not None:
+            if keep is None:
+                return None
+            ids = request.prompt_token_ids
+        elif keep is None and request.parse_special_tokens:
             return None
         else:
-            ids = request.prompt_token_ids
-            if ids is None:
-                ids = tuple(
-                    await asyncio.to_thread(self.hugging_face_tokenizer().encode, request.prompt or "")
-                )
+            ids = tuple(
+                await asyncio.to_thread(self._encode, request.prompt or "", request.parse_special_tokens)
+            )
         return list(ids[-keep:] if keep is not None else ids)
 
     async def guarded(self, request_id: str, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:

@@ -54,7 +54,7 @@ from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Resource
 from llmgrpc.engines.base import LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
-from llmgrpc.engines.chat import Chat, render
+from llmgrpc.engines.chat import Chat, chat_prompt_ids
 from llmgrpc.engines.constraints import tokenizer_from_llama_cpp
 from llmgrpc.engines.cpu_threads import llama_cpp_threads, usable_cores
 from llmgrpc.engines.llamacpp_build import import_llama_cpp
@@ -105,6 +105,12 @@ class LlamaCppRunner(ModelRunner):
         self.context_length = min(per_sequence, int(llama_cpp.llama_n_ctx_seq(context)))
         self.eos_token_ids = frozenset(self._end_of_generation_ids())
         self._pieces = [self._piece(token) for token in range(self.vocab_size)]
+        # Each control token's spelling: where a chat template writes one, it is that token.
+        self._control_ids = {
+            self._piece(token, special=True).decode("utf-8", errors="replace"): token
+            for token in range(self.vocab_size)
+            if llama_cpp.llama_vocab_is_control(self.vocab, token)
+        }
         # llama.cpp lowers n_batch to n_ctx for small contexts: a bigger batch would abort it.
         self._batch_capacity = int(llama_cpp.llama_n_batch(context))
         # One sequence id per token: each token here belongs to exactly one sequence.
@@ -132,10 +138,10 @@ class LlamaCppRunner(ModelRunner):
                 return buffer.raw[:written]
             size = -written
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
         # add_special: BOS if the model's metadata says so; parse_special False: user text
         # that spells "<|eot_id|>" stays text, it does not become the control token.
-        return self._tokenize(text, add_special=True, parse_special=False)
+        return self._tokenize(text, add_special=True, parse_special=parse_special)
 
     def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
@@ -151,15 +157,17 @@ class LlamaCppRunner(ModelRunner):
 
     def chat_prompt_ids(self, chat: Chat) -> list[int]:
         """The conversation rendered by the GGUF's own chat template (tokenizer.chat_template), with
-        the Jinja rules Hugging Face uses, then tokenized as written: control tokens the template
-        writes (<|start_header_id|>, ...) are parsed, and no BOS is added (the template writes it)."""
+        the Jinja rules Hugging Face uses: control tokens (<|start_header_id|>, ...) where the
+        template writes them, the rest tokenized as text, with no BOS added (the template writes it)."""
         specials = {
             "bos_token": self._piece(llama_cpp.llama_vocab_bos(self.vocab), special=True).decode(),
             "eos_token": self._piece(llama_cpp.llama_vocab_eos(self.vocab), special=True).decode(),
         }
-        return self._tokenize(
-            render(self._chat_template(), chat, specials), add_special=False, parse_special=True
-        )
+
+        def tokenize_text(texts: list[str]) -> list[list[int]]:
+            return [self._tokenize(text, add_special=False, parse_special=False) for text in texts]
+
+        return chat_prompt_ids(self._chat_template(), chat, specials, self._control_ids, tokenize_text)
 
     def _chat_template(self) -> str:
         key = b"tokenizer.chat_template"

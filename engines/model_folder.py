@@ -56,24 +56,37 @@ def check_tokenizer_files(folder: Path) -> None:
             _read_json_object(folder / name)
 
 
-def _read_json_object(path: Path) -> dict:
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of path, refusing with a ValueError that says why (as "it ...") a path that is
+    missing, unreadable, not a regular file or larger than max_bytes. Never blocks: a FIFO or
+    a device is refused before it is opened."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise _invalid(path, "it does not exist") from None
+        raise ValueError("it does not exist") from None
     except OSError as error:
-        raise _invalid(path, f"it cannot be read ({error.strerror})") from None
+        raise ValueError(f"it cannot be read ({error.strerror})") from None
     if not stat.S_ISREG(info.st_mode):
-        raise _invalid(path, "it is not a regular file")
-    if info.st_size > MAX_JSON_BYTES:
-        raise _invalid(path, f"it has {info.st_size} bytes, more than {MAX_JSON_BYTES} for a JSON file")
+        raise ValueError("it is not a regular file")
+    if info.st_size > max_bytes:
+        raise ValueError(f"it has {info.st_size} bytes, more than {max_bytes}")
     try:
         # O_NONBLOCK: should the path be swapped for a FIFO after the check, opening it still returns.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(descriptor, "rb") as file:
-            data = file.read(MAX_JSON_BYTES + 1)
+            data = file.read(max_bytes + 1)
     except OSError as error:
-        raise _invalid(path, f"it cannot be read ({error.strerror})") from None
+        raise ValueError(f"it cannot be read ({error.strerror})") from None
+    if len(data) > max_bytes:  # it grew after the check
+        raise ValueError(f"it has more than {max_bytes} bytes")
+    return data
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        data = read_regular_file(path, MAX_JSON_BYTES)
+    except ValueError as error:
+        raise _invalid(path, str(error)) from None
     try:
         value = json.loads(data)
     except ValueError as error:  # not UTF-8, not JSON, or an integer of thousands of digits

@@ -152,7 +152,7 @@ class SGLangEngine(LibraryEngine):
         return cls(engine, context_length, plan.device)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        truncated = await self.truncated_prompt(request)
+        truncated = await self.prompt_ids(request)
         prompt_args: dict[str, Any] = (
             {"input_ids": truncated}
             if truncated is not None

@@ -81,8 +81,8 @@ class HuggingFaceRunner(ModelRunner):
             ~allowed, torch.finfo(dtype).min
         )
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text).input_ids)
+    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, split_special_tokens=not parse_special).input_ids)
 
     def detokenize(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

@@ -34,7 +34,6 @@ from llmgrpc.engines.catalogue import engine_info, runs_on_ray, validate_engine_
 from llmgrpc.engines.library_engine import (
     FINISH_REASONS,
     LibraryEngine,
-    invalid_constraint,
     whole_numbers_as_ints,
 )
 
@@ -194,7 +193,7 @@ class VllmEngine(LibraryEngine):
         )
         if sampling.constraint is not None:
             self._check_format(sampling.constraint, params)
-        truncated = await self.truncated_prompt(request)
+        truncated = await self.prompt_ids(request)
         prompt: Any = (
             {"prompt_token_ids": truncated if truncated is not None else list(request.prompt_token_ids or ())}
             if request.prompt_token_ids is not None or truncated is not None
@@ -245,7 +244,7 @@ class VllmEngine(LibraryEngine):
         try:
             validate_guidance_grammar(params)
         except (ValueError, VLLMValidationError) as error:
-            raise invalid_constraint(constraint, str(error)) from None
+            raise constraint.invalid(str(error)) from None
 
     def hugging_face_tokenizer(self) -> Any:
         return self.engine.get_tokenizer()

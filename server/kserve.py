@@ -12,7 +12,6 @@ the status table does the rest. The repository RPCs are LaunchModel and Terminat
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import struct
 import time
@@ -32,7 +31,7 @@ from llmgrpc.server.launched import ModelState
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.status import grpc_errors
-from llmgrpc.server.validation import check_generate, check_launch, check_model_uid
+from llmgrpc.server.validation import check_generate, check_launch, check_model_uid, parse_json
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -189,10 +188,7 @@ def _sampling_value(key: str, value: Any, kind: type) -> Any:
 
 def apply_sampling_parameters(text: bytes, request: generate_pb2.GenerateRequest) -> None:
     """Set request's sampling fields from sampling_parameters' JSON (vLLM's names)."""
-    try:
-        parameters = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as error:
-        raise _invalid(SAMPLING_PARAMETERS, f"not valid JSON ({error})") from None
+    parameters = parse_json(text, SAMPLING_PARAMETERS)
     if not isinstance(parameters, dict):
         raise _invalid(SAMPLING_PARAMETERS, "must be a JSON object of vLLM sampling parameters")
     unknown = sorted(set(parameters) - set(SAMPLING_FIELDS))
@@ -303,10 +299,7 @@ def launch_request(pb_request: pb.RepositoryModelLoadRequest) -> LaunchRequest:
     for key, parameter in pb_request.parameters.items():
         kind = parameter.WhichOneof("parameter_choice")
         if key == "config" and kind == "string_param":
-            try:
-                config = json.loads(parameter.string_param or "{}")
-            except ValueError as error:
-                raise _load_invalid("parameters[config]", f"not valid JSON ({error})") from None
+            config = parse_json(parameter.string_param or "{}", "parameters[config]")
             if not isinstance(config, dict):
                 raise _load_invalid("parameters[config]", "must be a JSON object of launch words")
             words.update(config)

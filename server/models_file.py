@@ -20,6 +20,10 @@ LaunchModelRequest's words::
 Parsing is pure: ``parse_models`` checks every entry and names the entry and the field of the
 first problem (unknown keys are refused, so a typo never silently launches the wrong model).
 Each entry becomes a LaunchModelRequest, checked by the same rules as one sent over gRPC.
+
+Reading is bounded: only a regular file of at most ``MAX_BYTES`` is read (a FIFO would block
+start-up), and YAML aliases (``*name``) are refused, since nested ones expand exponentially
+(a "billion laughs" file of a few hundred bytes would fill the memory).
 """
 
 from __future__ import annotations
@@ -32,12 +36,16 @@ from typing import Any
 import yaml
 
 from llmgrpc.clients.errors import InvalidArgument
+from llmgrpc.engines.model_folder import read_regular_file
 from llmgrpc.server.manager import LaunchRequest
 from llmgrpc.server.registry import SpecQuery
 from llmgrpc.server.validation import check_launch
 from llmgrpc.v1 import models_pb2
 
 __all__ = ["ModelsFileError", "launch_requests", "load_models_file", "parse_models"]
+
+# A list of launches: kilobytes. Anything much larger is not a models file.
+MAX_BYTES = 1024 * 1024
 
 # The spec words, as LaunchModelRequest names them (SpecQuery's fields).
 _QUERY_FIELDS = ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")
@@ -141,12 +149,30 @@ def _unique(launches: list[LaunchRequest]) -> list[LaunchRequest]:
     return launches
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe subset without aliases: each value is written out where it is used."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases (*{event.anchor}) are not allowed: write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
 def load_models_file(path: Path) -> list[LaunchRequest]:
     """Read and check a models file (YAML or JSON)."""
     try:
-        document = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        text = read_regular_file(Path(path), MAX_BYTES).decode("utf-8")
+        document = yaml.load(text, Loader=_Loader)  # noqa: S506 (a safe loader)
+    except (ValueError, yaml.YAMLError) as error:  # UnicodeDecodeError too
         raise ModelsFileError(f"cannot read models file {path}: {error}") from None
+    except RecursionError:
+        raise ModelsFileError(f"cannot read models file {path}: it is nested too deeply") from None
     try:
         return parse_models(document)
     except ModelsFileError as error:

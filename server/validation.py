@@ -22,6 +22,53 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARACTERS = 4096
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API and vLLM's default allow
 LOGIT_BIAS_LIMIT = 100.0
+# JSON from callers (schemas, tool arguments, sampling parameters) is read by recursive code
+# (the parser, jsonschema, the chat template, the grammar library): its nesting is bounded.
+MAX_JSON_DEPTH = 64
+# A format is compiled, then followed at every step; the grammar library's lexer grows with a
+# format's literal text (a megabyte regex or choice fails after its first token, a 64 KiB one
+# costs milliseconds a step) and refuses more than 2000 alternatives in one rule.
+MAX_FORMAT_CHARACTERS = 65_536
+MAX_CHOICES = 1024
+# What OpenAI's API allows as a tool's name: an identifier, never markup.
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+
+
+def parse_json(text: str | bytes, field: str):
+    """text as a JSON value; InvalidArgument naming field when it is not JSON or is nested more
+    than MAX_JSON_DEPTH deep. Every protocol reads a caller's JSON through this."""
+    try:
+        value = json.loads(text)
+    except RecursionError:  # not a ValueError: deeper than the parser itself goes
+        value, too_deep = None, True
+    except ValueError as error:  # UnicodeDecodeError too
+        raise _invalid_field(field, f"not valid JSON ({error})") from None
+    else:
+        too_deep = _depth_exceeds(value, MAX_JSON_DEPTH)
+    if too_deep:
+        raise _invalid_field(field, f"JSON nested more than {MAX_JSON_DEPTH} deep: at most {MAX_JSON_DEPTH}")
+    return value
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether a parsed JSON value has arrays or objects nested more than limit deep."""
+    level = [value]
+    for _ in range(limit):
+        level = [
+            item
+            for container in level
+            if isinstance(container, (list, dict))
+            for item in (container.values() if isinstance(container, dict) else container)
+        ]
+        if not level:
+            return False
+    return any(isinstance(item, (list, dict)) for item in level)
+
+
+def _invalid_field(field: str, description: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"invalid {field}: {description}", [FieldViolation(field, description)], reason=Reason.INVALID_FIELD
+    )
 
 
 def _raise_if_any(what: str, violations: list[FieldViolation]) -> None:
@@ -101,7 +148,8 @@ def _logit_bias_violations(logit_bias) -> list[FieldViolation]:
 
 def _structured_output_violations(structured: generate_pb2.StructuredOutput) -> list[FieldViolation]:
     """What can be told without the model's tokenizer; the worker compiles the format and
-    names the field when it does not compile (an invalid regex, grammar or JSON Schema)."""
+    names the field when it does not compile (an invalid regex, grammar or JSON Schema) or
+    can never be satisfied."""
     kind = structured.WhichOneof("kind")
     if kind is None:
         return [
@@ -112,20 +160,33 @@ def _structured_output_violations(structured: generate_pb2.StructuredOutput) -> 
     field_name = f"structured_output.{kind}"
     if kind == "choice":
         choices = structured.choice.choices
+        field_name = "structured_output.choice.choices"
         if not choices:
-            return [FieldViolation("structured_output.choice.choices", "give at least one choice")]
+            return [FieldViolation(field_name, "give at least one choice")]
+        if len(choices) > MAX_CHOICES:  # checked first: then no need to read them all
+            return [FieldViolation(field_name, f"{len(choices)} choices: at most {MAX_CHOICES}")]
         if any(not choice for choice in choices):
-            return [FieldViolation("structured_output.choice.choices", "choices must not be empty")]
+            return [FieldViolation(field_name, "choices must not be empty")]
+        text_length = sum(len(choice) for choice in choices)
     elif kind == "json_object":
         if not structured.json_object:
             return [FieldViolation(field_name, "must be true (any JSON object); unset it for free text")]
+        return []
     elif not getattr(structured, kind):
         return [FieldViolation(field_name, "must not be empty")]
-    elif kind == "json_schema":
+    else:
+        text_length = len(getattr(structured, kind))
+    if text_length > MAX_FORMAT_CHARACTERS:
+        return [
+            FieldViolation(
+                field_name, f"{text_length} characters: a format has at most {MAX_FORMAT_CHARACTERS}"
+            )
+        ]
+    if kind == "json_schema":
         try:
-            schema = json.loads(structured.json_schema)
-        except ValueError as error:
-            return [FieldViolation(field_name, f"not JSON: {error}")]
+            schema = parse_json(structured.json_schema, field_name)
+        except InvalidArgument as error:
+            return error.violations
         if not isinstance(schema, (dict, bool)):
             return [FieldViolation(field_name, "a JSON Schema is a JSON object (or true or false)")]
     return []
@@ -165,23 +226,29 @@ def chat_violations(request: generate_pb2.GenerateRequest) -> list[FieldViolatio
                 )
             )
         for call_index, call in enumerate(message.tool_calls):
-            if not _is_json_object(call.arguments or "{}"):
-                violations.append(
-                    FieldViolation(
-                        f"messages[{index}].tool_calls[{call_index}].arguments",
-                        "must be a JSON object (as text)",
-                    )
-                )
+            field_name = f"messages[{index}].tool_calls[{call_index}].arguments"
+            try:
+                arguments = parse_json(call.arguments or "{}", field_name)
+            except InvalidArgument as error:
+                violations += error.violations
+                continue
+            if not isinstance(arguments, dict):
+                violations.append(FieldViolation(field_name, "must be a JSON object (as text)"))
     if len(request.tools) > MAX_TOOLS:
         violations.append(FieldViolation("tools", f"{len(request.tools)} tools: at most {MAX_TOOLS}"))
     names = [tool.name for tool in request.tools]
     for index, tool in enumerate(request.tools):
-        if not tool.name:
-            violations.append(FieldViolation(f"tools[{index}].name", "required"))
+        if not TOOL_NAME.fullmatch(tool.name):
+            violations.append(
+                FieldViolation(
+                    f"tools[{index}].name",
+                    f"{tool.name!r} is not a tool name: 1 to 64 letters, digits, '_' or '-'",
+                )
+            )
         elif names.count(tool.name) > 1:
             violations.append(FieldViolation(f"tools[{index}].name", f"{tool.name!r} is given twice"))
-        if tool.parameters and (problem := _schema_problem(tool.parameters)):
-            violations.append(FieldViolation(f"tools[{index}].parameters", f"not a JSON Schema: {problem}"))
+        if tool.parameters:
+            violations += _schema_violations(tool.parameters, f"tools[{index}].parameters")
     if request.tool_choice and request.tool_choice not in ("auto", "none", "required", *names):
         valid = ", ".join(["auto", "none", "required", *names])
         violations.append(
@@ -200,30 +267,27 @@ def chat_violations(request: generate_pb2.GenerateRequest) -> list[FieldViolatio
     return violations
 
 
-def _is_json_object(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), dict)
-    except ValueError:
-        return False
-
-
-def _schema_problem(text: str) -> str | None:
-    """Why text is not a JSON Schema of an object, or None."""
+def _schema_violations(text: str, field: str) -> list[FieldViolation]:
+    """What keeps text from being a JSON Schema of an object (a tool's parameters)."""
     import jsonschema
 
     try:
-        schema = json.loads(text)
-    except ValueError as error:
-        return f"not JSON ({error})"
+        schema = parse_json(text, field)
+    except InvalidArgument as error:
+        return error.violations
     if not isinstance(schema, dict):
-        return "a schema is a JSON object"
+        return [FieldViolation(field, "not a JSON Schema: a schema is a JSON object")]
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as error:
-        return error.message
+        return [FieldViolation(field, f"not a JSON Schema: {error.message}")]
     if schema.get("type", "object") != "object":
-        return f"a tool's arguments are an object, not {schema.get('type')!r}"
-    return None
+        return [
+            FieldViolation(
+                field, f"not a JSON Schema: a tool's arguments are an object, not {schema.get('type')!r}"
+            )
+        ]
+    return []
 
 
 def check_launch(request: models_pb2.LaunchModelRequest) -> None:

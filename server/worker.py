@@ -127,7 +127,7 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.TokenizeResponse:
         _adopt_request_id(context)
-        tokens = await self._loaded().tokenize(request.request.text)
+        tokens = await self._loaded().tokenize(request.request.text, request.request.parse_special_tokens)
         return worker_pb2.TokenizeResponse(
             response=generate_pb2.TokenizeResponse(token_ids=tokens.token_ids, tokens=tokens.tokens)
         )

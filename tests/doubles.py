@@ -34,7 +34,7 @@ class CountingRunner(ModelRunner):
         self.first_prefill = threading.Event()
         self.step_started = threading.Event()
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
         return [ord(c) - ord("a") for c in text if "a" <= c <= "z"]
 
     def detokenize(self, token_ids: list[int]) -> str:

@@ -134,7 +134,7 @@ class FakeTokenizer:
     def __len__(self) -> int:
         return 300
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
         return [1, *(ord(c) for c in text)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -39,7 +39,7 @@ class GatedRunner(CountingRunner):
         self.gate = gate
         self._log = (gate / "calls").open("a", buffering=1)
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
         if len(text) >= GATE_CHARACTERS:
             (self.gate / "tokenizing").touch()
             waited = 0.0

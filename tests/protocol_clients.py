@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 PROTOS = Path(__file__).resolve().parents[1] / "protos"
+# JSON nested deeper than Python's parser goes (it raises RecursionError, not a ValueError).
+DEEP_JSON = '{"a": ' * 5000 + "1" + "}" * 5000
 TGIS_PROTO = PROTOS / "llmgrpc" / "tgis" / "v1" / "generation.proto"
 
 
@@ -180,11 +182,14 @@ def triton_bad_input(endpoint: str, model: str) -> dict:
     malformed = _inputs(triton, "hi")
     json_tensor = triton.InferInput("sampling_parameters", [1], "BYTES")
     json_tensor.set_data_from_numpy(np.array([b"{not json"], dtype=object))
+    deep_tensor = triton.InferInput("sampling_parameters", [1], "BYTES")
+    deep_tensor.set_data_from_numpy(np.array([DEEP_JSON.encode()], dtype=object))
     return {
         "unknown_tensor": infer([unknown]),
         "wrong_datatype": infer([wrong_type]),
         "wrong_shape": infer([two]),
         "malformed_json": infer([*malformed, json_tensor]),
+        "deep_json": infer([*_inputs(triton, "hi"), deep_tensor]),
         "unknown_key": infer(_inputs(triton, "hi", {"temperature": 0, "beam_width": 4})),
         "out_of_range": infer(_inputs(triton, "hi", {"temperature": -1})),
         "unknown_model": infer(_inputs(triton, "hi"), name="no-such-model"),
@@ -299,6 +304,21 @@ def tgis(endpoint: str, model: str, prompts: list[str], max_new_tokens: int) -> 
                 )
             )
         ),
+        **{
+            name: status(
+                lambda decoding=decoding: stub.Generate(
+                    pb.BatchedGenerationRequest(
+                        model_id=model,
+                        requests=[pb.GenerationRequest(text="hi")],
+                        params=pb.Parameters(method=pb.GREEDY, decoding=decoding),
+                    )
+                )
+            )
+            for name, decoding in (
+                ("deep_json_schema", pb.DecodingParameters(json_schema=DEEP_JSON)),
+                ("regex_matching_nothing", pb.DecodingParameters(regex=r"[^\s\S]")),
+            )
+        },
     }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 from rpc_helpers import collect, rpc_error
-from status_details import reason
+from status_details import bad_request, reason
 
 from llmgrpc.clients import Client
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
@@ -258,6 +258,52 @@ def test_extreme_sampling_parameters_through_the_service(client: Client, tiny):
     for token in penalized:
         assert token in seen, f"{token} was not seen before: {penalized}"
         seen.add(token)
+
+
+# JSON nested deeper than Python's parser goes: json.loads raises RecursionError, not a ValueError.
+DEEP_OBJECT = '{"a": ' * 5000 + "1" + "}" * 5000
+DEEP_ARRAY = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"structured_output": {"json_schema": DEEP_OBJECT}}, "structured_output.json_schema"),
+        ({"structured_output": {"json_schema": DEEP_ARRAY}}, "structured_output.json_schema"),
+        # Deep, yet within the parser: past the bound, where jsonschema and templates recurse.
+        (
+            {"structured_output": {"json_schema": '{"a": ' * 200 + "1" + "}" * 200}},
+            "structured_output.json_schema",
+        ),
+    ],
+)
+def test_deeply_nested_json_is_invalid_argument_naming_the_field(client: Client, tiny, fields, field):
+    error = rpc_error(lambda: list(client.generate("tiny", "Hi", max_tokens=2, timeout=60, **fields)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert [v.field for v in bad_request(error).field_violations] == [field]
+    assert "nested more than 64 deep" in error.details()
+
+
+def test_deep_tool_parameters_are_refused_before_jsonschema_recurses(client: Client, tiny):
+    parameters = json.dumps(
+        nested_schema(120)
+    )  # JSON 241 deep: jsonschema's check recurses past Python's limit
+    error = rpc_error(
+        lambda: list(
+            client.chat(
+                "tiny", [{"role": "user", "content": "hi"}], tools=[{"name": "t", "parameters": parameters}]
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert [v.field for v in bad_request(error).field_violations] == ["tools[0].parameters"]
+
+
+def nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "object"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
 
 
 # Worker-side logs.

@@ -174,7 +174,9 @@ def test_sglang_maps_every_sampling_field():
     fake = FakeSGLangEngine()
     asyncio.run(collect(SGLangEngine(fake, 4096, "cuda:0"), request()))
     call = fake.calls[0]
-    assert call["prompt"] == "Hi" and call["rid"] == "req-1"
+    # A text prompt goes as ids, its special-token spellings tokenized as text (the library
+    # would read them as special tokens).
+    assert call["input_ids"] == [1, ord("H"), ord("i")] and call["rid"] == "req-1"
     assert call["sampling_params"] == {
         "max_new_tokens": 7,
         "min_new_tokens": 2,
@@ -299,6 +301,8 @@ def test_library_engines_tokenize_truncate_and_detokenize(vllm_modules):
     assert raised.value.violations[0].field == "token_ids"
     asyncio.run(collect(engine, request(SamplingParams(truncate_prompt_tokens=2), prompt="abc")))
     assert llm.requests[0][0] == {"prompt_token_ids": [ord("b"), ord("c")]}
+    asyncio.run(collect(engine, request(SamplingParams(), prompt="abc", parse_special_tokens=True)))
+    assert llm.requests[1][0] == "abc"  # the library reads special tokens itself, as asked
     fake = FakeSGLangEngine()
     asyncio.run(
         collect(SGLangEngine(fake, 4096, "cuda:0"), request(SamplingParams(truncate_prompt_tokens=2)))

@@ -72,6 +72,7 @@ def test_bad_input_gets_the_codes_llmgrpc_v1_gives(running_server, tiny):
         "wrong_datatype",
         "wrong_shape",
         "malformed_json",
+        "deep_json",
         "unknown_key",
         "out_of_range",
     ):
@@ -79,6 +80,9 @@ def test_bad_input_gets_the_codes_llmgrpc_v1_gives(running_server, tiny):
     assert "prompt" in answers["unknown_tensor"]["message"]
     assert "INT32" in answers["wrong_datatype"]["message"]
     assert "sampling_parameters" in answers["malformed_json"]["message"]
+    assert (
+        "sampling_parameters" in answers["deep_json"]["message"] and "deep" in answers["deep_json"]["message"]
+    )
     assert "beam_width" in answers["unknown_key"]["message"]
     assert "temperature" in answers["out_of_range"]["message"]
     assert answers["unknown_model"]["status"] == "StatusCode.NOT_FOUND"

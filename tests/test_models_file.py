@@ -4,6 +4,7 @@ launch exits non-zero with the reason."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,9 +135,37 @@ def test_launch_flags_add_to_the_file(tmp_path):
         launch_requests(path, ["tiny"])
 
 
-def serve(tmp_path: Path, cache_dir: Path, models: str) -> subprocess.CompletedProcess:
+# "Billion laughs": each level an alias of the one before, ten times (here a million strings).
+BOMB = (
+    "models:\n  - model_name: tiny-llama-3.1\n    engine_options:\n"
+    f"      l0: &l0 [{', '.join(['lol'] * 10)}]\n"
+    + "".join(f"      l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 10)}]\n" for level in range(1, 6))
+)
+
+
+def test_yaml_aliases_are_refused_so_nothing_expands(tmp_path):
     path = tmp_path / "models.yaml"
-    path.write_text(models)
+    path.write_text(BOMB)
+    with pytest.raises(ModelsFileError, match=r"aliases \(\*l0\) are not allowed"):
+        load_models_file(path)
+    path.write_text("models: [{model_name: tiny-llama-3.1, engine_options: {a: &x 1, b: 2}}]")
+    assert load_models_file(path)[0].engine_options == {"a": 1, "b": 2}  # an anchor alone is harmless
+
+
+def test_only_a_regular_file_of_bounded_size_is_read(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("models: []\n" + "#" * (2 * 1024 * 1024))
+    with pytest.raises(ModelsFileError, match="more than 1048576"):
+        load_models_file(path)
+    with pytest.raises(ModelsFileError, match="not a regular file"):
+        load_models_file(tmp_path)
+
+
+def serve(tmp_path: Path, cache_dir: Path, models: str | None) -> subprocess.CompletedProcess:
+    """Run `llmgrpc serve` on a models file of models (None: the file is already there)."""
+    path = tmp_path / "models.yaml"
+    if models is not None:
+        path.write_text(models)
     return subprocess.run(
         [str(LLMGRPC), "serve", "--port", "0", "--models-file", str(path), "--cache-dir", str(cache_dir)],
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
@@ -150,6 +179,17 @@ def test_a_bad_models_file_stops_the_server_before_it_listens(tmp_path, cache_di
     finished = serve(tmp_path, cache_dir, "models: [{model_name: tiny-llama-3.1, quantisation: Q4_K_M}]")
     assert finished.returncode != 0
     assert "models[0] (tiny-llama-3.1): unknown field quantisation" in finished.stderr
+    assert "listening" not in finished.stderr
+
+
+@pytest.mark.parametrize("kind", ["bomb", "fifo"])
+def test_a_models_file_that_would_never_load_stops_the_server_before_it_listens(tmp_path, cache_dir, kind):
+    if kind == "fifo":  # opening it for reading would wait for a writer forever
+        os.mkfifo(tmp_path / "models.yaml")
+    finished = serve(tmp_path, cache_dir, BOMB if kind == "bomb" else None)
+    assert finished.returncode != 0
+    expected = "aliases (*l0) are not allowed" if kind == "bomb" else "it is not a regular file"
+    assert expected in finished.stderr and "Traceback" not in finished.stderr
     assert "listening" not in finished.stderr
 
 

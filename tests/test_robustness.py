@@ -3,9 +3,10 @@ stays up, and serves a normal request afterwards.
 
 Thousands of generated requests go to every RPC: messages with extreme values (empty and
 huge strings, int32/int64 limits, NaN and infinities, long repeated fields, deeply nested
-engine_options), bytes that are not the message at all or carry fields with the wrong wire
-type, and metadata with odd tokens, request ids and binary values. A raw HTTP/2 client
-also sends metadata values that are not UTF-8, which no gRPC client library would send.
+engine_options and JSON texts: schemas, tool parameters, call arguments), bytes that are not
+the message at all or carry fields with the wrong wire type, and metadata with odd tokens,
+request ids and binary values. A raw HTTP/2 client also sends metadata values that are not
+UTF-8, which no gRPC client library would send.
 The requests have no enum fields; unknown fields and wire types stand in for unknown values.
 
 Budget: the hypothesis profile (tests/conftest.py): "ci" by default, "thorough" for more.
@@ -170,6 +171,15 @@ JSON = st.recursive(
 )
 
 
+# JSON text nested up to far deeper than Python's parser goes (it raises RecursionError there).
+DEEP_JSON = st.builds(
+    lambda depth, array: "[" * depth + "]" * depth if array else '{"a": ' * depth + "1" + "}" * depth,
+    st.integers(1, 20_000),
+    st.booleans(),
+)
+JSON_TEXTS = st.one_of(st.builds(json.dumps, JSON), DEEP_JSON, STRINGS)
+
+
 def nested(depth: int) -> dict:
     value: dict = {"leaf": 1}
     for _ in range(depth):
@@ -236,8 +246,7 @@ STRUCTURED_OUTPUTS = st.one_of(
         st.one_of(
             st.just('{"type": "object", "properties": {"a": {"type": "integer"}}}'),
             st.just('{"type": "nonsense"}'),
-            st.builds(json.dumps, JSON),
-            STRINGS,
+            JSON_TEXTS,
         ),
     ),
     st.builds(lambda text: {"regex": text}, st.one_of(st.just("[0-9]{2}"), st.just("(["), STRINGS)),
@@ -246,6 +255,22 @@ STRUCTURED_OUTPUTS = st.one_of(
     st.builds(lambda value: {"json_object": value}, st.booleans()),
     st.just({}),
 )
+
+
+# Conversations: roles valid and not; tools and past calls whose JSON may be nested deep.
+CHAT_MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "tool", "system", "robot"]), "content": STRINGS},
+        optional={
+            "tool_calls": st.lists(
+                st.fixed_dictionaries({"name": STRINGS, "arguments": JSON_TEXTS}), max_size=2
+            )
+        },
+    ),
+    min_size=1,
+    max_size=3,
+)
+TOOLS = st.lists(st.fixed_dictionaries({"name": STRINGS, "parameters": JSON_TEXTS}), max_size=3)
 
 
 @st.composite
@@ -278,12 +303,17 @@ def generate_requests(draw) -> bytes:
             },
         )
     )
-    # Mostly exactly one of prompt and prompt_token_ids (else validation refuses it straight away).
-    prompt = draw(st.sampled_from(["text", "text", "ids", "both", "neither"]))
+    # Mostly exactly one of prompt, prompt_token_ids and messages (else validation refuses it
+    # straight away).
+    prompt = draw(st.sampled_from(["text", "text", "ids", "messages", "both", "neither"]))
     if prompt in ("text", "both"):
         fields["prompt"] = draw(STRINGS)
+        fields["parse_special_tokens"] = draw(st.booleans())
     if prompt in ("ids", "both"):
         fields["prompt_token_ids"] = draw(TOKEN_IDS)
+    if prompt == "messages":
+        fields["messages"] = draw(CHAT_MESSAGES)
+        fields["tools"] = draw(TOOLS)
     return generate_pb2.GenerateRequest(**fields).SerializeToString()
 
 

@@ -226,6 +226,84 @@ def test_bad_fields_are_invalid_argument_naming_the_field(client: Client, model_
     assert field in [v.field for v in bad_request(error).field_violations]
 
 
+# Formats the grammar library cannot follow: once answered FINISH_REASON_STOP with output
+# that does not match them ("a", "x", or nothing at all).
+UNFOLLOWABLE = {
+    "a regex a million characters long": ({"regex": "a" * 1_000_000}, "structured_output.regex"),
+    "one choice of 3 MB": ({"choice": {"choices": ["x" * 3_000_000]}}, "structured_output.choice.choices"),
+    "a regex that matches nothing": ({"regex": r"[^\s\S]"}, "structured_output.regex"),
+    "a schema that refers to itself forever": (
+        {"json_schema": json.dumps({"$ref": "#"})},
+        "structured_output.json_schema",
+    ),
+    "a grammar whose rules refer to each other forever": (
+        {"grammar": "start: a\na: b\nb: a"},
+        "structured_output.grammar",
+    ),
+}
+
+
+@pytest.mark.parametrize("structured_output, field", UNFOLLOWABLE.values(), ids=UNFOLLOWABLE)
+def test_a_format_that_cannot_be_followed_is_refused_at_admission(
+    client: Client, model_uid: str, structured_output, field
+):
+    error = rpc_error(
+        lambda: list(
+            client.generate(
+                model_uid,
+                PROMPT,
+                max_tokens=8,
+                temperature=0,
+                structured_output=structured_output,
+                timeout=120,
+            )
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field in [v.field for v in bad_request(error).field_violations]
+
+
+def test_a_format_the_library_gives_up_on_mid_output_ends_the_stream_naming_it(
+    client: Client, model_uid: str
+):
+    # Twelve letters, then a rule of 2500 alternatives: beyond the library's 2000 a row, which
+    # it finds only when the output reaches that rule.
+    alternatives = " | ".join(json.dumps(f"w{i}") for i in range(2500))
+    grammar = f"start: /[a-z]{{12}}/ x\nx: {alternatives}"
+    received = []
+
+    def stream():
+        received.extend(
+            client.generate(
+                model_uid,
+                PROMPT,
+                max_tokens=64,
+                temperature=0,
+                structured_output={"grammar": grammar},
+                timeout=120,
+            )
+        )
+
+    error = rpc_error(stream)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert [v.field for v in bad_request(error).field_violations] == ["structured_output.grammar"]
+    assert "gave up" in error.details()
+    assert all(message.finish_reason != generate_pb2.FINISH_REASON_STOP for message in received)
+
+
+def test_too_many_choices_are_refused_before_compiling_with_no_library_text(client: Client, tiny):
+    choices = [f"choice {i}" for i in range(100_000)]
+    error = rpc_error(
+        lambda: list(
+            client.generate(tiny.model_uid, PROMPT, structured_output={"choice": {"choices": choices}})
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in bad_request(error).field_violations] == ["structured_output.choice.choices"]
+    assert "at most 1024" in error.details()
+    assert "panic" not in error.details() and "backtrace" not in error.details()
+
+
 def test_a_waiting_request_of_lower_priority_value_is_admitted_first():
     async def scenario() -> list[str]:
         gate = AdmissionGate(max_running=1, max_waiting=8)

@@ -34,3 +34,6 @@ def test_tgis_generate_stream_tokenize_and_model_info(running_server, client, ti
     assert answers["sampled"]["seed"] == "7"  # uint64 in proto3 JSON is a string
     assert answers["unknown_model"] == "NOT_FOUND"
     assert answers["typical_p"] == "INVALID_ARGUMENT"
+    # A schema nested 5,000 deep, and a format nothing satisfies (once EOS_TOKEN, empty).
+    assert answers["deep_json_schema"] == "INVALID_ARGUMENT"
+    assert answers["regex_matching_nothing"] == "INVALID_ARGUMENT"
