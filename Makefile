@@ -43,11 +43,11 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint deploy/Containerfile
 
-# Rewrite clients/v1 from protos/llmgrpc/v1, server/worker_v1 from protos/llmgrpc/worker/v1, and
+# Rewrite clients/v1 from protos/llmgrpc/v1, worker/v1 from protos/llmgrpc/worker/v1, and
 # server/kserve_v2, server/tgis_v1 from the inference protocols protos/llmgrpc/kserve/v2, tgis/v1
 # (never edit the generated files by hand).
 generate: $(VENV)/.installed
-	rm -rf clients/v1 server/worker_v1 server/kserve_v2 server/tgis_v1
+	rm -rf clients/v1 worker/v1 server/kserve_v2 server/tgis_v1
 	$(PY) protos/generate.py
 
 # On a release: the protos being released become the contract `buf breaking` guards

@@ -154,7 +154,7 @@ def worker_processes(server_pid: int) -> int:
             arguments = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        count += parent == server_pid and b"llmgrpc.server.worker" in arguments
+        count += parent == server_pid and b"llmgrpc.worker" in arguments
     return count
 
 

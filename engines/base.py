@@ -219,10 +219,13 @@ class Chunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stop: str | int | None = None
 
-    def to_pb(self) -> generate_pb2.GenerateResponse:
-        response = generate_pb2.GenerateResponse(
-            text=self.text, token_ids=self.token_ids, logprobs=[lp.to_pb() for lp in self.logprobs]
-        )
+    def to_pb(self, into: generate_pb2.GenerateResponse | None = None) -> generate_pb2.GenerateResponse:
+        """The piece as the contract has it, written into `into` when given (the frame that
+        carries it to the server, with no copy on the way)."""
+        response = generate_pb2.GenerateResponse() if into is None else into
+        response.text = self.text
+        response.token_ids.extend(self.token_ids)
+        response.logprobs.extend(lp.to_pb() for lp in self.logprobs)
         if self.finish_reason is not None:
             response.finish_reason = self.finish_reason.value
         if self.usage is not None:

@@ -2,7 +2,7 @@
 
 protos/llmgrpc/v1 (the contract) goes to clients/v1, installed as llmgrpc.v1;
 protos/llmgrpc/worker/v1 (the server's API to its worker processes, not public) goes to
-server/worker_v1, installed as llmgrpc.worker.v1; the standard inference protocols
+worker/v1, installed as llmgrpc.worker.v1; the standard inference protocols
 protos/llmgrpc/kserve/v2 and protos/llmgrpc/tgis/v1 go to server/kserve_v2 and
 server/tgis_v1 (llmgrpc.kserve.v2, llmgrpc.tgis.v1). Each gets messages (_pb2.py), services
 (_pb2_grpc.py) and typed stubs for both (.pyi, through mypy-protobuf, so the Stub, the async
@@ -33,7 +33,7 @@ TGIS = Path("llmgrpc") / "tgis" / "v1"
 # Each proto package and the folder its stubs are written to.
 OUTPUT_DIRS = {
     PUBLIC: REPO_ROOT / "clients" / "v1",
-    WORKER: REPO_ROOT / "server" / "worker_v1",
+    WORKER: REPO_ROOT / "worker" / "v1",
     KSERVE: REPO_ROOT / "server" / "kserve_v2",
     TGIS: REPO_ROOT / "server" / "tgis_v1",
 }

@@ -113,7 +113,7 @@ class WorkerProcess:
         self.process = await asyncio.create_subprocess_exec(
             self.python,
             "-m",
-            "llmgrpc.server.worker",
+            "llmgrpc.worker",
             "--socket",
             str(self.socket_path),
             "--generate-socket",
@@ -192,7 +192,7 @@ class WorkerProcess:
                 call_request.trace_context.update(tracing.inject())
             async with contextlib.aclosing(self.generate_streams.stream(call_request, deadline)) as pieces:
                 async for piece in pieces:
-                    yield piece.response
+                    yield piece
 
     async def tokenize(
         self, request: generate_pb2.TokenizeRequest, timeout: float | None

@@ -19,7 +19,7 @@ from rpc_helpers import wait_until
 
 from llmgrpc.clients import Client
 
-WORKER_MODULE = "llmgrpc.server.worker"
+WORKER_MODULE = "llmgrpc.worker"
 SOCKET_FOLDER_PREFIX = "llmgrpc-worker-"
 
 

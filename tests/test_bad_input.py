@@ -28,7 +28,7 @@ from llmgrpc.engines.base import LoadPlan, SamplingParams, SpecRef
 from llmgrpc.engines.catalogue import ENGINES, engine_info, validate_engine_options
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.server import logs
-from llmgrpc.server.worker import Worker
+from llmgrpc.worker.service import Worker
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
 # Engine options.
@@ -319,7 +319,7 @@ def test_a_worker_logs_an_unexpected_load_error_with_the_servers_request_id(tmp_
     def resolve_with_a_bug(plan, report):
         raise RuntimeError("a bug while resolving weights")
 
-    monkeypatch.setattr("llmgrpc.server.worker.weights.resolve", resolve_with_a_bug)
+    monkeypatch.setattr("llmgrpc.worker.service.weights.resolve", resolve_with_a_bug)
     stream = io.StringIO()
     handler = logs.handler("json", stream)
     root = logging.getLogger()

@@ -21,7 +21,7 @@ def test_buf_lint_standard_and_comments_is_clean():
 
 
 def test_generated_code_matches_the_protos(tmp_path: Path):
-    """Both the contract's stubs (clients/v1) and the worker API's (server/worker_v1)."""
+    """Both the contract's stubs (clients/v1) and the worker API's (worker/v1)."""
     spec = importlib.util.spec_from_file_location("generate", PROTOS / "generate.py")
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)

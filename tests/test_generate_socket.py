@@ -1,4 +1,5 @@
-"""The Generate socket between server and worker (server/generate_socket.py), both halves in
+"""The Generate socket between server and worker (llmgrpc.worker.generate_socket, the worker's
+half, and llmgrpc.server.generate_socket, the server's; llmgrpc.worker.frames), both halves in
 one event loop: pieces and statuses arrive as sent, and whichever side goes away, or the
 deadline passing, ends the worker's generation at once."""
 
@@ -22,11 +23,13 @@ from llmgrpc.clients.errors import (
 )
 from llmgrpc.server import generate_socket
 from llmgrpc.v1 import generate_pb2
+from llmgrpc.worker import frames
+from llmgrpc.worker import generate_socket as worker_socket
 from llmgrpc.worker.v1 import worker_pb2
 
 
-def piece(text: str) -> worker_pb2.GenerateResponse:
-    return worker_pb2.GenerateResponse(response=generate_pb2.GenerateResponse(text=text))
+def piece(text: str) -> worker_pb2.GenerateFrame:
+    return worker_pb2.GenerateFrame(response=generate_pb2.GenerateResponse(text=text))
 
 
 class Generation:
@@ -52,7 +55,7 @@ class Generation:
 
 async def serving(generation: Generation, folder, scenario):
     socket = folder / "generate.sock"
-    server = await asyncio.start_unix_server(functools.partial(generate_socket.serve, generation), socket)
+    server = await asyncio.start_unix_server(functools.partial(worker_socket.serve, generation), socket)
     try:
         return await scenario(generate_socket.Streams(socket))
     finally:
@@ -72,7 +75,7 @@ def test_pieces_arrive_in_order_and_the_stream_ends_with_the_status(tmp_path):
     generation = Generation(["a", "b", "c"])
 
     async def scenario(streams):
-        return [p.response.text async for p in streams.stream(request(), None)]
+        return [p.text async for p in streams.stream(request(), None)]
 
     assert asyncio.run(serving(generation, tmp_path, scenario)) == ["a", "b", "c"]
     assert generation.requests[0].request_id == "r-1"
@@ -91,7 +94,7 @@ def test_a_workers_error_arrives_with_its_code_reason_and_fields(tmp_path):
         seen = []
         with pytest.raises(RemoteError) as raised:
             async for p in streams.stream(request(), None):
-                seen.append(p.response.text)
+                seen.append(p.text)
         return seen, raised.value
 
     seen, error = asyncio.run(serving(generation, tmp_path, scenario))
@@ -107,7 +110,7 @@ def test_a_caller_leaving_closes_the_workers_generation(tmp_path):
 
     async def scenario(streams):
         pieces = streams.stream(request(), None)
-        assert (await anext(pieces)).response.text == "a"
+        assert (await anext(pieces)).text == "a"
         await pieces.aclose()
         await asyncio.wait_for(generation.closed.wait(), 5)
 
@@ -144,8 +147,8 @@ def test_a_worker_that_goes_away_mid_stream_is_unavailable(tmp_path):
     socket = tmp_path / "generate.sock"
 
     async def dying(reader, writer):  # answers one piece, then its process "dies"
-        await generate_socket.read_frame(reader, worker_pb2.GenerateRequest)
-        generate_socket.write_frame(writer, worker_pb2.GenerateFrame(response=piece("a")))
+        await frames.read_frame(reader, worker_pb2.GenerateRequest)
+        frames.write_frame(writer, piece("a"))
         await writer.drain()
         writer.transport.abort()
 
@@ -155,7 +158,7 @@ def test_a_worker_that_goes_away_mid_stream_is_unavailable(tmp_path):
         try:
             with pytest.raises(Unavailable) as raised:
                 async for p in generate_socket.Streams(socket).stream(request(), None):
-                    seen.append(p.response.text)
+                    seen.append(p.text)
         finally:
             server.close()
         return seen, raised.value
@@ -198,7 +201,7 @@ def test_an_engine_that_never_waits_still_lets_the_other_streams_run(tmp_path):
     turns_at_piece: list[int] = []
 
     async def never_waits(request):
-        for index in range(10 * generate_socket.FRAMES_PER_TURN):
+        for index in range(10 * worker_socket.FRAMES_PER_TURN):
             turns_at_piece.append(turns)
             yield piece(str(index))
 
@@ -217,7 +220,7 @@ def test_an_engine_that_never_waits_still_lets_the_other_streams_run(tmp_path):
         finally:
             beside.cancel()
 
-    assert len(asyncio.run(serving(never_waits, tmp_path, scenario))) == 10 * generate_socket.FRAMES_PER_TURN
+    assert len(asyncio.run(serving(never_waits, tmp_path, scenario))) == 10 * worker_socket.FRAMES_PER_TURN
     # The other work ran between every FRAMES_PER_TURN pieces, at least.
-    for start in range(0, len(turns_at_piece) - generate_socket.FRAMES_PER_TURN):
-        assert turns_at_piece[start + generate_socket.FRAMES_PER_TURN] > turns_at_piece[start]
+    for start in range(0, len(turns_at_piece) - worker_socket.FRAMES_PER_TURN):
+        assert turns_at_piece[start + worker_socket.FRAMES_PER_TURN] > turns_at_piece[start]

@@ -24,8 +24,9 @@ from llmgrpc.engines.base import LoadPlan, SpecRef
 from llmgrpc.engines.batching import BatchedEngine
 from llmgrpc.server import generate_socket, logs, tracing
 from llmgrpc.server.settings import Settings
-from llmgrpc.server.worker import Worker
 from llmgrpc.v1 import generate_pb2, models_pb2
+from llmgrpc.worker import generate_socket as worker_socket
+from llmgrpc.worker.service import Worker
 from llmgrpc.worker.v1 import worker_pb2
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -222,7 +223,7 @@ def test_the_worker_opens_a_span_around_the_engine_continuing_the_trace(tmp_path
         worker = Worker(plan, provider.get_tracer("test"))
         worker.engine = _CountingEngine(CountingRunner(), 4, "cpu")
         socket = tmp_path / "generate.sock"
-        serve = functools.partial(generate_socket.serve, worker.generate)
+        serve = functools.partial(worker_socket.serve, worker.generate)
         server = await asyncio.start_unix_server(serve, socket)
         try:
             request = worker_pb2.GenerateRequest(
@@ -230,7 +231,7 @@ def test_the_worker_opens_a_span_around_the_engine_continuing_the_trace(tmp_path
                 request_id="worker-span-1",
                 trace_context={"traceparent": TRACEPARENT},
             )
-            return [piece.response async for piece in generate_socket.Streams(socket).stream(request, None)]
+            return [piece async for piece in generate_socket.Streams(socket).stream(request, None)]
         finally:
             server.close()
             worker.engine.close()

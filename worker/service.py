@@ -1,12 +1,12 @@
-"""The worker process: one launched model, served to the server over a Unix socket.
+"""The worker process's service: one launched model, served to the server over a Unix socket.
 
-The server starts ``python -m llmgrpc.server.worker --socket PATH --generate-socket PATH
+The server starts ``python -m llmgrpc.worker --socket PATH --generate-socket PATH
 --plan JSON`` with the engine's interpreter. The worker serves the internal API of
 protos/llmgrpc/worker/v1, ``llmgrpc.worker.v1.WorkerService``, on the first socket:
 ``Load`` (progress, then the engine's stats), ``Stats``, ``Tokenize`` and ``Detokenize``
 (the model's tokenizer), and ``Download`` (fetch the weights only, for DownloadModel:
 progress, then their path). Generate streams (a resolved request with the caller's
-deadline) come on the second socket (server/generate_socket.py); the server closing one
+deadline) come on the second socket (``llmgrpc.worker.generate_socket``); the server closing one
 closes the engine's stream, which aborts the request. The worker exits when the server
 closes its standard input, so it never outlives the server.
 """
@@ -37,9 +37,10 @@ from llmgrpc.engines import weights
 from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
 from llmgrpc.engines.cpu_threads import on_a_thread_of_its_own
-from llmgrpc.server import generate_socket, logs, tracing
+from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.v1 import generate_pb2, models_pb2
+from llmgrpc.worker import frames, generate_socket
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("llmgrpc.worker")
@@ -85,14 +86,13 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             yield worker_pb2.DownloadResponse(progress=progress)
         yield worker_pb2.DownloadResponse(model_path=downloading.result)
 
-    async def generate(
-        self, request: worker_pb2.GenerateRequest
-    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        """The engine's pieces for one request of the Generate socket (generate_socket.serve)."""
+    async def generate(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateFrame]:
+        """The engine's pieces for one request of the Generate socket (generate_socket.serve),
+        each written straight into the frame that carries it."""
         if self.engine is None:
             raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         request_id = request.request_id or uuid.uuid4().hex
-        deadline = generate_socket.deadline_of(request)
+        deadline = frames.deadline_of(request)
         generation = GenerationRequest.from_pb(request.request, request_id, deadline)
         # The engine's part of the request's trace: a child of the server's hop to this worker.
         with tracing.current_span(
@@ -110,7 +110,9 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             async with contextlib.aclosing(self.engine.generate(generation)) as chunks:
                 async for chunk in chunks:
                     generated += len(chunk.token_ids)
-                    yield worker_pb2.GenerateResponse(response=chunk.to_pb())
+                    frame = worker_pb2.GenerateFrame()
+                    chunk.to_pb(into=frame.response)
+                    yield frame
             span.set_attribute("llmgrpc.generated_tokens", generated)
 
     @grpc_errors
@@ -220,7 +222,7 @@ async def run(
     generate_server = await asyncio.start_unix_server(
         functools.partial(generate_socket.serve, worker.generate),
         generate_socket_path,
-        limit=generate_socket.FRAME_LIMIT,
+        limit=frames.FRAME_LIMIT,
     )
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(worker, server)
@@ -266,7 +268,3 @@ class _WorkerFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.worker = self.model_uid
         return True
-
-
-if __name__ == "__main__":
-    main()

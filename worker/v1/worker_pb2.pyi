@@ -190,32 +190,10 @@ class GenerateRequest(_message.Message):
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
-class GenerateResponse(_message.Message):
-    """One piece of a generation's output."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    RESPONSE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def response(self) -> _generate_pb2.GenerateResponse:
-        """The piece, exactly as the server relays it to the caller."""
-
-    def __init__(
-        self,
-        *,
-        response: _generate_pb2.GenerateResponse | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
-
-@_typing.final
 class GenerateFrame(_message.Message):
-    """One message the worker writes on a Generate stream's connection."""
+    """One message the worker writes on a Generate stream's connection: one per
+    engine step of the request, the public message itself, with no envelope.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -227,13 +205,15 @@ class GenerateFrame(_message.Message):
     (with its ErrorInfo, BadRequest and RetryInfo details).
     """
     @_builtins.property
-    def response(self) -> Global___GenerateResponse:
-        """A piece of the generation's output."""
+    def response(self) -> _generate_pb2.GenerateResponse:
+        """A piece of the generation's output, exactly as the server relays it to
+        the caller.
+        """
 
     def __init__(
         self,
         *,
-        response: Global___GenerateResponse | None = ...,
+        response: _generate_pb2.GenerateResponse | None = ...,
         status: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "response", b"response", "status", b"status"]  # noqa: Y015
