@@ -18,6 +18,7 @@ from llmgrpc.clients import Client
 from llmgrpc.kserve.v2 import grpc_service_pb2 as kserve_pb
 from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from llmgrpc.server.kserve import encode_bytes
+from llmgrpc.v1 import models_pb2
 
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0)]
 
@@ -93,3 +94,22 @@ def test_a_stream_whose_caller_does_not_read_ends_and_frees_its_decode_slot(gate
                 else:
                     raise AssertionError("a stream nobody read ran to its end")
         assert wait_until(lambda: client.get_model("busy").running_requests == 0)
+
+
+def test_a_watcher_that_reads_slowly_gets_the_latest_description_not_a_backlog(gated_server):
+    """A load reports thousands of progress steps while a watcher reads nothing: once it reads, it
+    gets what its transport held and then the model as it is now, not every step in between."""
+    steps = 3000
+    server = gated_server()
+    with Client(server.endpoint) as client:
+        options = {"progress_reports": steps}
+        client.launch("gated-model", model_uid="watched", engine_options=options, wait=False, timeout=60)
+        watcher_channel = grpc.insecure_channel(server.endpoint, options=SMALL_WINDOW)
+        with Client(server.endpoint, channel=watcher_channel) as watcher:
+            request = models_pb2.WatchModelRequest(model_uid="watched")
+            responses = watcher.models.WatchModel(request, timeout=120)  # the call starts now
+            assert wait_until(lambda: client.get_model("watched").state == models_pb2.MODEL_STATE_READY, 60)
+            seen = [response.model for response in responses]
+    assert seen[0].state == models_pb2.MODEL_STATE_LOADING
+    assert seen[-1].state == models_pb2.MODEL_STATE_READY
+    assert len(seen) < steps / 2, f"{len(seen)} descriptions for {steps} progress steps"
