@@ -13,6 +13,14 @@ after a few messages, some given a short deadline), then reports:
   with --churn-lanes streams sent to it; their acceptable ends are a complete stream or
   UNAVAILABLE / NOT_FOUND saying the model is loading, terminated or absent. Afterwards
   only the soaked model is listed and exactly one worker process runs (nothing orphaned).
+- unread: then --unread-callers callers (4) write requests on KServe's ModelStreamInfer as fast
+  as the server takes them and never read, for --unread-duration seconds (60): half for the
+  soaked model, half for a model that does not exist (answered at once). The server's resident
+  memory, sampled each second, must stay within 10% of what it was a third of the way in: by
+  then gRPC's flow-control windows, which it widens as data flows (BDP probing), are about full,
+  and what the server holds no longer grows (before backpressure, it grew without end). The
+  server is started with an unread-stream timeout beyond the case, so that backpressure alone
+  holds the memory.
 
     python benchmarks/soak.py --duration 120 --concurrency 32 [--churn-lanes 4] [--json soak.json]
 """
@@ -38,6 +46,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from llmgrpc.kserve.v2 import grpc_service_pb2 as kserve_pb
+from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+from llmgrpc.server.kserve import encode_bytes
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 PROMPTS = ["Hello", "Tell me a story about", "The quick brown fox", "Once upon a time", "In 1969,"]
@@ -277,6 +288,79 @@ async def soak(
         }
 
 
+# The unread case: memory within this fraction of its level a third of the way in.
+UNREAD_FLAT = 0.10
+
+
+def unread_request(model_uid: str, number: int) -> kserve_pb.ModelInferRequest:
+    """A streamed ModelInferRequest of 16 tokens: for the soaked model, or every other one for a
+    model that does not exist (answered at once, as fast as the server can answer)."""
+    request = kserve_pb.ModelInferRequest(model_name=model_uid if number % 2 else "absent", id=str(number))
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    request.inputs.add(name="stream", datatype="BOOL", shape=[1])
+    request.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
+    request.raw_input_contents.extend(
+        [encode_bytes(PROMPTS[number % len(PROMPTS)].encode()), b"\x01", encode_bytes(b'{"max_tokens": 16}')]
+    )
+    return request
+
+
+async def unread(
+    endpoint: str, model_uid: str, duration: float, callers: int, server_pid: int | None
+) -> dict:
+    """callers write ModelStreamInfer requests and never read, for duration seconds; the server's
+    RSS is sampled each second (when this script started the server)."""
+    written = [0] * callers
+    samples: list[tuple[float, int]] = []
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        models = models_pb2_grpc.ModelServiceStub(channel)
+        before = rss_bytes(server_pid) if server_pid else 0
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        calls = [stub.ModelStreamInfer() for _ in range(callers)]
+
+        async def write(index: int) -> None:
+            while True:
+                await calls[index].write(unread_request(model_uid, written[index]))
+                written[index] += 1
+
+        writers = [asyncio.ensure_future(write(index)) for index in range(callers)]
+        began = time.monotonic()
+        while (elapsed := time.monotonic() - began) < duration:
+            await asyncio.sleep(1.0)
+            if server_pid:
+                samples.append((elapsed, rss_bytes(server_pid)))
+        for writer in writers:
+            writer.cancel()
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        idle = False
+        for _ in range(100):  # the cancelled calls' generations stop within a decode step or so
+            model = (await models.GetModel(models_pb2.GetModelRequest(model_uid=model_uid))).model
+            if idle := model.running_requests == 0 and model.waiting_requests == 0:
+                break
+            await asyncio.sleep(0.1)
+    report = {
+        "callers": callers,
+        "duration_s": duration,
+        "requests_written": sum(written),
+        "idle_after": idle,
+    }
+    if samples:
+        settled = [rss for at, rss in samples if at >= duration / 3]
+        baseline = settled[0]
+        report["server_rss_mib"] = {
+            "before": before / 2**20,
+            "baseline": baseline / 2**20,
+            "min": min(settled) / 2**20,
+            "max": max(settled) / 2**20,
+            "end": settled[-1] / 2**20,
+            "every_tenth": [rss / 2**20 for rss in settled[:: max(1, len(settled) // 10)]],
+        }
+        report["flat"] = all(abs(rss - baseline) <= UNREAD_FLAT * baseline for rss in settled)
+    return report
+
+
 def _rounded(value):
     if isinstance(value, float):
         return round(value, 4)
@@ -296,11 +380,19 @@ def main() -> None:
     parser.add_argument(
         "--churn-lanes", type=int, default=4, help="streams at a time to the churning model (0: no churn)"
     )
+    parser.add_argument(
+        "--unread-duration", type=float, default=60.0, help="seconds of the unread case (0: skip it)"
+    )
+    parser.add_argument(
+        "--unread-callers", type=int, default=4, help="ModelStreamInfer callers that never read"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
 
-    server = None if args.endpoint else Server(args.model, [])
+    # The unread case's streams must outlast it: backpressure, not the timeout, holds the memory.
+    unread_timeout = ["--stream-unread-timeout-s", str(args.unread_duration + 60)]
+    server = None if args.endpoint else Server(args.model, unread_timeout)
     endpoint = args.endpoint or server.endpoint
     server_pid = server.process.pid if server else None
     try:
@@ -308,6 +400,10 @@ def main() -> None:
         report = asyncio.run(
             soak(endpoint, args.model, args.duration, args.concurrency, args.churn_lanes, args.seed)
         )
+        if args.unread_duration > 0:
+            report["unread_stream_infer"] = asyncio.run(
+                unread(endpoint, args.model, args.unread_duration, args.unread_callers, server_pid)
+            )
         if server_pid:
             report["worker_processes_after"] = worker_processes(server_pid)
             report["server_rss_mib"] = {
@@ -324,8 +420,11 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    unread_case = report.get("unread_stream_infer", {})
     failed = (
         report["errors"]
+        or unread_case.get("flat") is False
+        or unread_case.get("idle_after") is False
         or not report["idle_after"]
         or report["listed_after"] != [args.model]
         or report.get("worker_processes_after", 1) != 1

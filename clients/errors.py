@@ -59,6 +59,7 @@ class Reason:
     TOKEN_INVALID = "TOKEN_INVALID"
     ROLE_NOT_ALLOWED = "ROLE_NOT_ALLOWED"
     SHUTTING_DOWN = "SHUTTING_DOWN"  # the server is draining: call another replica
+    STREAM_NOT_READ = "STREAM_NOT_READ"  # a response stream's caller read nothing for too long
     INTERNAL = "INTERNAL"  # a bug: see the server log for the request id
 
 

@@ -146,7 +146,9 @@ async def create_server(
     tracer = provider.get_tracer(tracing.TRACER_NAME)
     manager = EngineManager(settings, registry, availability, set_health, metrics=metrics, tracer=tracer)
     metrics.watch(manager)
-    interceptor = ServerInterceptor(TokenTable(tokens), metrics, tracer)
+    interceptor = ServerInterceptor(
+        TokenTable(tokens), metrics, tracer, stream_unread_timeout_s=settings.stream_unread_timeout_s
+    )
     options = settings.grpc_options()
     server = grpc.aio.server(interceptors=[interceptor], options=options)
     models_pb2_grpc.add_ModelServiceServicer_to_server(
@@ -154,7 +156,13 @@ async def create_server(
     )
     generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(manager, metrics), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        kserve.KServeServicer(manager, metrics, server_ready=lambda: llmgrpc_server.ready), server
+        kserve.KServeServicer(
+            manager,
+            metrics,
+            server_ready=lambda: llmgrpc_server.ready,
+            max_stream_pending=settings.max_stream_pending,
+        ),
+        server,
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(tgis.TgisServicer(manager, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

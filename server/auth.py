@@ -34,6 +34,7 @@ INFERENCE_METHODS = frozenset(
         "/llmgrpc.v1.ModelService/ListSpecs",
         "/llmgrpc.v1.ModelService/ListModels",
         "/llmgrpc.v1.ModelService/GetModel",
+        "/llmgrpc.v1.ModelService/WatchModel",
         # KServe v2: all but the repository's load and unload (LaunchModel, TerminateModel).
         *(
             f"/inference.GRPCInferenceService/{method}"

@@ -5,8 +5,10 @@ one), sent back in the initial metadata and set for the logs; a SERVER span cont
 the caller's ``traceparent``; refusal while draining (UNAVAILABLE, reason SHUTTING_DOWN);
 authentication and the role check (UNAUTHENTICATED, PERMISSION_DENIED); messages that do
 not parse become INVALID_ARGUMENT (gRPC itself would answer UNKNOWN); an unexpected
-exception becomes INTERNAL with the request id to look up in the log. When the call
-ends: its status code counted and timed, one log line, the span closed.
+exception becomes INTERNAL with the request id to look up in the log. A response stream
+whose caller reads nothing for ``stream_unread_timeout_s`` while a response waits to be sent
+ends with RESOURCE_EXHAUSTED (STREAM_NOT_READ), its servicer closed (which frees its decode
+slot). When the call ends: its status code counted and timed, one log line, the span closed.
 
 Health and reflection stay open (no token), are never refused while draining (probes
 must see NOT_SERVING), and are not waited for when draining (Watch streams never end).
@@ -15,6 +17,7 @@ must see NOT_SERVING), and are not waited for when draining (Watch streams never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -26,7 +29,7 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from llmgrpc.clients.errors import InvalidArgument, LlmgrpcError, Reason, Unavailable
+from llmgrpc.clients.errors import InvalidArgument, LlmgrpcError, Reason, ResourceExhausted, Unavailable
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.auth import OPEN_SERVICES, TokenTable, authorize, service_of
 from llmgrpc.server.metrics import Metrics
@@ -91,10 +94,18 @@ class _Call:
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Request ids, tracing, draining, authentication and authorization, statuses, metrics, logs."""
 
-    def __init__(self, tokens: TokenTable, metrics: Metrics, tracer: trace.Tracer):
+    def __init__(
+        self,
+        tokens: TokenTable,
+        metrics: Metrics,
+        tracer: trace.Tracer,
+        *,
+        stream_unread_timeout_s: float | None = None,
+    ):
         self.tokens = tokens
         self.metrics = metrics
         self.tracer = tracer
+        self.stream_unread_timeout_s = stream_unread_timeout_s  # None: a stream may wait forever
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -134,6 +145,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         streaming_requests = handler.request_streaming
 
         if inspect.isasyncgenfunction(behavior):
+            # Written here rather than yielded, so that a write the caller never takes can time out.
 
             async def streaming(request, context):
                 call = self._enter(method, context)
@@ -141,8 +153,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     await self._send_request_id(call, context)
                     request = self._admit(call, request, context, streaming_requests)
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            await self._write(context, response)
+                except StreamNotRead as error:
+                    _end_unread(call, context, error)
                 except BaseException as error:
                     await self._fail(call, context, error)
                 finally:
@@ -163,6 +178,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._exit(call, context, token)
 
         return factory(unary, request_deserializer=deserializer, response_serializer=serializer)
+
+    async def _write(self, context: grpc.aio.ServicerContext, response) -> None:
+        """Send one response; StreamNotRead when the caller takes nothing for the timeout (gRPC's
+        write waits once the transport's flow-control window to the caller is full)."""
+        try:
+            async with asyncio.timeout(self.stream_unread_timeout_s):
+                await context.write(response)
+        except TimeoutError:
+            raise StreamNotRead(
+                f"the caller read nothing of this stream for {self.stream_unread_timeout_s:g} s while "
+                "its responses waited to be sent: the stream was ended and its work stopped; read "
+                "responses as they come",
+                reason=Reason.STREAM_NOT_READ,
+            ) from None
 
     # The steps of a call.
 
@@ -263,6 +292,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+class StreamNotRead(ResourceExhausted):
+    """A response stream's caller stopped reading it."""
+
+
+def _end_unread(call: _Call, context: grpc.aio.ServicerContext, error: StreamNotRead) -> None:
+    """End a stream its caller does not read: its status is set, never awaited, since it can only
+    follow the responses the caller has not taken (gRPC sends it once the caller reads them, or
+    drops it with the call when the caller's deadline passes or its connection closes)."""
+    status = to_rpc_status(error)
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
+    log.warning("%s: %s", call.method, error)
 
 
 def _final_code(context: grpc.aio.ServicerContext, abandoned: bool) -> grpc.StatusCode:

@@ -116,6 +116,8 @@ def _element(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -
     expected = INPUT_TYPES[tensor.name]
     if tensor.datatype != expected:
         raise _invalid(field, f"datatype {tensor.datatype or '(none)'} is not valid: must be {expected}")
+    if any(dimension < 0 for dimension in tensor.shape):
+        raise _invalid(field, f"shape {list(tensor.shape)} is not valid: dimensions are 0 or more; shape [1]")
     if math.prod(tensor.shape) != 1 or not tensor.shape:
         raise _invalid(field, f"shape {list(tensor.shape)} is not valid: one element, shape [1]")
     if expected == "BYTES":
@@ -143,6 +145,11 @@ def read_inputs(request: pb.ModelInferRequest) -> dict[str, bytes | bool]:
             )
         if tensor.name in values:
             raise _invalid(f"inputs[{tensor.name}]", "given twice")
+        if request.raw_input_contents and tensor.HasField("contents"):
+            raise _invalid(
+                f"inputs[{tensor.name}].contents",
+                "given together with raw_input_contents: send every input's data in one of them",
+            )
         raw = request.raw_input_contents[index] if request.raw_input_contents else None
         values[tensor.name] = _element(tensor, raw)
     for output in request.outputs:
@@ -346,10 +353,18 @@ def _server_version() -> str:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """GRPCInferenceService: each RPC converts at the boundary and calls the manager."""
 
-    def __init__(self, manager: EngineManager, metrics: Metrics, server_ready: Callable[[], bool]):
+    def __init__(
+        self,
+        manager: EngineManager,
+        metrics: Metrics,
+        server_ready: Callable[[], bool],
+        *,
+        max_stream_pending: int,
+    ):
         self.manager = manager
         self.metrics = metrics
         self.server_ready = server_ready
+        self.max_stream_pending = max_stream_pending  # per ModelStreamInfer call (settings)
 
     async def _generate(
         self, inference: Inference, request_id: str, context: grpc.aio.ServicerContext
@@ -410,11 +425,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @grpc_errors
     async def ModelStreamInfer(self, request_iterator, context):
-        """Each request starts a generation at once; their responses interleave, each carrying its
-        request's id. A request that fails answers error_message and the stream goes on; the
-        call's end (cancel, deadline) cancels every generation, which aborts it in the engine."""
+        """Each request starts a generation once read; their responses interleave, each carrying
+        its request's id. A request that fails answers error_message and the stream goes on; the
+        call's end (cancel, deadline) cancels every generation, which aborts it in the engine.
+
+        Backpressure: at most max_stream_pending requests are in progress and as many answers
+        wait to be sent; beyond, the caller's next request is read only once it has read answers
+        (its writes then wait in gRPC's flow control). A caller that writes and never reads
+        holds a bounded amount of the server's memory, until the unread-stream timeout ends it.
+        """
         call_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
-        outbox: asyncio.Queue = asyncio.Queue()
+        outbox: asyncio.Queue = asyncio.Queue(self.max_stream_pending)
+        room = asyncio.Semaphore(self.max_stream_pending)  # for requests in progress
         done = object()
         generations: set[asyncio.Task] = set()
 
@@ -426,11 +448,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             except LlmgrpcError as error:
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                 await outbox.put(pb.ModelStreamInferResponse(error_message=str(error), infer_response=failed))
+            finally:
+                room.release()
 
         async def read() -> None:
             try:
                 number = 0
-                async for request in request_iterator:
+                requests = aiter(request_iterator)
+                while True:
+                    await room.acquire()  # the next request is read only with room for it
+                    request = await anext(requests, done)
+                    if request is done:
+                        break
                     number += 1
                     task = asyncio.create_task(run(request, number))
                     generations.add(task)

@@ -83,16 +83,24 @@ def progress_to_pb(progress: models_pb2.LoadProgress) -> models_pb2.LoadProgress
 class AdmissionGate:
     """At most max_running requests decoding and max_waiting queued; beyond, refuse.
 
-    Queued requests are admitted by priority, lower first, first come first served among
-    equals (vLLM's meaning of a request's priority). A slot that frees goes straight to the
-    next waiter, so a newcomer never overtakes the queue."""
+    Queued requests are admitted by effective priority, lower first, first come first served
+    among equals (vLLM's meaning of a request's priority). A request's effective priority is
+    its priority less ageing_per_s for each second it has waited: once it has waited
+    (its priority - theirs) / ageing_per_s seconds, it goes ahead of every more urgent request
+    that arrives, so no stream of them holds it back for ever. A slot that frees goes straight
+    to the next waiter, so a newcomer never overtakes the queue."""
 
-    def __init__(self, max_running: int, max_waiting: int):
+    def __init__(self, max_running: int, max_waiting: int, *, ageing_per_s: float = 0.0):
         self.max_running = max_running
         self.max_waiting = max_waiting
+        self.ageing_per_s = ageing_per_s
         self.running = 0
-        self._queue: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap: (priority, arrival, ...)
+        # A heap of (order, arrival, admitted). Comparing two waiters' effective priorities,
+        # p1 - a * (now - t1) against p2 - a * (now - t2), "now" cancels out: the order of
+        # p + a * t, fixed at arrival, is their order at every moment.
+        self._queue: list[tuple[float, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
+        self._epoch = time.monotonic()
 
     @property
     def waiting(self) -> int:
@@ -119,7 +127,8 @@ class AdmissionGate:
 
     async def _wait_for_slot(self, priority: int) -> None:
         admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (priority, next(self._arrivals), admitted)
+        order = priority + self.ageing_per_s * (time.monotonic() - self._epoch)
+        entry = (order, next(self._arrivals), admitted)
         heapq.heappush(self._queue, entry)
         try:
             await admitted

@@ -50,6 +50,24 @@ class Settings(BaseSettings):
     max_waiting_requests: int = Field(
         64, ge=0, description="Generate requests a model queues beyond those; more get RESOURCE_EXHAUSTED"
     )
+    priority_ageing_per_s: float = Field(
+        1.0,
+        ge=0,
+        description="a queued Generate request's priority value falls by this much for each second it "
+        "waits, so a stream of more urgent requests delays it only so long (0: strict priority)",
+    )
+    max_stream_pending: int = Field(
+        64,
+        ge=1,
+        description="requests one ModelStreamInfer call may have in progress, and answers it may have "
+        "waiting to be sent; beyond, its next requests are not read until the caller reads (backpressure)",
+    )
+    stream_unread_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a response stream whose caller has read nothing for this long while its responses "
+        "wait to be sent ends with RESOURCE_EXHAUSTED (STREAM_NOT_READ), freeing its decode slot",
+    )
     memory_overhead: float = Field(
         1.2, ge=1.0, description="factor on a model's weight bytes for its KV cache and activations"
     )

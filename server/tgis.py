@@ -19,6 +19,7 @@ import grpc
 
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.server import logs
+from llmgrpc.server.launched import AdmissionGate
 from llmgrpc.server.manager import EngineManager
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.status import grpc_errors
@@ -70,6 +71,18 @@ def _structured_output(decoding: pb.DecodingParameters) -> generate_pb2.Structur
     if guided == "choice":
         return generate_pb2.StructuredOutput(choice=generate_pb2.Choice(choices=decoding.choice.choices))
     return generate_pb2.StructuredOutput(**{guided: getattr(decoding, guided)})
+
+
+def check_batch_size(prompts: int, gate: AdmissionGate) -> None:
+    """A batch larger than the model ever admits at once (running and waiting) can never run:
+    INVALID_ARGUMENT naming the limit, not a RESOURCE_EXHAUSTED that a retry could not fix."""
+    limit = gate.max_running + gate.max_waiting
+    if prompts > limit:
+        description = (
+            f"{prompts} prompts in one batch: the model admits at most {limit} requests at once "
+            f"({gate.max_running} running and {gate.max_waiting} waiting); send at most {limit} a batch"
+        )
+        raise _invalid("BatchedGenerationRequest", [FieldViolation("requests", description)])
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,7 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
 
     @grpc_errors
     async def Generate(self, request: pb.BatchedGenerationRequest, context):
+        """Every prompt of the batch at once; one that fails fails the call and stops the others."""
         generations = [
             Generation.from_pb(
                 request.model_id,
@@ -212,6 +226,7 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
             )
             for prompt in request.requests
         ]
+        check_batch_size(len(generations), self.manager.get(request.model_id).gate)
         call_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
         tasks = [
             asyncio.ensure_future(self._generate_whole(generation, f"{call_id}.{index}", context))

@@ -22,6 +22,9 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_CHARACTERS = 4096
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API and vLLM's default allow
 LOGIT_BIAS_LIMIT = 100.0
+# Priorities beyond these are refused: a bounded range keeps ageing's promise (settings'
+# priority_ageing_per_s) of how long the least urgent request can be held back.
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
 # JSON from callers (schemas, tool arguments, sampling parameters) is read by recursive code
 # (the parser, jsonschema, the chat template, the grammar library): its nesting is bounded.
 MAX_JSON_DEPTH = 64
@@ -122,6 +125,8 @@ def check_generate(request: generate_pb2.GenerateRequest) -> None:
     optional_number("logprobs", lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]")
     optional_number("truncate_prompt_tokens", lambda v: v >= 1, "must be at least 1 (prompt tokens kept)")
     violations += _logit_bias_violations(request.logit_bias)
+    if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
+        bad("priority", f"{request.priority} is out of range: must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")
     if request.HasField("structured_output"):
         violations += _structured_output_violations(request.structured_output)
     _raise_if_any("GenerateRequest", violations)

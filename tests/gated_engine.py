@@ -7,7 +7,8 @@ It streams ``max_tokens`` tokens ("a", "b", ...), ``token_delay_s`` apart, so a 
 streams in flight as long as it needs too. With ``request_log``, it appends each request as
 it arrived (prompt, max_tokens, deadline) to that file, one JSON object a line. It crashes
 as an engine library would, by a signal after a last line on stderr: at load with
-``crash_at_load: SIGILL``, or mid-stream for a prompt ``die by SIGSEGV``.
+``crash_at_load: SIGILL``, or mid-stream for a prompt ``die by SIGSEGV``. With
+``progress_reports``, its load reports that many steps of progress, one after another.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ENGINE_INFO = EngineInfo(
         EngineOption("token_delay_s", float, "seconds between streamed tokens", minimum=0, maximum=10),
         EngineOption("request_log", str, "a file each request is appended to as it arrives"),
         EngineOption("crash_at_load", str, "a signal (SIGILL, ...) the worker sends itself while loading"),
+        EngineOption("progress_reports", int, "load progress steps reported", minimum=0, maximum=100_000),
     ),
 )
 
@@ -71,6 +73,9 @@ class GatedEngine(Engine):
             while not Path(gate).exists() and time.monotonic() < give_up:
                 time.sleep(0.02)
         options = plan.engine_options
+        steps = int(options.get("progress_reports", 0))
+        for step in range(steps):
+            report("loading", step + 1, steps)
         return cls(float(options.get("token_delay_s", 0.0)), options.get("request_log", ""))
 
     async def generate(self, request):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import grpc
 import protocol_clients
 from conftest import TINY
-from rpc_helpers import collect
+from rpc_helpers import collect, rpc_error
+from status_details import bad_request
+
+from llmgrpc.kserve.v2 import grpc_service_pb2 as kserve_pb
+from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+from llmgrpc.server.kserve import encode_bytes
 
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}
@@ -105,3 +111,25 @@ def test_the_repository_launches_and_terminates_and_needs_admin(start_server):
     assert answers["ready"] is True
     assert answers["refused_unload"]["status"] == "StatusCode.PERMISSION_DENIED"
     assert answers["index_unloaded"] == []
+
+
+def test_negative_dimensions_and_contents_beside_raw_contents_are_refused(running_server):
+    """Through the server's own stubs: shape [-1, -1] has a product of 1 but is no shape, and a
+    tensor's contents beside raw_input_contents would be silently ignored (Triton refuses both)."""
+    negative = kserve_pb.ModelInferRequest(model_name="absent")
+    negative.inputs.add(name="text_input", datatype="BYTES", shape=[-1, -1]).contents.bytes_contents.append(
+        b"Hello"
+    )
+    both = kserve_pb.ModelInferRequest(model_name="absent")
+    both.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"Hello")
+    both.raw_input_contents.append(encode_bytes(b"Goodbye"))
+    with grpc.insecure_channel(running_server.endpoint) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        error = rpc_error(stub.ModelInfer, negative, timeout=30)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "shape [-1, -1]" in error.details() and "0 or more" in error.details()
+        assert [v.field for v in bad_request(error).field_violations] == ["inputs[text_input]"]
+        error = rpc_error(stub.ModelInfer, both, timeout=30)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "raw_input_contents" in error.details()
+        assert [v.field for v in bad_request(error).field_violations] == ["inputs[text_input].contents"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import grpc
@@ -14,7 +15,7 @@ from fleet import Gate, listed_uids
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from rpc_helpers import collect, rpc_error, wait_until
-from status_details import reason, retry_info
+from status_details import bad_request, reason, retry_info
 
 from llmgrpc.clients import Client
 from llmgrpc.v1 import models_pb2
@@ -183,3 +184,36 @@ def test_a_higher_priority_request_is_admitted_before_those_queued_ahead_of_it(g
             assert collect(stream)[2][-1].finish_reason == 2  # LENGTH: each ran
     arrived = [json.loads(line)["prompt"] for line in requests_log.read_text().splitlines()]
     assert arrived == ["holder", "urgent", "later-0", "later-1", "later-2"]
+
+
+def test_a_low_priority_request_runs_under_a_steady_stream_of_urgent_ones(gated_server):
+    """Two decode slots and six callers sending priority -1 requests back to back, so that some
+    always wait: a priority-5 request still runs, its priority ageing as it waits."""
+    server = gated_server(max_running_requests=2, max_waiting_requests=16, priority_ageing_per_s=20)
+    stop = threading.Event()
+    with Client(server.endpoint) as client:
+        client.launch("gated-model", model_uid="busy", engine_options={"token_delay_s": 0.01}, timeout=60)
+
+        def urgent_caller() -> None:
+            while not stop.is_set():
+                collect(client.generate("busy", "urgent", timeout=60, max_tokens=5, priority=-1))
+
+        callers = [threading.Thread(target=urgent_caller) for _ in range(6)]
+        for caller in callers:
+            caller.start()
+        try:
+            assert wait_until(lambda: client.get_model("busy").waiting_requests >= 3)
+            patient = collect(client.generate("busy", "patient", timeout=30, max_tokens=2, priority=5))
+            assert patient[1] == "ab"  # it ran, though urgent requests kept waiting beside it
+        finally:
+            stop.set()
+            for caller in callers:
+                caller.join(timeout=60)
+
+
+def test_a_priority_out_of_range_is_refused_naming_the_range(client):
+    for priority in (-(2**31), 101, -101):
+        error = rpc_error(client.generate, "tiny", "Hello", max_tokens=2, priority=priority)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "[-100, 100]" in error.details()
+        assert [v.field for v in bad_request(error).field_violations] == ["priority"]

@@ -98,6 +98,13 @@ def test_inference_token_generates_but_cannot_launch_or_terminate(secure_server,
     assert [m.model_uid for m in connect(secure_server, certs, ADMIN_TOKEN).list_models()] == ["tiny"]
 
 
+def test_the_inference_role_may_watch_a_model_as_it_may_get_it(secure_server, certs, secure_tiny):
+    with connect(secure_server, certs, INFERENCE_TOKEN) as client:
+        descriptions = list(client.watch("tiny", timeout=60))
+    assert [d.model_uid for d in descriptions] == ["tiny"]
+    assert descriptions[-1].state == models_pb2.MODEL_STATE_READY
+
+
 def test_missing_or_unknown_token_is_unauthenticated(secure_server, certs, secure_tiny):
     with connect(secure_server, certs) as client:
         error = rpc_error(client.list_models)

@@ -161,7 +161,10 @@ class GenerateRequest(_message.Message):
     priority: _builtins.int
     """Admission order when the model's queue holds requests: lower values are
     admitted first, first come first served among equals. Default 0; negative
-    values go ahead of it.
+    values go ahead of it. In [-100, 100]: a value outside is refused with
+    INVALID_ARGUMENT (never clamped). A waiting request's value falls as it
+    waits (the server's priority_ageing_per_s a second), so a stream of more
+    urgent requests delays it only so long.
     """
     tool_choice: _builtins.str
     """Whether the model calls a tool: "auto" (the default when tools are given:

@@ -72,7 +72,9 @@ class Lifecycle:
             query=request.query,
             device=request.device or self.settings.device,
             gate=AdmissionGate(
-                self.settings.max_running_requests * replicas, self.settings.max_waiting_requests * replicas
+                self.settings.max_running_requests * replicas,
+                self.settings.max_waiting_requests * replicas,
+                ageing_per_s=self.settings.priority_ageing_per_s,
             ),
             replicas=[Replica(index) for index in range(replicas)],
             idle_unload_s=idle_unload_s,
@@ -108,9 +110,10 @@ class Lifecycle:
 
     async def watch(self, model_uid: str) -> AsyncIterator[models_pb2.ModelDescription]:
         """The model as it is, then as it is after each change of state or of load progress,
-        until it settles (READY, FAILED, UNLOADED or TERMINATED)."""
+        until it settles (READY, FAILED, UNLOADED or TERMINATED). A watcher that reads slowly
+        gets the latest description, those in between left out: its memory stays one message."""
         model = self.table.get(model_uid)
-        changes: asyncio.Queue[models_pb2.ModelDescription] = asyncio.Queue()
+        changes: asyncio.Queue[models_pb2.ModelDescription] = asyncio.Queue(maxsize=1)
         model.watchers.add(changes)
         try:
             description = model.to_pb()
@@ -178,6 +181,8 @@ class Lifecycle:
         if model.watchers:
             description = model.to_pb()
             for changes in model.watchers:
+                if changes.full():  # not yet read: the newer description replaces it
+                    changes.get_nowait()
                 changes.put_nowait(description)
 
     def _on_progress(self, model: LaunchedModel, progress: models_pb2.LoadProgress) -> None:
