@@ -224,10 +224,16 @@ async def serve(settings: Settings) -> None:
         launches = launch_requests(settings.models_file, settings.launch)
     except ModelsFileError as error:
         raise SystemExit(f"llmgrpc: {error}") from None
+    # The models file's engine_api_port words open those models' own engine-contract listeners.
+    ports = {launch.model_uid: launch.engine_api_port for launch in launches if launch.engine_api_port}
+    if ports:
+        settings = settings.model_copy(update={"engine_api_ports": {**ports, **settings.engine_api_ports}})
     server, port = await create_server(settings.address, settings)
     await server.start(ready=False)
     endpoint = f"{settings.host}:{port}"
     log.info("llmgrpc listening on %s", endpoint)
+    for uid, engine_api_port in server.engine_api_ports.items():
+        log.info("vLLM engine contract for model %s on %s:%d", uid, settings.host, engine_api_port)
     if server.health_port is not None:
         log.info("health (plaintext) on %s:%d", settings.host, server.health_port)
     if server.metrics_port is not None:
