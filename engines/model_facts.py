@@ -113,7 +113,7 @@ def _gguf_field(reader: Any, key: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def _export_gguf_tokenizer(gguf_file: Path, target: Path) -> None:
+def _export_gguf_tokenizer(gguf_file: Path, target: Path, vocab_size: int) -> None:
     """Write the Hugging Face tokenizer Hugging Face's GGUF converter builds from the file's
     vocabulary into target (atomically: a half-written folder is never seen)."""
     try:
@@ -127,7 +127,29 @@ def _export_gguf_tokenizer(gguf_file: Path, target: Path) -> None:
     scratch = target.with_name(f"{target.name}.{os.getpid()}.partial")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     tokenizer.save_pretrained(str(scratch))
+    _drop_tokens_beyond(scratch, vocab_size)
     os.replace(scratch, target)
+
+
+def _drop_tokens_beyond(folder: Path, vocab_size: int) -> None:
+    """Leave out the tokens the converter adds past the GGUF's own vocabulary (it adds an
+    ``<|endoftext|>`` to byte-level BPE vocabularies): the engine knows no such id."""
+    tokenizer_file = folder / "tokenizer.json"
+    document = json.loads(tokenizer_file.read_text())
+    added = document.get("added_tokens") or []
+    extra = {token["content"] for token in added if token.get("id", 0) >= vocab_size}
+    if not extra:
+        return
+    document["added_tokens"] = [token for token in added if token.get("id", 0) < vocab_size]
+    tokenizer_file.write_text(json.dumps(document, ensure_ascii=False))
+    config_file = folder / "tokenizer_config.json"
+    config = _read_json(config_file)
+    decoder = config.get("added_tokens_decoder") or {}
+    config["added_tokens_decoder"] = {key: value for key, value in decoder.items() if int(key) < vocab_size}
+    for name in ("unk_token", "pad_token", "eos_token", "bos_token"):
+        if config.get(name) in extra:
+            config[name] = None
+    config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2))
 
 
 def gguf_facts(gguf_file: Path, cache_dir: Path, engine: Any = None) -> ModelFacts:
@@ -145,7 +167,7 @@ def gguf_facts(gguf_file: Path, cache_dir: Path, engine: Any = None) -> ModelFac
     target = Path(cache_dir) / GGUF_TOKENIZERS / f"{gguf_file.stem}-{key[:16]}"
     if not (target / "tokenizer.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        _export_gguf_tokenizer(gguf_file, target)
+        _export_gguf_tokenizer(gguf_file, target, len(tokens.data) if tokens is not None else vocab_size)
     return ModelFacts(
         eos_token_ids=eos,
         bos_token_id=_id(_gguf_field(reader, "tokenizer.ggml.bos_token_id")),

@@ -9,13 +9,19 @@ model is served with the tokenizer llmgrpc built from the GGUF's own vocabulary.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import zipfile
 
+import grpc
 import jsonschema
 import pytest
 from conftest import RunningServer
 from rpc_helpers import collect, wait_until
-from smg_gateway import Gateway, free_port
+from smg_gateway import Gateway, engine_stub, free_port
+from smg_grpc_proto.generated import common_pb2
+from smg_grpc_proto.generated import vllm_engine_pb2 as pb
 
 from llmgrpc.clients import Client
 from llmgrpc.server.settings import Settings
@@ -72,8 +78,6 @@ def gateways(served):
 
 def tokenizer_of(server: RunningServer, uid: str):
     """The tokenizer the gateway uses: the folder GetModelInfo names."""
-    from smg_gateway import engine_stub
-    from smg_grpc_proto.generated import vllm_engine_pb2 as pb
     from transformers import AutoTokenizer
 
     port = server.server.engine_api_ports[uid]
@@ -214,3 +218,136 @@ def test_a_client_leaving_mid_stream_stops_the_engine(served, gateways, uid):
     events.close()  # the client leaves
     assert wait_until(lambda: server.engine_stats(uid).running_requests == 0, timeout=10)
     assert wait_until(lambda: _cancelled_generates(server) > cancelled, timeout=10)
+
+
+# The contract itself, called directly: what smg does not show.
+
+
+def _stub(server: RunningServer, uid: str):
+    return engine_stub(f"127.0.0.1:{server.server.engine_api_ports[uid]}")
+
+
+def _endless(server: RunningServer, uid: str, request_id: str, **sampling) -> pb.GenerateRequest:
+    """A streamed request that would run for thousands of tokens (end-of-text banned)."""
+    eos = tokenizer_of(server, uid).convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"])
+    return pb.GenerateRequest(
+        request_id=request_id,
+        tokenized=pb.TokenizedInput(input_ids=[5, 6, 7]),
+        sampling_params=pb.SamplingParams(max_tokens=4000, logit_bias={t: -100.0 for t in eos}, **sampling),
+        stream=True,
+    )
+
+
+def test_the_tokenizer_zip_tokenizes_as_the_engine_on_both_engines(served, tmp_path):
+    server, client = served
+    text = "Hello world, ünïcode 12345\n\n  spaces\ttabs"
+    ids = {}
+    for uid in UIDS:
+        chunks = list(_stub(server, uid).GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=120))
+        data = b"".join(chunk.data for chunk in chunks)
+        assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+        assert not any(chunk.sha256 for chunk in chunks[:-1])
+        folder = tmp_path / uid
+        zipfile.ZipFile(io.BytesIO(data)).extractall(folder)
+        from transformers import AutoTokenizer
+
+        ids[uid] = AutoTokenizer.from_pretrained(folder)(text).input_ids
+        assert ids[uid] == list(client.tokenize(uid, text).token_ids)
+    assert ids["gw-pt"] == ids["gw-gguf"]
+
+
+def test_model_info_is_the_launched_models(served):
+    server, client = served
+    for uid in UIDS:
+        info = _stub(server, uid).GetModelInfo(pb.GetModelInfoRequest(), timeout=60)
+        model = client.get_model(uid)
+        assert info.served_model_name == uid
+        assert info.max_context_length == model.context_length
+        assert info.max_req_input_len == model.context_length - 1
+        tokenizer = tokenizer_of(server, uid)
+        assert set(info.eos_token_ids) == set(
+            tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"])
+        )
+        assert info.vocab_size >= len(tokenizer)
+        server_info = _stub(server, uid).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+        assert server_info.max_num_seqs == 4  # max_running_requests
+        (load,) = _stub(server, uid).GetLoads(pb.GetLoadsRequest(), timeout=10).loads
+        assert load.max_running_requests == 4
+
+
+def test_n_samples_come_tagged_by_index_each_with_its_own_seed(served):
+    server, client = served
+    request = pb.GenerateRequest(
+        tokenized=pb.TokenizedInput(input_ids=[5, 6, 7]),
+        sampling_params=pb.SamplingParams(temperature=1.0, seed=7, max_tokens=6, n=2, ignore_eos=True),
+    )
+    completes = [answer.complete for answer in _stub(server, "gw-pt").Generate(request, timeout=60)]
+    assert sorted(complete.index for complete in completes) == [0, 1]
+    for complete in completes:
+        own, _, _ = collect(
+            client.generate(
+                "gw-pt", [5, 6, 7], temperature=1.0, seed=7 + complete.index, max_tokens=6, ignore_eos=True
+            )
+        )
+        assert list(complete.output_ids) == own
+        assert complete.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        ({"prompt_logprobs": 1}, "sampling_params.prompt_logprobs"),
+        ({"structural_tag": "{}"}, "sampling_params.structural_tag"),
+        ({"logprobs": -1}, "sampling_params.logprobs"),
+        ({"include_stop_str_in_output": True}, "sampling_params.include_stop_str_in_output"),
+        ({"n": 17}, "sampling_params.n"),
+    ],
+)
+def test_what_llmgrpc_cannot_honour_is_refused_by_name(served, sampling, field):
+    server, _ = served
+    request = pb.GenerateRequest(
+        tokenized=pb.TokenizedInput(input_ids=[5, 6]),
+        sampling_params=pb.SamplingParams(max_tokens=2, **sampling),
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        list(_stub(server, "gw-pt").Generate(request, timeout=30))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in raised.value.details()
+
+
+def test_what_llmgrpc_does_not_implement_says_why(served):
+    stub = _stub(served[0], "gw-pt")
+    calls = {
+        "SubscribeKvEvents": lambda: list(
+            stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=10)
+        ),
+        "Embed": lambda: stub.Embed(pb.EmbedRequest(), timeout=10),
+        "FlushCache": lambda: stub.FlushCache(common_pb2.FlushCacheRequest(), timeout=10),
+        "StartProfile": lambda: stub.StartProfile(common_pb2.StartProfileRequest(), timeout=10),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
+        assert raised.value.details().startswith(f"{name}: "), raised.value.details()
+
+
+def test_abort_stops_the_engines_work_on_that_request(served):
+    server, _ = served
+    stream = _stub(server, "gw-gguf").Generate(_endless(server, "gw-gguf", "abort-me"), timeout=120)
+    next(stream)
+    assert server.engine_stats("gw-gguf").running_requests == 1
+    _stub(server, "gw-gguf").Abort(pb.AbortRequest(request_ids=["abort-me", "unknown"]), timeout=10)
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stream)
+    assert raised.value.code() == grpc.StatusCode.CANCELLED
+    assert "abort-me" in raised.value.details()
+    assert wait_until(lambda: server.engine_stats("gw-gguf").running_requests == 0, timeout=10)
+
+
+def test_the_main_port_of_a_server_with_several_models_names_the_way_out(served):
+    server, _ = served
+    stub = engine_stub(server.endpoint)
+    answer = stub.HealthCheck(pb.HealthCheckRequest(), timeout=10)
+    assert not answer.healthy
+    assert "no model is launched for this port" in answer.message
