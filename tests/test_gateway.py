@@ -9,6 +9,7 @@ model is served with the tokenizer llmgrpc built from the GGUF's own vocabulary.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from smg_grpc_proto.generated import vllm_engine_pb2 as pb
 
 from llmgrpc.clients import Client
 from llmgrpc.server.settings import Settings
+from llmgrpc.v1 import models_pb2
 
 INSTRUCT = "tiny-llama-3.1-instruct"
 UIDS = {"gw-pt": {"model_format": "pytorch"}, "gw-gguf": {"model_format": "ggufv2", "quantization": "F32"}}
@@ -227,17 +229,6 @@ def _stub(server: RunningServer, uid: str):
     return engine_stub(f"127.0.0.1:{server.server.engine_api_ports[uid]}")
 
 
-def _endless(server: RunningServer, uid: str, request_id: str, **sampling) -> pb.GenerateRequest:
-    """A streamed request that would run for thousands of tokens (end-of-text banned)."""
-    eos = tokenizer_of(server, uid).convert_tokens_to_ids(["<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"])
-    return pb.GenerateRequest(
-        request_id=request_id,
-        tokenized=pb.TokenizedInput(input_ids=[5, 6, 7]),
-        sampling_params=pb.SamplingParams(max_tokens=4000, logit_bias={t: -100.0 for t in eos}, **sampling),
-        stream=True,
-    )
-
-
 def test_the_tokenizer_zip_tokenizes_as_the_engine_on_both_engines(served, tmp_path):
     server, client = served
     text = "Hello world, ünïcode 12345\n\n  spaces\ttabs"
@@ -334,7 +325,7 @@ def test_what_llmgrpc_does_not_implement_says_why(served):
 
 def test_abort_stops_the_engines_work_on_that_request(served):
     server, _ = served
-    stream = _stub(server, "gw-gguf").Generate(_endless(server, "gw-gguf", "abort-me"), timeout=120)
+    stream = _stub(server, "gw-gguf").Generate(_endless_request("abort-me"), timeout=120)
     next(stream)
     assert server.engine_stats("gw-gguf").running_requests == 1
     _stub(server, "gw-gguf").Abort(pb.AbortRequest(request_ids=["abort-me", "unknown"]), timeout=10)
@@ -351,3 +342,55 @@ def test_the_main_port_of_a_server_with_several_models_names_the_way_out(served)
     answer = stub.HealthCheck(pb.HealthCheckRequest(), timeout=10)
     assert not answer.healthy
     assert "no model is launched for this port" in answer.message
+
+
+def test_health_follows_the_model_and_an_unloaded_model_reloads_for_smg(start_server):
+    server = start_server(device="cpu", max_running_requests=4)
+    stub = engine_stub(server.endpoint)  # the main port: the server's one model
+
+    def health() -> pb.HealthCheckResponse:
+        return stub.HealthCheck(pb.HealthCheckRequest(), timeout=10)
+
+    assert not health().healthy  # no model yet
+    with Client(server.endpoint) as client:
+        client.launch(INSTRUCT, model_format="pytorch", model_uid="life", wait=False, idle_unload_s=2)
+
+        def state() -> str:
+            return models_pb2.ModelState.Name(client.get_model("life").state)
+
+        before, answer, after = state(), health(), state()
+        if before == after == "MODEL_STATE_LOADING":
+            assert not answer.healthy, answer
+        assert wait_until(lambda: state() == "MODEL_STATE_READY", timeout=300)
+        assert health().healthy
+        with Gateway([server.endpoint]) as gateway:
+            gateway.wait_serving("life")
+            assert wait_until(lambda: state() == "MODEL_STATE_UNLOADED", timeout=30)
+            assert health().healthy, health()  # the next request loads it again
+            assert wait_until(lambda: "life" in gateway.models(), timeout=10)
+            answer = gateway.post(
+                "/v1/chat/completions",
+                {"model": "life", "messages": MESSAGES, "max_tokens": 4, "temperature": 0},
+            )
+            assert answer["usage"]["completion_tokens"] == 4
+            assert state() in ("MODEL_STATE_READY", "MODEL_STATE_UNLOADED")
+
+        # Draining: with a stream in flight the server waits for it, and tells gateways to go away.
+        stream = stub.Generate(_endless_request("drain-me"), timeout=120)
+        next(stream)
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(30), server.loop)
+        assert wait_until(lambda: not health().healthy, timeout=10)
+        assert "draining" in health().message
+        stream.cancel()
+        stopping.result(60)
+    server.loop.call_soon_threadsafe(server.loop.stop)
+    server._thread.join(timeout=30)  # stopped here: the fixture has nothing left to stop
+
+
+def _endless_request(request_id: str) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id,
+        tokenized=pb.TokenizedInput(input_ids=[5, 6, 7]),
+        sampling_params=pb.SamplingParams(max_tokens=4000, ignore_eos=True),
+        stream=True,
+    )
