@@ -207,8 +207,8 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
 
     @grpc_errors
     async def GetLoads(self, request: pb.GetLoadsRequest, context):
-        model = self.route.model(self.manager)
-        return loads(model, kv_cache_usage=0.0)
+        model = await self.manager.refresh(self.route.model(self.manager))
+        return loads(model, kv_cache_usage=model.engine_stats.kv_cache_usage)
 
     @grpc_errors
     async def GetTokenizer(self, request, context):

@@ -328,6 +328,13 @@ def test_abort_stops_the_engines_work_on_that_request(served):
     stream = _stub(server, "gw-gguf").Generate(_endless_request("abort-me"), timeout=120)
     next(stream)
     assert server.engine_stats("gw-gguf").running_requests == 1
+    # What a fleet routes on: the load as GetLoads and Prometheus tell it.
+    (load,) = _stub(server, "gw-gguf").GetLoads(pb.GetLoadsRequest(), timeout=10).loads
+    assert load.num_running_reqs == 1 and load.num_waiting_reqs == 0
+    assert 0 < load.token_usage <= 1
+    registry = server.server.metrics.registry
+    for name in ("llmgrpc:num_requests_running", "llmgrpc:kv_cache_usage_perc"):
+        assert registry.get_sample_value(name, {"model_uid": "gw-gguf"}) > 0, name
     _stub(server, "gw-gguf").Abort(pb.AbortRequest(request_ids=["abort-me", "unknown"]), timeout=10)
     with pytest.raises(grpc.RpcError) as raised:
         list(stream)

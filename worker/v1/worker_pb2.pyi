@@ -278,6 +278,7 @@ class EngineStats(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
     PEAK_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     context_length: _builtins.int
     """The longest sequence (prompt and output) the loaded model takes, in tokens."""
     device: _builtins.str
@@ -288,6 +289,10 @@ class EngineStats(_message.Message):
     """The most requests the engine has decoded together since it loaded."""
     gpu_memory_bytes: _builtins.int
     """GPU memory the engine holds, in bytes; 0 on a CPU."""
+    kv_cache_usage: _builtins.float
+    """The fraction, 0 to 1, of the engine's KV-cache capacity that live
+    sequences hold; 0 where the engine does not report it.
+    """
     def __init__(
         self,
         *,
@@ -296,10 +301,11 @@ class EngineStats(_message.Message):
         running_requests: _builtins.int = ...,
         peak_batch_size: _builtins.int = ...,
         gpu_memory_bytes: _builtins.int = ...,
+        kv_cache_usage: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "gpu_memory_bytes", b"gpu_memory_bytes", "peak_batch_size", b"peak_batch_size", "running_requests", b"running_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "gpu_memory_bytes", b"gpu_memory_bytes", "kv_cache_usage", b"kv_cache_usage", "peak_batch_size", b"peak_batch_size", "running_requests", b"running_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
