@@ -401,3 +401,12 @@ def _endless_request(request_id: str) -> pb.GenerateRequest:
         sampling_params=pb.SamplingParams(max_tokens=4000, ignore_eos=True),
         stream=True,
     )
+
+
+def test_the_models_file_gives_a_model_its_own_listener():
+    from llmgrpc.server.models_file import ModelsFileError, parse_models
+
+    (launch,) = parse_models({"models": [{"model_name": INSTRUCT, "engine_api_port": 50061}]})
+    assert launch.engine_api_port == 50061
+    with pytest.raises(ModelsFileError, match="engine_api_port must be a port"):
+        parse_models({"models": [{"model_name": INSTRUCT, "engine_api_port": "x"}]})
