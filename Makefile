@@ -37,6 +37,19 @@ serve: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
+# The Shepherd Model Gateway (smg, from the dev extra) in front of llmgrpc servers on this machine:
+# OpenAI's /v1/completions and /v1/chat/completions on GATEWAY_PORT, its metrics on
+# GATEWAY_METRICS_PORT. `make serve` in one shell, `make gateway` in another. WORKERS: the
+# servers' engine-contract listeners (a server's main port serves its one model).
+GATEWAY_PORT         ?= 8000
+GATEWAY_METRICS_PORT ?= 29000
+WORKERS              ?= $(HOST):$(PORT)
+.PHONY: gateway
+gateway: $(VENV)/.installed
+	$(VENV)/bin/smg launch --backend vllm --worker-urls $(addprefix grpc://,$(WORKERS)) \
+		--tool-call-parser llama --policy cache_aware \
+		--host $(HOST) --port $(GATEWAY_PORT) --prometheus-port $(GATEWAY_METRICS_PORT)
+
 lint: install
 	$(BUF) lint protos
 	$(VENV)/bin/ruff check .

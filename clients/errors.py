@@ -132,6 +132,10 @@ class DeadlineExceeded(LlmgrpcError):
     """The caller's deadline passed before the work finished."""
 
 
+class Unimplemented(LlmgrpcError):
+    """The server does not implement what was asked (an RPC of a contract it serves in part)."""
+
+
 class PermissionDenied(LlmgrpcError):
     """A hub refused access (gated model), or the caller's role may not do this."""
 
@@ -175,6 +179,7 @@ CODE_NAMES: dict[type[LlmgrpcError], str] = {
     DeadlineExceeded: "DEADLINE_EXCEEDED",
     PermissionDenied: "PERMISSION_DENIED",
     Unauthenticated: "UNAUTHENTICATED",
+    Unimplemented: "UNIMPLEMENTED",
 }
 
 

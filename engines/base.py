@@ -296,6 +296,7 @@ class EngineStats:
     running_requests: int = 0
     peak_batch_size: int = 0
     gpu_memory_bytes: int = 0
+    kv_cache_usage: float = 0.0  # the fraction, 0 to 1, of its KV-cache capacity live sequences hold
 
 
 # report(phase, done, total): progress of a load, e.g. ("downloading", 1_000, 5_000).

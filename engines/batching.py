@@ -155,6 +155,15 @@ class ContinuousBatcher:
         self._thread.start()
 
     @property
+    def kv_cache_usage(self) -> float:
+        """The fraction of the KV capacity (context length for each of max_batch_size sequences)
+        that the live sequences' prompt and output tokens hold."""
+        with self._lock:
+            live = [*self._active.values(), *self._prefilling.values()]
+        held = sum(sequence.prefilled + len(sequence.output_ids) for sequence in live)
+        return min(held / max(self.runner.context_length * self.max_batch_size, 1), 1.0)
+
+    @property
     def running_requests(self) -> int:
         with self._lock:
             return len(self._active) + len(self._prefilling) + len(self._pending)
@@ -475,6 +484,7 @@ class BatchedEngine(Engine):
             device=self.device,
             running_requests=self.batcher.running_requests,
             peak_batch_size=self.batcher.peak_batch_size,
+            kv_cache_usage=self.batcher.kv_cache_usage,
             gpu_memory_bytes=self.gpu_memory_bytes(),
         )
 

@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from llmgrpc.engines.catalogue import load_plugins
 from llmgrpc.kserve.v2 import grpc_service_pb2_grpc
-from llmgrpc.server import kserve, tgis, tracing
+from llmgrpc.server import engine_api, kserve, tgis, tracing
 from llmgrpc.server.auth import TokenTable, read_tokens_file
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.interceptor import ServerInterceptor
@@ -34,6 +34,7 @@ SERVICE_NAMES = (
     generate_pb2.DESCRIPTOR.services_by_name["GenerateService"].full_name,
     kserve.SERVICE_NAME,  # the standard inference protocols, beside llmgrpc.v1
     tgis.SERVICE_NAME,
+    engine_api.SERVICE_NAME,  # vLLM's engine contract, for model gateways
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -55,6 +56,7 @@ class LlmgrpcServer:
         metrics: Metrics,
         tracer_provider: trace.TracerProvider,
         health_server: tuple[grpc.aio.Server, int] | None = None,
+        engine_api_listeners: dict[str, tuple[grpc.aio.Server, int]] | None = None,
     ):
         self.grpc_server = grpc_server
         self.manager = manager
@@ -66,12 +68,17 @@ class LlmgrpcServer:
         self._health_server = health_server[0] if health_server else None
         self.health_port = health_server[1] if health_server else None
         self.metrics_port: int | None = None
+        self._engine_api_listeners = engine_api_listeners or {}
+        # Each model's own listener of the vLLM engine contract: model uid -> its bound port.
+        self.engine_api_ports = {uid: port for uid, (_, port) in self._engine_api_listeners.items()}
         self.owns_tracer_provider = False  # made from the settings: this server flushes it when stopping
         self.ready = False  # the services take calls (their health SERVING; KServe's ServerReady)
 
     async def start(self, ready: bool = True) -> None:
         """Serve. ready=False: liveness is SERVING but the services wait for mark_ready()."""
         await self.grpc_server.start()
+        for listener, _ in self._engine_api_listeners.values():
+            await listener.start()
         if self._health_server is not None:
             await self._health_server.start()
         if self.settings.metrics_port is not None:
@@ -105,6 +112,8 @@ class LlmgrpcServer:
         await self.manager.close()
         await self.interceptor.wait_idle(STATUS_SEND_GRACE_S)
         await self.grpc_server.stop(0)
+        for listener, _ in self._engine_api_listeners.values():
+            await listener.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.manager.availability.close()
@@ -167,6 +176,7 @@ async def create_server(
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(tgis.TgisServicer(manager, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
+    credentials = None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         client_ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
         credentials = grpc.ssl_server_credentials(
@@ -177,6 +187,15 @@ async def create_server(
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
+    engine_api_listeners = engine_api.serve_on(
+        server,
+        settings,
+        manager,
+        metrics,
+        interceptor,
+        listener=lambda: grpc.aio.server(interceptors=[interceptor], options=options),
+        credentials=credentials,
+    )
     health_server = None
     if settings.health_port is not None:
         # Kubernetes' gRPC probes speak neither TLS nor tokens: health alone, in plaintext, on its own port.
@@ -195,6 +214,7 @@ async def create_server(
         metrics=metrics,
         tracer_provider=provider,
         health_server=health_server,
+        engine_api_listeners=engine_api_listeners,
     )
     llmgrpc_server.owns_tracer_provider = tracer_provider is None
     return llmgrpc_server, port
@@ -212,10 +232,16 @@ async def serve(settings: Settings) -> None:
         launches = launch_requests(settings.models_file, settings.launch)
     except ModelsFileError as error:
         raise SystemExit(f"llmgrpc: {error}") from None
+    # The models file's engine_api_port words open those models' own engine-contract listeners.
+    ports = {launch.model_uid: launch.engine_api_port for launch in launches if launch.engine_api_port}
+    if ports:
+        settings = settings.model_copy(update={"engine_api_ports": {**ports, **settings.engine_api_ports}})
     server, port = await create_server(settings.address, settings)
     await server.start(ready=False)
     endpoint = f"{settings.host}:{port}"
     log.info("llmgrpc listening on %s", endpoint)
+    for uid, engine_api_port in server.engine_api_ports.items():
+        log.info("vLLM engine contract for model %s on %s:%d", uid, settings.host, engine_api_port)
     if server.health_port is not None:
         log.info("health (plaintext) on %s:%d", settings.host, server.health_port)
     if server.metrics_port is not None:

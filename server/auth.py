@@ -50,6 +50,20 @@ INFERENCE_METHODS = frozenset(
                 "RepositoryIndex",
             )
         ),
+        # The vLLM engine contract, for model gateways: all but the cache and profiler controls.
+        *(
+            f"/vllm.grpc.engine.VllmEngine/{method}"
+            for method in (
+                "Generate",
+                "Abort",
+                "GetModelInfo",
+                "GetServerInfo",
+                "GetLoads",
+                "GetTokenizer",
+                "SubscribeKvEvents",
+                "Embed",
+            )
+        ),
         # TGIS: every method.
         *(
             f"/fmaas.GenerationService/{method}"
@@ -65,6 +79,10 @@ OPEN_SERVICES = frozenset(
         "grpc.reflection.v1alpha.ServerReflection",
     }
 )
+
+# Methods anyone may call: a gateway's health probe of its worker, like grpc.health.v1's (it
+# answers false, not UNAVAILABLE, while the server drains).
+OPEN_METHODS = frozenset({"/vllm.grpc.engine.VllmEngine/HealthCheck"})
 
 
 def service_of(method: str) -> str:

@@ -31,7 +31,7 @@ from opentelemetry import trace
 
 from llmgrpc.clients.errors import InvalidArgument, LlmgrpcError, Reason, ResourceExhausted, Unavailable
 from llmgrpc.server import logs, tracing
-from llmgrpc.server.auth import OPEN_SERVICES, TokenTable, authorize, service_of
+from llmgrpc.server.auth import OPEN_METHODS, OPEN_SERVICES, TokenTable, authorize, service_of
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.status import to_rpc_status
 
@@ -215,9 +215,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 "llmgrpc.request_id": request_id,
             },
         )
-        call = _Call(
-            method=method, service=service, open=service in OPEN_SERVICES, request_id=request_id, span=span
-        )
+        is_open = service in OPEN_SERVICES or method in OPEN_METHODS
+        call = _Call(method=method, service=service, open=is_open, request_id=request_id, span=span)
         if not call.open:
             self._in_flight += 1
             self._idle.clear()

@@ -299,6 +299,7 @@ class LaunchedModel:
             running_requests=sum(s.running_requests for s in stats),
             peak_batch_size=max(s.peak_batch_size for s in stats),
             gpu_memory_bytes=sum(s.gpu_memory_bytes for s in stats),
+            kv_cache_usage=sum(s.kv_cache_usage for s in stats) / len(stats),
         )
 
     @property

@@ -116,3 +116,6 @@ class EngineManager:
         self, request: generate_pb2.DetokenizeRequest, timeout: float | None
     ) -> generate_pb2.DetokenizeResponse:
         return await self.routing.detokenize(request, timeout)
+
+    async def describe(self, model_uid: str, timeout: float | None) -> worker_pb2.DescribeResponse:
+        return await self.routing.describe(model_uid, timeout)

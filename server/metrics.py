@@ -200,6 +200,13 @@ class _ModelCollector(Collector):
             "memory), estimated",
             labels=["model_uid", "kind"],
         )
+        # The Gateway API Inference Extension's KVCacheUtilization (its endpoint picker reads the
+        # two gauges above as TotalRunningRequests and TotalQueuedRequests).
+        kv_cache = GaugeMetricFamily(
+            "llmgrpc:kv_cache_usage_perc",
+            "Fraction (0 to 1) of the engines' KV-cache capacity held by live sequences",
+            labels=["model_uid"],
+        )
         load = GaugeMetricFamily(
             "llmgrpc:model_load_seconds", "How long each READY model took to load", labels=["model_uid"]
         )
@@ -213,6 +220,7 @@ class _ModelCollector(Collector):
             uid = model.uid
             running.add_metric([uid], model.gate.running)
             waiting.add_metric([uid], model.gate.waiting)
+            kv_cache.add_metric([uid], model.engine_stats.kv_cache_usage)
             pids = [replica.pid for replica in model.replicas if replica.pid]
             memory.add_metric([uid, "rss"], sum(resources.process_memory_bytes(pid) for pid in pids))
             memory.add_metric([uid, "gpu"], model.engine_stats.gpu_memory_bytes)
@@ -227,4 +235,4 @@ class _ModelCollector(Collector):
             "Launched models whose weights are in memory (READY; not UNLOADED, FAILED or LOADING)",
             value=sum(model.state.name == "READY" for model in models),
         )
-        return [running, waiting, memory, load, info, loaded]
+        return [running, waiting, kv_cache, memory, load, info, loaded]

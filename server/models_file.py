@@ -15,6 +15,7 @@ LaunchModelRequest's words::
         download_hub: auto                # or model_path: /models/llama.gguf
         idle_unload_s: 600
         replica: 2                        # n_gpu, gpu_idx too
+        engine_api_port: 50061            # vLLM's engine contract for this model alone (gateways)
       - model_name: tiny-llama-3.1
 
 Parsing is pure: ``parse_models`` checks every entry and names the entry and the field of the
@@ -28,6 +29,7 @@ start-up), and YAML aliases (``*name``) are refused, since nested ones expand ex
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,7 @@ MAX_BYTES = 1024 * 1024
 _QUERY_FIELDS = ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")
 _TEXT_FIELDS = (*_QUERY_FIELDS, "model_uid", "model_path", "device", "download_hub")
 _TEXT_FIELDS = (*_TEXT_FIELDS, "n_gpu")
-_KNOWN_FIELDS = (*_TEXT_FIELDS, "engine_options", "idle_unload_s", "replica", "gpu_idx")
+_KNOWN_FIELDS = (*_TEXT_FIELDS, "engine_options", "idle_unload_s", "replica", "gpu_idx", "engine_api_port")
 
 
 class ModelsFileError(ValueError):
@@ -108,6 +110,13 @@ def _launch(index: int, item: Any) -> LaunchRequest:
         isinstance(index, int) and not isinstance(index, bool) for index in gpu_idx
     ):
         raise ModelsFileError(f"{entry}: gpu_idx must be a list of GPU indices, not {gpu_idx!r}")
+    engine_api_port = item.get("engine_api_port")
+    if engine_api_port is not None and (
+        isinstance(engine_api_port, bool)
+        or not isinstance(engine_api_port, int)
+        or not 0 < engine_api_port < 65536
+    ):
+        raise ModelsFileError(f"{entry}: engine_api_port must be a port, 1 to 65535, not {engine_api_port!r}")
     # Like --launch NAME: the family's name is the uid unless one is given.
     request = models_pb2.LaunchModelRequest(
         **{**words, "model_uid": words.get("model_uid") or words["model_name"]}
@@ -124,7 +133,7 @@ def _launch(index: int, item: Any) -> LaunchRequest:
     except InvalidArgument as error:
         problems = "; ".join(f"{v.field}: {v.description}" for v in error.violations)
         raise ModelsFileError(f"{entry}: {problems}") from None
-    return LaunchRequest.from_pb(request)
+    return dataclasses.replace(LaunchRequest.from_pb(request), engine_api_port=engine_api_port)
 
 
 def parse_models(document: Any) -> list[LaunchRequest]:

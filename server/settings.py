@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(
         60.0, gt=0, description="seconds a worker may take to start listening"
     )
+    engine_api_ports: dict[str, int] = Field(
+        default_factory=dict,
+        description="vLLM engine contract (for model gateways such as smg) on a port of its own per model, "
+        'as JSON: {"MODEL_UID": 50061}; the main port serves it for the one model without a port here',
+    )
     idle_unload_s: float | None = Field(
         None,
         ge=0,

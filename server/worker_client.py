@@ -213,6 +213,10 @@ class WorkerProcess:
     async def stats(self, timeout: float = 2.0) -> worker_pb2.EngineStats:
         return (await self._answer(self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout))).stats
 
+    async def describe(self, timeout: float | None = None) -> worker_pb2.DescribeResponse:
+        """The loaded model's vocabulary facts and tokenizer folder (see engines.model_facts)."""
+        return await self._answer(self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout))
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit (close its standard input), then kill it if it lingers."""
         self.generate_streams.close_all()

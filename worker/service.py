@@ -33,7 +33,7 @@ import grpc
 from opentelemetry import trace
 
 from llmgrpc.clients.errors import FailedPrecondition, Reason, Unavailable
-from llmgrpc.engines import weights
+from llmgrpc.engines import model_facts, weights
 from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
 from llmgrpc.engines.cpu_threads import on_a_thread_of_its_own
@@ -56,6 +56,8 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, plan: LoadPlan, tracer: trace.Tracer | None = None):
         self.plan = plan
         self.engine: Engine | None = None
+        self.weights_path = ""  # what the engine loaded: a folder or a file
+        self._description: worker_pb2.DescribeResponse | None = None
         self.tracer = tracer or trace.NoOpTracer()
 
     @grpc_errors
@@ -67,7 +69,8 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
 
             def load(report: ProgressReport) -> Engine:
                 engine_class = engine_info(self.plan.engine).load_class()
-                return engine_class.load(self.plan, weights.resolve(self.plan, report), report)
+                self.weights_path = weights.resolve(self.plan, report)
+                return engine_class.load(self.plan, self.weights_path, report)
 
             loading = _Reporting(load)
             async for progress in loading.events():
@@ -141,6 +144,19 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         _adopt_request_id(context)
         text = await self._loaded().detokenize(list(request.request.token_ids))
         return worker_pb2.DetokenizeResponse(response=generate_pb2.DetokenizeResponse(text=text))
+
+    @grpc_errors
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.DescribeResponse:
+        _adopt_request_id(context)
+        engine = self._loaded()
+        if self._description is None:
+            facts = await asyncio.to_thread(
+                model_facts.describe, self.weights_path, self.plan.cache_dir, engine
+            )
+            self._description = worker_pb2.DescribeResponse(**asdict(facts))
+        return self._description
 
     def _loaded(self) -> Engine:
         if self.engine is None:

@@ -26,6 +26,7 @@ class LaunchRequest:
     n_gpu: str = ""  # "": one GPU on a GPU device; "auto": the fewest that fit; or a count
     gpu_idx: tuple[int, ...] = ()  # every replica's GPUs, replica after replica
     replica: int = 1  # worker processes serving this uid
+    engine_api_port: int | None = None  # a listener of the vLLM engine contract for this model alone
 
     @classmethod
     def from_pb(cls, pb: models_pb2.LaunchModelRequest) -> LaunchRequest:

@@ -22,6 +22,7 @@ from llmgrpc.server.models.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle
 from llmgrpc.server.models.table import ModelTable
 from llmgrpc.server.settings import Settings
 from llmgrpc.v1 import generate_pb2
+from llmgrpc.worker.v1 import worker_pb2
 
 
 class Routing:
@@ -85,6 +86,13 @@ class Routing:
         worker = self._ready_replica(model).worker
         assert worker is not None
         return await worker.detokenize(request, timeout)
+
+    async def describe(self, model_uid: str, timeout: float | None) -> worker_pb2.DescribeResponse:
+        """The model's vocabulary facts and tokenizer folder, from a READY replica's worker."""
+        model = await self._ready_for_call(model_uid, timeout)
+        worker = self._ready_replica(model).worker
+        assert worker is not None
+        return await worker.describe(timeout)
 
     async def _ready_for_call(self, model_uid: str, timeout: float | None) -> LaunchedModel:
         """A READY model for a call that does not decode (it takes no admission slot)."""

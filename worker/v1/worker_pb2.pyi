@@ -278,6 +278,7 @@ class EngineStats(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
     PEAK_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     context_length: _builtins.int
     """The longest sequence (prompt and output) the loaded model takes, in tokens."""
     device: _builtins.str
@@ -288,6 +289,10 @@ class EngineStats(_message.Message):
     """The most requests the engine has decoded together since it loaded."""
     gpu_memory_bytes: _builtins.int
     """GPU memory the engine holds, in bytes; 0 on a CPU."""
+    kv_cache_usage: _builtins.float
+    """The fraction, 0 to 1, of the engine's KV-cache capacity that live
+    sequences hold; 0 where the engine does not report it.
+    """
     def __init__(
         self,
         *,
@@ -296,10 +301,11 @@ class EngineStats(_message.Message):
         running_requests: _builtins.int = ...,
         peak_batch_size: _builtins.int = ...,
         gpu_memory_bytes: _builtins.int = ...,
+        kv_cache_usage: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "gpu_memory_bytes", b"gpu_memory_bytes", "peak_batch_size", b"peak_batch_size", "running_requests", b"running_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "device", b"device", "gpu_memory_bytes", b"gpu_memory_bytes", "kv_cache_usage", b"kv_cache_usage", "peak_batch_size", b"peak_batch_size", "running_requests", b"running_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,3 +406,77 @@ class DetokenizeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DetokenizeResponse: _TypeAlias = DetokenizeResponse  # noqa: Y015
+
+@_typing.final
+class DescribeRequest(_message.Message):
+    """Asks for the loaded model's vocabulary facts and tokenizer folder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeRequest: _TypeAlias = DescribeRequest  # noqa: Y015
+
+@_typing.final
+class DescribeResponse(_message.Message):
+    """The loaded model's vocabulary facts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EOS_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    BOS_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    PAD_TOKEN_ID_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
+    MODEL_TYPE_FIELD_NUMBER: _builtins.int
+    ARCHITECTURES_FIELD_NUMBER: _builtins.int
+    TOKENIZER_DIR_FIELD_NUMBER: _builtins.int
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    bos_token_id: _builtins.int
+    """The beginning-of-text token id, -1 if the vocabulary has none."""
+    pad_token_id: _builtins.int
+    """The padding token id, -1 if the vocabulary has none."""
+    vocab_size: _builtins.int
+    """Tokens in the model's vocabulary (the rows of its output layer)."""
+    model_type: _builtins.str
+    """The architecture's model type, e.g. "llama"."""
+    tokenizer_dir: _builtins.str
+    """A folder of Hugging Face tokenizer files (tokenizer.json,
+    tokenizer_config.json with the chat template) that tokenize exactly as
+    the engine does.
+    """
+    model_path: _builtins.str
+    """The local folder or file the weights were loaded from."""
+    @_builtins.property
+    def eos_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The token ids that end generation (the engine stops on each of them)."""
+
+    @_builtins.property
+    def architectures(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The architecture's class names, e.g. "LlamaForCausalLM"."""
+
+    def __init__(
+        self,
+        *,
+        eos_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        bos_token_id: _builtins.int = ...,
+        pad_token_id: _builtins.int = ...,
+        vocab_size: _builtins.int = ...,
+        model_type: _builtins.str = ...,
+        architectures: _abc.Iterable[_builtins.str] | None = ...,
+        tokenizer_dir: _builtins.str = ...,
+        model_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architectures", b"architectures", "bos_token_id", b"bos_token_id", "eos_token_ids", b"eos_token_ids", "model_path", b"model_path", "model_type", b"model_type", "pad_token_id", b"pad_token_id", "tokenizer_dir", b"tokenizer_dir", "vocab_size", b"vocab_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeResponse: _TypeAlias = DescribeResponse  # noqa: Y015

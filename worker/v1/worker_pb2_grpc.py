@@ -71,6 +71,11 @@ class WorkerServiceStub:
                 request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/llmgrpc.worker.v1.WorkerService/Describe',
+                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DescribeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -128,6 +133,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Describe tells the loaded model's vocabulary facts and writes its tokenizer
+        files to a folder (for the vLLM engine contract's GetModelInfo and
+        GetTokenizer); a GGUF model's tokenizer is built from its own vocabulary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +169,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.FromString,
                     response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DescribeRequest.FromString,
+                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +323,33 @@ class WorkerService:
             '/llmgrpc.worker.v1.WorkerService/Detokenize',
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.SerializeToString,
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.worker.v1.WorkerService/Describe',
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,11 @@ class WorkerServiceStub:
     """
     Detokenize: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DetokenizeRequest, _worker_pb2.DetokenizeResponse]
     """Detokenize decodes token ids with the loaded model's tokenizer."""
+    Describe: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DescribeRequest, _worker_pb2.DescribeResponse]
+    """Describe tells the loaded model's vocabulary facts and writes its tokenizer
+    files to a folder (for the vLLM engine contract's GetModelInfo and
+    GetTokenizer); a GGUF model's tokenizer is built from its own vocabulary.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -105,6 +110,11 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """
     Detokenize: _aio.UnaryUnaryMultiCallable[_worker_pb2.DetokenizeRequest, _worker_pb2.DetokenizeResponse]  # type: ignore[assignment]
     """Detokenize decodes token ids with the loaded model's tokenizer."""
+    Describe: _aio.UnaryUnaryMultiCallable[_worker_pb2.DescribeRequest, _worker_pb2.DescribeResponse]  # type: ignore[assignment]
+    """Describe tells the loaded model's vocabulary facts and writes its tokenizer
+    files to a folder (for the vLLM engine contract's GetModelInfo and
+    GetTokenizer); a GGUF model's tokenizer is built from its own vocabulary.
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """WorkerService serves the one model its process was started for. The process
@@ -169,5 +179,16 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.DetokenizeResponse, _abc.Awaitable[_worker_pb2.DetokenizeResponse]]:
         """Detokenize decodes token ids with the loaded model's tokenizer."""
+
+    @_abc_1.abstractmethod
+    def Describe(
+        self,
+        request: _worker_pb2.DescribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.DescribeResponse, _abc.Awaitable[_worker_pb2.DescribeResponse]]:
+        """Describe tells the loaded model's vocabulary facts and writes its tokenizer
+        files to a folder (for the vLLM engine contract's GetModelInfo and
+        GetTokenizer); a GGUF model's tokenizer is built from its own vocabulary.
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
