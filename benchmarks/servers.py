@@ -140,12 +140,21 @@ class Llmgrpc(Process):
         raise RuntimeError(f"llmgrpc not SERVING within {timeout:.0f} s; {self.tail()}")
 
 
+# llama-cpp-python's server, with ggml's CPU backend registered first: the project's build
+# chooses its CPU variant at run time (engines/llamacpp_build.py), which the server itself does not.
+LLAMA_CPP_SERVER = (
+    "from llmgrpc.engines.llamacpp_build import import_llama_cpp; import_llama_cpp(); "
+    "import runpy, sys; sys.argv[0] = 'llama_cpp.server'; "
+    "runpy.run_module('llama_cpp.server', run_name='__main__')"
+)
+
+
 class LlamaCppServer(Process):
     """llama-cpp-python's own server (one Llama object, requests served one at a time)."""
 
     def __init__(self, log_path: Path, model_file: Path, threads: int, interrupt: bool):
         self.port = free_port()
-        command = [PYTHON, "-m", "llama_cpp.server", "--model", str(model_file), "--host", "127.0.0.1"]
+        command = [PYTHON, "-c", LLAMA_CPP_SERVER, "--model", str(model_file), "--host", "127.0.0.1"]
         command += ["--port", str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads)]
         command += ["--interrupt_requests", str(interrupt)]
         super().__init__(command, log_path)
