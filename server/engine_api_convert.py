@@ -33,6 +33,16 @@ FINISH_REASONS = {
     generate_pb2.FINISH_REASON_TOOL_CALLS: "stop",
 }
 
+# The sampling fields both contracts have, with the same meaning and 0 as "unset".
+SAME_SAMPLING_FIELDS = (
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
 
 def _invalid(violations: list[FieldViolation]) -> InvalidArgument:
     summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
@@ -103,18 +113,9 @@ def _base_request(
     # proto3 scalars: 0 is "unset" for the fields vLLM gives a neutral value other than 0.
     if sampling.HasField("temperature"):
         generate.temperature = sampling.temperature
-    if sampling.top_p:
-        generate.top_p = sampling.top_p
-    if sampling.top_k:
-        generate.top_k = sampling.top_k
-    if sampling.min_p:
-        generate.min_p = sampling.min_p
-    if sampling.repetition_penalty:
-        generate.repetition_penalty = sampling.repetition_penalty
-    if sampling.presence_penalty:
-        generate.presence_penalty = sampling.presence_penalty
-    if sampling.frequency_penalty:
-        generate.frequency_penalty = sampling.frequency_penalty
+    for name in SAME_SAMPLING_FIELDS:
+        if value := getattr(sampling, name):
+            setattr(generate, name, value)
     if sampling.HasField("max_tokens"):
         generate.max_tokens = sampling.max_tokens
     if sampling.min_tokens:
