@@ -2,8 +2,9 @@
 
 ``Gateway`` starts ``smg launch --backend vllm`` with the given worker listeners, waits until
 it lists the model, and speaks OpenAI's HTTP API to it (plain ``http.client``: no client
-library between the test and the gateway). ``engine_stub`` is a direct client of a worker's
-``vllm.grpc.engine.VllmEngine``, for what the gateway does not show.
+library between the test and the gateway). ``StreamInFlight`` reads a streamed answer in the
+background. ``engine_stub`` is a direct client of a worker's ``vllm.grpc.engine.VllmEngine``,
+for what the gateway does not show.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ class Gateway:
         return answer
 
     def stream(self, path: str, body: dict, timeout: float = 120) -> Iterator[dict]:
-        """The events of a streamed answer (SSE), parsed; stops at [DONE]. Closing the iterator
-        closes the connection (the client leaves)."""
+        """The events of a streamed answer (SSE), parsed; stops at [DONE], and raises when the
+        stream ends without it. Closing the iterator closes the connection (the client leaves)."""
         connection = self._connection(timeout)
         try:
             connection.request(
@@ -134,8 +135,15 @@ class Gateway:
                 if data == "[DONE]":
                     return
                 yield json.loads(data)
+            raise ConnectionError("the stream ended without [DONE]")
         finally:
             connection.close()
+
+    def workers(self) -> dict[str, bool]:
+        """Whether smg routes to each of its workers now: its URL -> healthy."""
+        status, body = self.request("GET", "/workers", timeout=10)
+        assert status == 200, (status, body)
+        return {worker["url"]: worker["is_healthy"] for worker in body["workers"]}
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -151,3 +159,45 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StreamInFlight:
+    """A streamed answer read in a background thread as it comes (a reader that stops would hold
+    the worker back): its events, and how it ended ("done" at [DONE], else the error)."""
+
+    def __init__(self, gateway: Gateway, path: str, body: dict):
+        self.events: list[dict] = []
+        self.ending: str | Exception | None = None
+        self.started = threading.Event()  # the first event came, or the stream ended
+        self._leaving = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(gateway, path, body), daemon=True)
+        self._thread.start()
+
+    def _read(self, gateway: Gateway, path: str, body: dict) -> None:
+        events = gateway.stream(path, body)
+        try:
+            for event in events:
+                self.events.append(event)
+                self.started.set()
+                if self._leaving.is_set():
+                    self.ending = "left"
+                    return
+            self.ending = "done"
+        except Exception as error:  # the test reads it
+            self.ending = error
+        finally:
+            events.close()
+            self.started.set()
+
+    def wait_started(self, timeout: float = 60) -> None:
+        assert self.started.wait(timeout) and self.events, self.ending
+
+    def wait(self, timeout: float = 60) -> StreamInFlight:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream did not end"
+        return self
+
+    def leave(self) -> None:
+        """The client leaves: the connection closes at the next event."""
+        self._leaving.set()
+        self.wait()
