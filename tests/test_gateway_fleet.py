@@ -148,22 +148,15 @@ def in_flight(gateway: Gateway, body: dict) -> Iterator[StreamInFlight]:
         stream.leave()
 
 
-def test_requests_sharing_a_long_prefix_go_to_one_server(servers, gateway, endless):
+def test_requests_sharing_a_long_prefix_go_to_one_server(servers, gateway):
+    """Which server a different prefix then goes to is smg's load-balancing choice, not asserted."""
     questions = [f"Question {number}?" for number in range(6)]
     shared = system_text(f"Topic {next(_topics)}")
     first = routed(servers, gateway, shared, questions)
     assert sorted(first) == [0, len(questions)], first
     holder = first.index(len(questions))
-
-    # A different long prefix matches no worker: smg sends it to the least loaded, which, while
-    # a request of the first prefix is in flight on its server, is the other one; and the
-    # requests that follow it there too.
-    with in_flight(gateway, endless(shared, "Go on.")):
-        assert wait_until(lambda: running(servers[holder][0]) == 1, 10)
-        other = routed(servers, gateway, system_text(f"Topic {next(_topics)}"), questions)
-        assert other[1 - holder] == len(questions) and other[holder] == 0, other
-        # The first prefix still goes where it went.
-        assert routed(servers, gateway, shared, questions[:2])[holder] == 2
+    # Later requests with the same prefix still go where it is cached.
+    assert routed(servers, gateway, shared, questions[:2])[holder] == 2
 
 
 def test_a_killed_worker_fails_its_streams_and_smg_routes_around_it_until_it_is_back(
