@@ -46,7 +46,6 @@ from llmgrpc.server.launched import LaunchedModel
 from llmgrpc.server.manager import EngineManager
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.settings import Settings
-from llmgrpc.server.status import grpc_errors
 from llmgrpc.server.tokenizer_archive import chunks, zip_folder
 from llmgrpc.v1 import generate_pb2
 
@@ -136,7 +135,6 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
             self._tokenizer_dirs[key] = description.tokenizer_dir
         return self._infos[key], self._tokenizer_dirs[key]
 
-    @grpc_errors
     async def Generate(self, request: pb.GenerateRequest, context):
         self.last_receive = time.time()
         model = self.route.model(self.manager)
@@ -181,12 +179,10 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
             if response.finish_reason:
                 yield complete_to_pb(response, index, sample.output_ids, sample.logprobs)
 
-    @grpc_errors
     async def Abort(self, request: pb.AbortRequest, context):
         self.aborts.abort(list(request.request_ids))
         return pb.AbortResponse()
 
-    @grpc_errors
     async def HealthCheck(self, request: pb.HealthCheckRequest, context):
         try:
             model = self.route.model(self.manager)
@@ -195,46 +191,37 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
         healthy, message = health(model, self.draining())
         return pb.HealthCheckResponse(healthy=healthy, message=message)
 
-    @grpc_errors
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
         info, _ = await self._describe(self.route.model(self.manager), context)
         return info
 
-    @grpc_errors
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context):
         model = self.route.model(self.manager)
         return server_info(model, self.started, self.last_receive, self.draining())
 
-    @grpc_errors
     async def GetLoads(self, request: pb.GetLoadsRequest, context):
         model = await self.manager.refresh(self.route.model(self.manager))
         return loads(model, kv_cache_usage=model.engine_stats.kv_cache_usage)
 
-    @grpc_errors
     async def GetTokenizer(self, request, context):
         _, folder = await self._describe(self.route.model(self.manager), context)
         data = await asyncio.to_thread(zip_folder, Path(folder))
         for chunk in chunks(data):
             yield chunk
 
-    @grpc_errors
     async def SubscribeKvEvents(self, request, context):
         raise Unimplemented(f"SubscribeKvEvents: {NO_PREFIX_CACHE}")
         yield  # a server-streaming RPC
 
-    @grpc_errors
     async def FlushCache(self, request, context):
         raise Unimplemented(f"FlushCache: {NO_PREFIX_CACHE}")
 
-    @grpc_errors
     async def Embed(self, request: pb.EmbedRequest, context):
         raise Unimplemented("Embed: llmgrpc serves generative models only; it computes no embeddings")
 
-    @grpc_errors
     async def StartProfile(self, request, context):
         raise Unimplemented("StartProfile: llmgrpc's engines have no profiler to start over this contract")
 
-    @grpc_errors
     async def StopProfile(self, request, context):
         raise Unimplemented("StopProfile: llmgrpc's engines have no profiler to stop over this contract")
 

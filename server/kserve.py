@@ -30,7 +30,6 @@ from llmgrpc.server import logs
 from llmgrpc.server.launched import ModelState
 from llmgrpc.server.manager import EngineManager, LaunchRequest
 from llmgrpc.server.metrics import Metrics
-from llmgrpc.server.status import grpc_errors
 from llmgrpc.server.validation import check_generate, check_launch, check_model_uid, parse_json
 from llmgrpc.v1 import generate_pb2, models_pb2
 
@@ -391,30 +390,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 pieces.append(response.text)
 
-    @grpc_errors
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    @grpc_errors
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.server_ready())
 
-    @grpc_errors
     async def ModelReady(self, request, context):
         # As Triton: a model it does not know is simply not ready.
         model = next((m for m in self.manager.list() if m.uid == request.name), None)
         return pb.ModelReadyResponse(ready=model is not None and model.state is ModelState.READY)
 
-    @grpc_errors
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="llmgrpc", version=_server_version(), extensions=EXTENSIONS)
 
-    @grpc_errors
     async def ModelMetadata(self, request, context):
         check_model_uid(request.name)
         return model_metadata(self.manager.get(request.name))
 
-    @grpc_errors
     async def ModelInfer(self, request, context):
         inference = Inference.from_pb(request)
         if inference.stream:
@@ -423,7 +416,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         answers = [answer async for answer in self._answers(inference, request_id, context)]
         return answers[0]
 
-    @grpc_errors
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request starts a generation once read; their responses interleave, each carrying
         its request's id. A request that fails answers error_message and the stream goes on; the
@@ -480,7 +472,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in (reader, *generations):
                 task.cancel()
 
-    @grpc_errors
     async def ModelStatistics(self, request, context):
         models = [self.manager.get(request.name)] if request.name else self.manager.list()
         return pb.ModelStatisticsResponse(model_stats=[self._statistics(model) for model in models])
@@ -505,7 +496,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             inference_stats=pb.InferStatistics(success=success),
         )
 
-    @grpc_errors
     async def RepositoryIndex(self, request, context):
         models = [
             pb.RepositoryIndexResponse.ModelIndex(
@@ -519,13 +509,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         ]
         return pb.RepositoryIndexResponse(models=models)
 
-    @grpc_errors
     async def RepositoryModelLoad(self, request, context):
         check_model_uid(request.model_name)
         await self.manager.launch(launch_request(request))
         return pb.RepositoryModelLoadResponse()
 
-    @grpc_errors
     async def RepositoryModelUnload(self, request, context):
         check_model_uid(request.model_name)
         await self.manager.terminate(request.model_name)

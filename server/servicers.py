@@ -13,7 +13,6 @@ from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery
 from llmgrpc.server.settings import Settings
-from llmgrpc.server.status import grpc_errors
 from llmgrpc.server.validation import (
     check_detokenize,
     check_download,
@@ -81,7 +80,6 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         self.availability = availability
         self.settings = settings
 
-    @grpc_errors
     async def ListSpecs(self, request, context):
         found = self.registry.search(SpecQuery.from_pb(request))
         reasons = await self.availability.reasons()
@@ -91,36 +89,30 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             families=[family_to_pb(family, specs, reasons, hub_reasons) for family, specs in found]
         )
 
-    @grpc_errors
     async def LaunchModel(self, request, context):
         check_launch(request)
         model = await self.manager.launch(LaunchRequest.from_pb(request))
         return models_pb2.LaunchModelResponse(model=model.to_pb())
 
-    @grpc_errors
     async def ListModels(self, request, context):
         models = await self.manager.refresh_all()
         return models_pb2.ListModelsResponse(models=[model.to_pb() for model in models])
 
-    @grpc_errors
     async def GetModel(self, request, context):
         check_model_uid(request.model_uid)
         model = await self.manager.refresh(self.manager.get(request.model_uid))
         return models_pb2.GetModelResponse(model=model.to_pb())
 
-    @grpc_errors
     async def TerminateModel(self, request, context):
         check_model_uid(request.model_uid)
         model = await self.manager.terminate(request.model_uid)
         return models_pb2.TerminateModelResponse(model=model.to_pb())
 
-    @grpc_errors
     async def WatchModel(self, request, context):
         check_model_uid(request.model_uid)
         async for model in self.manager.watch(request.model_uid):
             yield models_pb2.WatchModelResponse(model=model)
 
-    @grpc_errors
     async def DownloadModel(self, request, context):
         check_download(request)
         async for event in self.manager.download(DownloadRequest.from_pb(request)):
@@ -135,7 +127,6 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         self.manager = manager
         self.metrics = metrics
 
-    @grpc_errors
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         check_generate(request)
         # The interceptor took the caller's x-request-id (or made one) and sent it back already.
@@ -144,12 +135,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
         async for response in self.metrics.track_generation(request.model_uid, responses):
             yield response
 
-    @grpc_errors
     async def Tokenize(self, request: generate_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
         check_tokenize(request)
         return await self.manager.tokenize(request, context.time_remaining())
 
-    @grpc_errors
     async def Detokenize(self, request: generate_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext):
         check_detokenize(request)
         return await self.manager.detokenize(request, context.time_remaining())

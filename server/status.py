@@ -153,7 +153,9 @@ def from_status_proto(status: status_pb2.Status) -> RemoteError:
 
 
 def grpc_errors(method):
-    """Wrap a servicer method (unary or server-streaming) so domain errors become statuses."""
+    """Wrap a servicer method (unary or server-streaming) so domain errors become statuses: for
+    the worker's servicer. The server's own servicers need none: its interceptor maps what
+    escapes them, the one place it is done there."""
 
     async def fail(context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort_with_status(rpc_status.to_status(status_of(error, method.__name__)))

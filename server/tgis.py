@@ -22,7 +22,6 @@ from llmgrpc.server import logs
 from llmgrpc.server.launched import AdmissionGate
 from llmgrpc.server.manager import EngineManager
 from llmgrpc.server.metrics import Metrics
-from llmgrpc.server.status import grpc_errors
 from llmgrpc.server.validation import check_generate, check_model_uid
 from llmgrpc.tgis.v1 import generation_pb2 as pb
 from llmgrpc.tgis.v1 import generation_pb2_grpc as pb_grpc
@@ -213,7 +212,6 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
                 return piece
         raise RuntimeError("a generation ended without a stop reason")
 
-    @grpc_errors
     async def Generate(self, request: pb.BatchedGenerationRequest, context):
         """Every prompt of the batch at once; one that fails fails the call and stops the others."""
         generations = [
@@ -239,7 +237,6 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
                 task.cancel()
         return pb.BatchedGenerationResponse(responses=responses)
 
-    @grpc_errors
     async def GenerateStream(self, request: pb.SingleGenerationRequest, context):
         generation = Generation.from_pb(
             request.model_id,
@@ -255,7 +252,6 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
             if piece.text or piece.stop_reason != pb.NOT_FINISHED:
                 yield piece
 
-    @grpc_errors
     async def Tokenize(self, request: pb.BatchedTokenizeRequest, context):
         violations = _unsupported(
             pb.Parameters(), request.HasField("prefix_id"), request.HasField("adapter_id")
@@ -282,7 +278,6 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
             )
         return pb.BatchedTokenizeResponse(responses=responses)
 
-    @grpc_errors
     async def ModelInfo(self, request: pb.ModelInfoRequest, context):
         check_model_uid(request.model_id)
         model = await self.manager.refresh(self.manager.get(request.model_id))
