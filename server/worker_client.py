@@ -134,7 +134,7 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout_s
         while not self.socket_path.exists():
             if self.process.returncode is not None:
-                raise self._died((await self.ended()) or self.exit, "before it started serving")
+                raise generate_socket.worker_died(await self.ended(), "before it started serving")
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"the worker process did not start serving within {timeout_s:.0f} s",
@@ -159,7 +159,7 @@ class WorkerProcess:
             on_progress(event.progress)
         ended = await self.ended()
         if ended is not None:
-            raise self._died(ended, "while loading")
+            raise generate_socket.worker_died(ended, "while loading")
         raise Unavailable("the worker ended its load without a result", reason=Reason.WORKER_UNAVAILABLE)
 
     async def download(self) -> AsyncIterator[worker_pb2.DownloadResponse]:
@@ -283,13 +283,9 @@ class WorkerProcess:
             # because the process died or is dying.
             ended = await self.ended()
             if ended is not None:
-                return self._died(ended, "")
+                return generate_socket.worker_died(ended)
             return Unavailable(
                 f"the model's worker process stopped answering: {error.details()}",
                 reason=Reason.WORKER_UNAVAILABLE,
             )
         return remote
-
-    @staticmethod
-    def _died(ended: WorkerExit | None, when: str) -> Unavailable:
-        return generate_socket.worker_died(ended, when)
