@@ -143,7 +143,8 @@ class GenerationRequest:
     deadline is the caller's, a time.time() moment (None: it set none); the worker closes
     the request's stream when it passes, so an engine needs it only to plan ahead.
     parse_special_tokens: read special-token spellings in prompt ("<|eot_id|>") as those
-    tokens; otherwise they are text (a chat's contents always are, see engines.chat)."""
+    tokens; otherwise they are text (a chat's contents always are, see engines.chat).
+    cache_prompt: the engine may start from KV it holds for a prefix of the prompt."""
 
     request_id: str
     sampling: SamplingParams
@@ -152,6 +153,7 @@ class GenerationRequest:
     deadline: float | None = None
     chat: Chat | None = None
     parse_special_tokens: bool = False
+    cache_prompt: bool = True
 
     @classmethod
     def from_pb(
@@ -172,6 +174,7 @@ class GenerationRequest:
             deadline=deadline,
             chat=chat,
             parse_special_tokens=pb.parse_special_tokens,
+            cache_prompt=pb.cache_prompt if pb.HasField("cache_prompt") else True,
         )
 
 
@@ -181,6 +184,7 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, served from the engine's prefix cache
 
 
 @dataclass
@@ -231,6 +235,7 @@ class Chunk:
         if self.usage is not None:
             response.usage.prompt_tokens = self.usage.prompt_tokens
             response.usage.completion_tokens = self.usage.completion_tokens
+            response.usage.cached_prompt_tokens = self.usage.cached_prompt_tokens
         if isinstance(self.stop, str):
             response.stop_string = self.stop
         elif self.stop is not None:

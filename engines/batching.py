@@ -81,6 +81,15 @@ class ModelRunner(abc.ABC):
         Called once, on the first request that asks for a format, from another thread."""
         raise FailedPrecondition(f"{type(self).__name__} does not support structured_output")
 
+    def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
+        """Start a sequence, once, before its first prefill part; from then on the runner knows
+        it, and ``release`` forgets it.
+
+        Returns how many leading tokens of prompt_ids the runner already holds KV for (a
+        prefix-cache hit, fewer than all so that the last token's logits are computed): the
+        batcher feeds only the rest. The default holds none."""
+        return 0
+
     @abc.abstractmethod
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
         """Feed each sequence the next part of its prompt; logits of each part's last token.
@@ -97,7 +106,8 @@ class ModelRunner(abc.ABC):
 
     @abc.abstractmethod
     def release(self, sequence_id: int) -> None:
-        """Forget a sequence, decoding or still being prefilled, and free its KV state."""
+        """Forget an admitted sequence, decoding, being prefilled or not yet fed at all, and
+        free its KV state (or keep it for a later prompt that shares its prefix)."""
 
 
 # What a caller's queue receives: a chunk, or the error that ends its stream.
@@ -111,7 +121,8 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop  # the caller's: its output is put on queue there
     queue: asyncio.Queue[Chunk | BaseException]
     prompt_ids: list[int] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens the runner has been fed
+    prefilled: int = 0  # prompt tokens the runner holds: fed, or found in its prefix cache
+    cached: int = 0  # of those, found in its prefix cache
     stop_ids: frozenset[int] = frozenset()
     output_ids: list[int] = field(default_factory=list)
     sampler: Sampler | None = None
@@ -292,13 +303,13 @@ class ContinuousBatcher:
                 if aborted:
                     self._pending = deque(s for s in self._pending if s.id not in aborted)
                 room = self.max_batch_size - len(self._active) - len(self._prefilling)
-                for _ in range(min(room, len(self._pending))):
-                    joiner = self._pending.popleft()
-                    self._prefilling[joiner.id] = joiner
+                joiners = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
             for sequence_id in aborted:
                 sequence = self._active.get(sequence_id) or self._prefilling.get(sequence_id)
                 if sequence is not None:
                     self._forget(sequence)
+            for joiner in joiners:
+                self._admit(joiner)
             try:
                 self._step()
             except Exception as error:  # a broken forward pass fails its requests, not the worker
@@ -310,6 +321,17 @@ class ContinuousBatcher:
         for sequence in doomed:
             self._send(sequence, Unavailable("the engine was shut down"))
         self._flush()
+
+    def _admit(self, sequence: _Sequence) -> None:
+        """Hand a queued sequence to the runner, which may already hold a prefix of its prompt."""
+        try:
+            cached = self.runner.admit(sequence.id, sequence.prompt_ids, sequence.request)
+        except Exception as error:  # this request fails, not the batch
+            log.exception("admitting a sequence failed")
+            self._send(sequence, error)
+            return
+        sequence.prefilled = sequence.cached = cached
+        self._prefilling[sequence.id] = sequence
 
     def _send(self, sequence: _Sequence, item: Chunk | BaseException) -> None:
         """Queue item for sequence's caller; it goes out with the rest of the step (_flush)."""
@@ -348,7 +370,10 @@ class ContinuousBatcher:
         chunk, budget = self.prefill_chunk_tokens, self.prefill_chunk_tokens
         fed: list[tuple[_Sequence, list[int]]] = []
         for sequence in self._prefilling.values():
-            part = sequence.prompt_ids[sequence.prefilled : sequence.prefilled + chunk]
+            # Up to the next multiple of chunk: a prompt found partly in the cache is cut where
+            # it would be cut cold.
+            end = (sequence.prefilled // chunk + 1) * chunk
+            part = sequence.prompt_ids[sequence.prefilled : end]
             if fed and len(part) > budget:
                 continue
             fed.append((sequence, part))
@@ -427,7 +452,7 @@ class ContinuousBatcher:
         )
         sequence.unreleased_ids, sequence.unreleased_logprobs = [], []
         if finish is not None:
-            chunk.usage = Usage(len(sequence.prompt_ids), len(sequence.output_ids))
+            chunk.usage = Usage(len(sequence.prompt_ids), len(sequence.output_ids), sequence.cached)
             self._forget(sequence)
         self._send(sequence, chunk)
 
@@ -447,7 +472,7 @@ class ContinuousBatcher:
 
     def _forget(self, sequence: _Sequence) -> None:
         known = self._active.pop(sequence.id, None) or self._prefilling.pop(sequence.id, None)
-        if known is not None and sequence.prefilled:  # the runner has seen it
+        if known is not None:  # admitted: the runner knows it
             self.runner.release(sequence.id)
 
 

@@ -248,7 +248,7 @@ class DynamicCacheRunner(HuggingFaceRunner):
 
     @torch.inference_mode()
     def release(self, sequence_id: int) -> None:
-        if self._prefilling.pop(sequence_id, None) is not None:
+        if self._prefilling.pop(sequence_id, None) is not None or sequence_id not in self._order:
             return
         row, last = self._order.index(sequence_id), len(self._order) - 1
         window = slice(self._start, self._end)
@@ -431,7 +431,7 @@ class StaticCacheRunner(HuggingFaceRunner):
         return self._step(self._input_ids, self._position_ids, self._mask)
 
     def release(self, sequence_id: int) -> None:
-        if self._prefilling.pop(sequence_id, None) is not None:
+        if self._prefilling.pop(sequence_id, None) is not None or sequence_id not in self._row_of:
             return
         row = self._row_of.pop(sequence_id)
         del self._length[sequence_id]

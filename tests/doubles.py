@@ -60,4 +60,4 @@ class CountingRunner(ModelRunner):
         return np.stack([self._logits_after(token) for token in last_tokens.values()])
 
     def release(self, sequence_id: int) -> None:
-        self.live.remove(sequence_id)
+        self.live.discard(sequence_id)
