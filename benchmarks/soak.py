@@ -48,7 +48,7 @@ from grpc_status import rpc_status
 
 from llmgrpc.kserve.v2 import grpc_service_pb2 as kserve_pb
 from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
-from llmgrpc.server.kserve import encode_bytes
+from llmgrpc.server.kserve_convert import encode_bytes
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 PROMPTS = ["Hello", "Tell me a story about", "The quick brown fox", "Once upon a time", "In 1969,"]

@@ -10,7 +10,7 @@ from status_details import bad_request
 
 from llmgrpc.kserve.v2 import grpc_service_pb2 as kserve_pb
 from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
-from llmgrpc.server.kserve import encode_bytes
+from llmgrpc.server.kserve_convert import encode_bytes
 
 PROMPT = "The capital of France is"
 GREEDY = {"temperature": 0, "max_tokens": 12, "ignore_eos": True}

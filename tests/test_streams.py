@@ -17,7 +17,7 @@ from status_details import reason
 from llmgrpc.clients import Client
 from llmgrpc.kserve.v2 import grpc_service_pb2 as kserve_pb
 from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
-from llmgrpc.server.kserve import encode_bytes
+from llmgrpc.server.kserve_convert import encode_bytes
 from llmgrpc.v1 import models_pb2
 
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0)]
