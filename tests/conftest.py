@@ -23,6 +23,10 @@ from llmgrpc.worker.v1 import worker_pb2
 TINY = "tiny-llama-3.1"
 TESTS = Path(__file__).parent
 
+# gguf_f32 and model_uid: the tiny model on both batching engines, for the files that test a
+# request field on each.
+pytest_plugins = ["engine_pair"]
+
 # The robustness suite's budget: "ci" (default) keeps the run to a few thousand cases in
 # well under two minutes; HYPOTHESIS_PROFILE=thorough runs ten times as many.
 _HYPOTHESIS = {"deadline": None, "database": None, "suppress_health_check": list(HealthCheck)}
