@@ -163,7 +163,7 @@ async def create_server(
     models_pb2_grpc.add_ModelServiceServicer_to_server(
         ModelServicer(manager, registry, availability, settings), server
     )
-    generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(manager, metrics), server)
+    generate_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(manager), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         kserve.KServeServicer(
             manager,
@@ -173,7 +173,7 @@ async def create_server(
         ),
         server,
     )
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(tgis.TgisServicer(manager, metrics), server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(tgis.TgisServicer(manager), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SERVICE_NAMES, health.SERVICE_NAME), server)
     credentials = None
@@ -191,7 +191,6 @@ async def create_server(
         server,
         settings,
         manager,
-        metrics,
         interceptor,
         listener=lambda: grpc.aio.server(interceptors=[interceptor], options=options),
         credentials=credentials,

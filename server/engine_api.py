@@ -44,7 +44,6 @@ from llmgrpc.server.engine_api_state import Aborts, Route, health, loads, model_
 from llmgrpc.server.interceptor import ServerInterceptor
 from llmgrpc.server.launched import LaunchedModel
 from llmgrpc.server.manager import EngineManager
-from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.tokenizer_archive import chunks, zip_folder
 from llmgrpc.v1 import generate_pb2
@@ -108,14 +107,12 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
     def __init__(
         self,
         manager: EngineManager,
-        metrics: Metrics,
         route: Route,
         *,
         draining: Callable[[], bool],
         aborts: Aborts,
     ):
         self.manager = manager
-        self.metrics = metrics
         self.route = route
         self.draining = draining
         self.aborts = aborts
@@ -141,7 +138,7 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
         generation = EngineGeneration.from_pb(request, model.uid, int(model.engine_stats.context_length))
         with self.aborts.watch(generation.request_id):
             try:
-                async for response in self._generate(generation, model.uid, context):
+                async for response in self._generate(generation, context):
                     yield response
             except asyncio.CancelledError:
                 if not self.aborts.aborted():
@@ -151,17 +148,12 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
                     task.uncancel()
                 raise Cancelled(f"request {generation.request_id} was aborted by Abort") from None
 
-    async def _generate(
-        self, generation: EngineGeneration, model_uid: str, context
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(self, generation: EngineGeneration, context) -> AsyncIterator[pb.GenerateResponse]:
         call_id = logs.REQUEST_ID.get() or generation.request_id
         several = len(generation.samples) > 1
         streams = [
-            self.metrics.track_generation(
-                model_uid,
-                self.manager.generate(
-                    sample, f"{call_id}.{index}" if several else call_id, context.time_remaining()
-                ),
+            self.manager.generate(
+                sample, f"{call_id}.{index}" if several else call_id, context.time_remaining()
             )
             for index, sample in enumerate(generation.samples)
         ]
@@ -230,7 +222,6 @@ def serve_on(
     server: grpc.aio.Server,
     settings: Settings,
     manager: EngineManager,
-    metrics: Metrics,
     interceptor: ServerInterceptor,
     *,
     listener: Callable[[], grpc.aio.Server],
@@ -243,7 +234,7 @@ def serve_on(
 
     def servicer(route: Route) -> EngineApiServicer:
         draining = lambda: interceptor.draining  # noqa: E731
-        return EngineApiServicer(manager, metrics, route, draining=draining, aborts=aborts)
+        return EngineApiServicer(manager, route, draining=draining, aborts=aborts)
 
     own = frozenset(settings.engine_api_ports)
     pb_grpc.add_VllmEngineServicer_to_server(servicer(Route(None, own)), server)

@@ -36,7 +36,6 @@ from llmgrpc.server.launched import ModelState
 from llmgrpc.server.manager import EngineManager
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.validation import check_model_uid
-from llmgrpc.v1 import generate_pb2
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
@@ -64,20 +63,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.server_ready = server_ready
         self.max_stream_pending = max_stream_pending  # per ModelStreamInfer call (settings)
 
-    async def _generate(
-        self, inference: Inference, request_id: str, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        uid = inference.request.model_uid
-        responses = self.manager.generate(inference.request, request_id, context.time_remaining())
-        async for response in self.metrics.track_generation(uid, responses):
-            yield response
-
     async def _answers(
         self, inference: Inference, request_id: str, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelInferResponse]:
         """One request's responses: a piece per settled text (stream), else the whole text."""
         pieces = [inference.request.prompt] if inference.prepend_prompt else []
-        async for response in self._generate(inference, request_id, context):
+        responses = self.manager.generate(inference.request, request_id, context.time_remaining())
+        async for response in responses:
             if response.finish_reason:
                 text = response.text if inference.stream else "".join(pieces) + response.text
                 for answer in inference.answers(response, text):

@@ -118,7 +118,7 @@ class Metrics:
         """Report the manager's models (running, waiting, memory, load time) at every scrape."""
         self.registry.register(_ModelCollector(manager.list))
 
-    # Hooks the engine manager and the servicers call.
+    # Hooks the engine manager (its routing: every Generate of every protocol) and the interceptor call.
 
     def observe_queue_time(self, model_uid: str, seconds: float) -> None:
         self.queue_time.labels(model_uid).observe(seconds)

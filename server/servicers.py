@@ -10,7 +10,6 @@ from llmgrpc.engines.catalogue import engines
 from llmgrpc.server import logs
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest
-from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery
 from llmgrpc.server.settings import Settings
 from llmgrpc.server.validation import (
@@ -123,16 +122,15 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 
 
 class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
-    def __init__(self, manager: EngineManager, metrics: Metrics):
+    def __init__(self, manager: EngineManager):
         self.manager = manager
-        self.metrics = metrics
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         check_generate(request)
         # The interceptor took the caller's x-request-id (or made one) and sent it back already.
         request_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
         responses = self.manager.generate(request, request_id, context.time_remaining())
-        async for response in self.metrics.track_generation(request.model_uid, responses):
+        async for response in responses:
             yield response
 
     async def Tokenize(self, request: generate_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):

@@ -21,7 +21,6 @@ from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.server import logs
 from llmgrpc.server.launched import AdmissionGate
 from llmgrpc.server.manager import EngineManager
-from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.validation import check_generate, check_model_uid
 from llmgrpc.tgis.v1 import generation_pb2 as pb
 from llmgrpc.tgis.v1 import generation_pb2_grpc as pb_grpc
@@ -168,18 +167,14 @@ class Generation:
 class TgisServicer(pb_grpc.GenerationServiceServicer):
     """fmaas.GenerationService: each RPC converts at the boundary and calls the manager."""
 
-    def __init__(self, manager: EngineManager, metrics: Metrics):
+    def __init__(self, manager: EngineManager):
         self.manager = manager
-        self.metrics = metrics
 
     async def _pieces(
         self, generation: Generation, request_id: str, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerationResponse]:
         """The generation's messages as TGIS pieces; the last has the stop reason and counts."""
-        uid = generation.request.model_uid
-        responses = self.metrics.track_generation(
-            uid, self.manager.generate(generation.request, request_id, context.time_remaining())
-        )
+        responses = self.manager.generate(generation.request, request_id, context.time_remaining())
         loop = asyncio.get_running_loop()
         ends_at = loop.time() + generation.time_limit_s if generation.time_limit_s else None
         generated = 0

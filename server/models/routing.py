@@ -1,6 +1,9 @@
 """The calls a launched model answers, routed to one of its READY replicas: Generate through
 the model's admission gate (a bounded batch and a bounded queue), Tokenize and Detokenize
-without one. A call to an idle-unloaded model reloads it first, within the caller's deadline."""
+without one. A call to an idle-unloaded model reloads it first, within the caller's deadline.
+
+Every protocol's Generate passes here, so its metrics (queue time, tokens, latencies, finish
+reasons) are recorded here alone; the servicers only convert."""
 
 from __future__ import annotations
 
@@ -32,7 +35,14 @@ class Routing:
         self.lifecycle = lifecycle
         self.metrics = metrics
 
-    async def generate(
+    def generate(
+        self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """The request's stream from a READY replica, timed and counted (Metrics.track_generation)
+        here, where every protocol's Generate passes, and nowhere else."""
+        return self.metrics.track_generation(request.model_uid, self._generate(request, request_id, timeout))
+
+    async def _generate(
         self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         # The caller's deadline as a moment (wall clock: the worker is another process), so that
