@@ -4,7 +4,7 @@ rule that keeps them fast (compute happens on one long-lived thread per engine).
 llama.cpp computes a step of one token (one stream decoding) with ``n_threads`` and any
 larger step (several streams decoding together, or a prompt) with ``n_threads_batch``; both
 default to every core this process may use: measured on 2 cores (``make bench``; the
-README's *Thread defaults*), with compute kept on one thread (``on_a_thread_of_its_own``),
+*Thread defaults* in docs/engines.md), with compute kept on one thread (``on_a_thread_of_its_own``),
 every core beat one thread for single-token steps (437 against 357 tok/s at one stream)
 and one thread for everything (*One core left free* in docs/benchmarks.md). A launch
 overrides either with those engine options.

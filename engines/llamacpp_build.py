@@ -26,7 +26,7 @@ from types import ModuleType
 from llmgrpc.clients.errors import FailedPrecondition
 
 VARIANT_PREFIX = "libggml-cpu-"
-REBUILD = "rebuild llama-cpp-python with the project's recipe: make install (README, Engines)"
+REBUILD = "rebuild llama-cpp-python with the project's recipe: make install (docs/engines.md)"
 
 # llama_print_system_info's CPU feature names -> /proc/cpuinfo flags.
 CPUINFO_FLAGS = {

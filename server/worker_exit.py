@@ -22,7 +22,7 @@ TAIL_BYTES = 1024
 SIGNAL_READINGS = {
     signal.SIGILL: (
         "the engine's build uses a CPU instruction this host cannot run: rebuild it "
-        "(see README, Engines; `llmgrpc doctor` checks the build against this host)"
+        "(see docs/engines.md, The llama.cpp build; `llmgrpc doctor` checks the build against this host)"
     ),
     signal.SIGKILL: "killed, often by the kernel's out-of-memory killer (see the kernel log, dmesg)",
     signal.SIGSEGV: "the engine crashed on an invalid memory access (a bug in its library or its build)",
