@@ -49,7 +49,7 @@ GRACE_S = 60
 # Ours alone: a test run's own subnet, on links that exist only inside its namespaces and one
 # link from this namespace; no traffic leaves them.
 PREFIX = f"10.213.{os.getpid() % 200 + 20}"
-# A client as the README shows it: retry UNAVAILABLE (a draining replica's answer) elsewhere.
+# A client as docs/deploy.md shows it: retry UNAVAILABLE (a draining replica's answer) elsewhere.
 RETRY_SERVICE_CONFIG = {
     "methodConfig": [
         {
@@ -247,7 +247,7 @@ def fleet(tmp_path_factory, cache_dir) -> Iterator[Fleet]:
     folder = tmp_path_factory.mktemp("fleet")
     folder.chmod(0o755)
     models_file = folder / "models.yaml"
-    # Two hosts on one machine's cores: each gets its share (README, Thread defaults), else both
+    # Two hosts on one machine's cores: each gets its share (docs/engines.md, Thread defaults), else both
     # engines' threads contend for every core and the drain tests time out on a busy machine.
     models_file.write_text(
         f"models:\n  - {{model_name: {TINY}, model_uid: {UID}, device: cpu,"
