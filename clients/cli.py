@@ -200,6 +200,16 @@ def add_client_commands(commands) -> None:
         help="worker processes serving the model, each a whole copy on its own device(s) (default 1)",
     )
     launch.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters to serve with the model (a local PEFT folder or a hub id each)",
+    )
+    launch.add_argument("--max-loras", type=int, default=None, help="adapters resident at once (default 4)")
+    launch.add_argument("--max-lora-rank", type=int, default=None, help="highest adapter rank (default 16)")
+    launch.add_argument(
         "--engine-option",
         action="append",
         default=[],
@@ -241,8 +251,15 @@ def add_client_commands(commands) -> None:
         for command in (generate, chat):
             command.add_argument(flag, type=kind)
     for command in (generate, chat):
+        command.add_argument("--adapter", default="", help="a LoRA adapter of the model, by name")
         command.add_argument("--stop", action="append", default=[])
         command.add_argument("--ignore-eos", action="store_true")
+
+
+def _lora_module(words: str) -> models_pb2.LoraModule:
+    """xinference's NAME=PATH."""
+    name, _, path = words.partition("=")
+    return models_pb2.LoraModule(name=name, path=path)
 
 
 def run_client_command(args: argparse.Namespace) -> None:
@@ -287,6 +304,9 @@ def _run(args: argparse.Namespace) -> None:
                 n_gpu=args.n_gpu,
                 gpu_idx=[index for indices in args.gpu_idx for index in indices],
                 replica=args.replica,
+                lora_modules=[_lora_module(words) for words in args.lora_modules],
+                max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank,
             )
             _print_message(model)
         elif args.command == "download":
@@ -340,7 +360,7 @@ SAMPLING_FLAGS = (
 def _sampling(args: argparse.Namespace) -> dict:
     """The GenerateRequest sampling fields the command's flags set."""
     given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
-    return {**given, "stop": args.stop, "ignore_eos": args.ignore_eos}
+    return {**given, "stop": args.stop, "ignore_eos": args.ignore_eos, "adapter": args.adapter}
 
 
 def _print_stream(stream) -> tuple[generate_pb2.GenerateResponse | None, str]:

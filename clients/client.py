@@ -88,13 +88,18 @@ class Client:
         n_gpu: str | int = "",
         gpu_idx: Sequence[int] = (),
         replica: int | None = None,
+        lora_modules: Sequence[models_pb2.LoraModule] = (),
+        max_loras: int | None = None,
+        max_lora_rank: int | None = None,
         timeout: float | None = None,
     ) -> models_pb2.ModelDescription:
         """Launch a model and wait until it is READY (watch() shows its progress meanwhile); with
         wait=False, return its LOADING description at once. idle_unload_s: unload it after that
         many seconds without requests (None: the server's default; 0: never). n_gpu: a count or
         "auto"; gpu_idx: the GPUs to use, by index (every replica's, replica after replica).
-        replica: worker processes serving the uid (None: the server's default, 1)."""
+        replica: worker processes serving the uid (None: the server's default, 1). lora_modules:
+        LoRA adapters served with it (requests name one in `adapter`); max_loras, max_lora_rank:
+        their limits (None: the server's defaults)."""
         request = models_pb2.LaunchModelRequest(
             model_name=model_name,
             model_engine=model_engine,
@@ -108,7 +113,11 @@ class Client:
             wait=wait,
             n_gpu=str(n_gpu),
             gpu_idx=list(gpu_idx),
+            lora_modules=list(lora_modules),
         )
+        for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
+            if value is not None:
+                setattr(request, name, value)
         if idle_unload_s is not None:
             request.idle_unload_s = idle_unload_s
         if replica is not None:
@@ -118,6 +127,35 @@ class Client:
             options.update(dict(engine_options))
             request.engine_options.CopyFrom(options)
         return self.models.LaunchModel(request, timeout=timeout).model
+
+    def load_adapter(
+        self,
+        model_uid: str,
+        name: str,
+        path: str,
+        *,
+        scale: float | None = None,
+        timeout: float | None = None,
+    ) -> models_pb2.AdapterDescription:
+        """Add a LoRA adapter to a READY model (admin role); path: a local PEFT folder or a hub id."""
+        adapter = models_pb2.LoraModule(name=name, path=path)
+        if scale is not None:
+            adapter.scale = scale
+        request = models_pb2.LoadAdapterRequest(model_uid=model_uid, adapter=adapter)
+        return self.models.LoadAdapter(request, timeout=timeout).adapter
+
+    def unload_adapter(
+        self, model_uid: str, name: str, timeout: float | None = None
+    ) -> models_pb2.AdapterDescription:
+        """Remove an adapter; refused (FAILED_PRECONDITION) while streams of it are in flight."""
+        request = models_pb2.UnloadAdapterRequest(model_uid=model_uid, name=name)
+        return self.models.UnloadAdapter(request, timeout=timeout).adapter
+
+    def list_adapters(
+        self, model_uid: str, timeout: float | None = None
+    ) -> list[models_pb2.AdapterDescription]:
+        request = models_pb2.ListAdaptersRequest(model_uid=model_uid)
+        return list(self.models.ListAdapters(request, timeout=timeout).adapters)
 
     def download(
         self,

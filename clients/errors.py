@@ -45,6 +45,9 @@ class Reason:
     WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"  # the model's worker process died or did not start
     ENGINE_START_FAILED = "ENGINE_START_FAILED"  # the engine library would not start the model
     MODEL_PATH_NOT_ALLOWED = "MODEL_PATH_NOT_ALLOWED"
+    ADAPTER_NOT_FOUND = "ADAPTER_NOT_FOUND"  # the model has no LoRA adapter of that name
+    ADAPTER_INCOMPATIBLE = "ADAPTER_INCOMPATIBLE"  # rank, architecture, hidden size or target modules
+    ADAPTER_IN_USE = "ADAPTER_IN_USE"  # streams of the adapter are in flight: unload it after them
     TRUST_REMOTE_CODE_DISABLED = "TRUST_REMOTE_CODE_DISABLED"
     HUB_NOT_LISTED = "HUB_NOT_LISTED"  # download_hub names a hub the spec does not list
     HUB_UNAVAILABLE = "HUB_UNAVAILABLE"  # the hub's client library is not installed here

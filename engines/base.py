@@ -13,6 +13,10 @@ An engine serves one loaded model inside a worker process. Its whole contract:
 - ``engine.tokenize(text, parse_special)`` / ``engine.detokenize(token_ids)`` (async) use the
   model's tokenizer as ``generate`` does: special-token spellings in text are ordinary text
   unless parse_special; an engine without a tokenizer refuses (FailedPrecondition).
+- ``engine.load_adapter(module, path)`` / ``engine.unload_adapter(name)`` (optional) add and
+  remove a LoRA adapter (engines.lora) at run time, beside requests in flight; a request names
+  one in ``GenerationRequest.adapter``. ``LoadPlan.lora_modules`` are loaded the same way,
+  after ``load``, before the model is READY.
 - ``engine.stats()`` reports what the manager shows in ``GetModel``.
 - ``engine.close()`` frees the model.
 
@@ -33,6 +37,7 @@ from typing import Any
 
 from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.chat import Chat, tool_call_schema
+from llmgrpc.engines.lora import LoraModule
 from llmgrpc.v1 import generate_pb2
 
 
@@ -144,7 +149,9 @@ class GenerationRequest:
     the request's stream when it passes, so an engine needs it only to plan ahead.
     parse_special_tokens: read special-token spellings in prompt ("<|eot_id|>") as those
     tokens; otherwise they are text (a chat's contents always are, see engines.chat).
-    cache_prompt: the engine may start from KV it holds for a prefix of the prompt."""
+    cache_prompt: the engine may start from KV it holds for a prefix of the prompt (KV computed
+    under the same adapter only).
+    adapter: the LoRA adapter to generate with, by name; empty: the base model."""
 
     request_id: str
     sampling: SamplingParams
@@ -154,6 +161,7 @@ class GenerationRequest:
     chat: Chat | None = None
     parse_special_tokens: bool = False
     cache_prompt: bool = True
+    adapter: str = ""
 
     @classmethod
     def from_pb(
@@ -175,6 +183,7 @@ class GenerationRequest:
             chat=chat,
             parse_special_tokens=pb.parse_special_tokens,
             cache_prompt=pb.cache_prompt if pb.HasField("cache_prompt") else True,
+            adapter=pb.adapter,
         )
 
 
@@ -283,6 +292,10 @@ class LoadPlan:
     download_hub: str = "auto"  # "auto" (the spec's hubs in order), "huggingface" or "modelscope"
     hub_cache_dir: str = ""  # one folder for hub downloads; empty: the hub libraries' own caches
     gpu_count: int = 0  # the GPUs the worker sees (CUDA_VISIBLE_DEVICES); more than 1: spread the model
+    # LoRA adapters loaded with the model (engines.lora.LoraModule as JSON), and their limits.
+    lora_modules: list[dict[str, Any]] = field(default_factory=list)
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,6 +315,8 @@ class EngineStats:
     peak_batch_size: int = 0
     gpu_memory_bytes: int = 0
     kv_cache_usage: float = 0.0  # the fraction, 0 to 1, of its KV-cache capacity live sequences hold
+    resident_adapters: list[str] = field(default_factory=list)  # LoRA weights where the forward reads them
+    adapter_ranks: dict[str, int] = field(default_factory=dict)  # every adapter the engine holds
 
 
 # report(phase, done, total): progress of a load, e.g. ("downloading", 1_000, 5_000).
@@ -328,6 +343,18 @@ class Engine(abc.ABC):
     async def detokenize(self, token_ids: list[int]) -> str:
         """The text of token_ids, special tokens left out."""
         raise FailedPrecondition(f"the {type(self).__name__} engine does not detokenize")
+
+    def load_adapter(self, module: LoraModule, path: str) -> int:
+        """Check and load the LoRA adapter at path (a local folder or file) as module.name,
+        beside requests in flight; its rank. Runs on a thread of its own."""
+        raise FailedPrecondition(
+            f"the {type(self).__name__} engine does not serve LoRA adapters",
+            reason=Reason.ADAPTER_INCOMPATIBLE,
+        )
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter no request in flight uses."""
+        raise FailedPrecondition(f"the {type(self).__name__} engine does not serve LoRA adapters")
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:

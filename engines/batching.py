@@ -90,6 +90,11 @@ class ModelRunner(abc.ABC):
         batcher feeds only the rest. The default holds none."""
         return 0
 
+    def can_admit(self, request: GenerationRequest) -> bool:
+        """Whether a sequence of request can start now; one that cannot waits, first in the queue,
+        while the others go ahead (e.g. its LoRA adapter needs a slot that running sequences hold)."""
+        return True
+
     @abc.abstractmethod
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
         """Feed each sequence the next part of its prompt; logits of each part's last token.
@@ -308,8 +313,15 @@ class ContinuousBatcher:
                 sequence = self._active.get(sequence_id) or self._prefilling.get(sequence_id)
                 if sequence is not None:
                     self._forget(sequence)
-            for joiner in joiners:
-                self._admit(joiner)
+            waiting = []
+            for joiner in joiners:  # asked one by one: each admission may take what the next needs
+                if self.runner.can_admit(joiner.request):
+                    self._admit(joiner)
+                else:
+                    waiting.append(joiner)
+            if waiting:
+                with self._lock:
+                    self._pending.extendleft(reversed(waiting))
             try:
                 self._step()
             except Exception as error:  # a broken forward pass fails its requests, not the worker

@@ -47,17 +47,23 @@ import ctypes
 import heapq
 import logging
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from llmgrpc.engines.base import LoadPlan, ProgressReport
+from llmgrpc.engines.base import EngineStats, LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.chat import Chat, chat_prompt_ids
 from llmgrpc.engines.constraints import tokenizer_from_llama_cpp
 from llmgrpc.engines.cpu_threads import llama_cpp_threads, usable_cores
 from llmgrpc.engines.llamacpp_build import import_llama_cpp
+from llmgrpc.engines.lora import LoraModule
+
+if TYPE_CHECKING:
+    from llmgrpc.engines.llamacpp_lora import LoraLlamaCppRunner
 
 llama_cpp = import_llama_cpp()
 
@@ -301,7 +307,7 @@ def _int_option(options: dict, name: str, default: int) -> int:
 class LlamaCppEngine(BatchedEngine):
     """A GGUF model in llama.cpp behind the continuous batcher."""
 
-    runner: LlamaCppRunner
+    runner: LoraLlamaCppRunner
 
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> LlamaCppEngine:
@@ -375,7 +381,10 @@ class LlamaCppEngine(BatchedEngine):
         except BaseException:
             llama_cpp.llama_model_free(model)
             raise
-        runner = LlamaCppRunner(model, context, n_seq_max)
+        from llmgrpc.engines.llamacpp_lora import LoraLlamaCppRunner  # it builds on this module
+
+        converted = Path(plan.cache_dir) / "lora-gguf"
+        runner = LoraLlamaCppRunner(model, context, n_seq_max, plan.max_lora_rank, converted)
         try:
             report("warming up", 0, 0)
             runner.prefill([(0, runner.tokenize("warm up"))])
@@ -389,6 +398,18 @@ class LlamaCppEngine(BatchedEngine):
             log.warning("%s asked for, but this llama.cpp build runs on the CPU only", plan.device)
             wants_gpu = False
         return cls(runner, n_seq_max, plan.device if wants_gpu else "cpu")
+
+    def load_adapter(self, module: LoraModule, path: str) -> int:
+        return self.runner.load_adapter(module, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.runner.unload_adapter(name)
+
+    def stats(self) -> EngineStats:
+        stats = super().stats()
+        stats.adapter_ranks = self.runner.ranks()
+        stats.resident_adapters = list(stats.adapter_ranks)
+        return stats
 
     def close(self) -> None:
         super().close()  # stops the batcher thread first: nothing decodes while the context is freed

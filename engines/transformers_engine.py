@@ -30,14 +30,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from llmgrpc.clients.errors import InvalidArgument
-from llmgrpc.engines.base import LoadPlan, ProgressReport
+from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
+from llmgrpc.engines.base import EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.chat import Chat, hugging_face_chat_ids
 from llmgrpc.engines.constraints import tokenizer_from_hugging_face
 from llmgrpc.engines.cpu_threads import usable_cores
+from llmgrpc.engines.lora import LoraModule
 from llmgrpc.engines.model_folder import check_tokenizer_files, read_model_config
+from llmgrpc.engines.transformers_lora import LoraSlots
 
 STATIC_CONTEXT_DEFAULT = 4096
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +66,27 @@ class HuggingFaceRunner(ModelRunner):
         # A 4-D mask goes to the attention as is: SDPA takes booleans, eager attention adds it.
         self._additive_masks = model.config._attn_implementation != "sdpa"
         self._token_texts: dict[int, str] = {}
+        self.lora: LoraSlots | None = None  # set when the model serves LoRA adapters
+
+    def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
+        if self.lora is not None:
+            self.lora.acquire(sequence_id, request.adapter)
+        return super().admit(sequence_id, prompt_ids, request)
+
+    def can_admit(self, request: GenerationRequest) -> bool:
+        return self.lora is None or self.lora.can_admit(request.adapter)
+
+    def _release_adapter(self, sequence_id: int) -> None:
+        if self.lora is not None:
+            self.lora.release(sequence_id)
+
+    def _adapters_for_rows(self, sequence_ids: list[int]) -> None:
+        if self.lora is not None:
+            self.lora.for_rows(sequence_ids)
+
+    def _adapters_for_tokens(self, parts: list[tuple[int, int]]) -> None:
+        if self.lora is not None:
+            self.lora.for_tokens(parts)
 
     def _logits_at(self, positions: int | torch.Tensor) -> dict:
         """The forward argument that asks for logits at these positions only (-1: the last),
@@ -126,6 +149,7 @@ class HuggingFaceRunner(ModelRunner):
         mask = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
         input_ids = torch.tensor([[token for _, part in sequences for token in part]], device=self.device)
         cache = DynamicCache()
+        self._adapters_for_tokens([(s, len(part)) for s, part in sequences])
         output = self.model(
             input_ids=input_ids,
             position_ids=positions[None].to(self.device),
@@ -147,6 +171,7 @@ class HuggingFaceRunner(ModelRunner):
         """Feed the next part of a prompt into the sequence's own KV cache; logits after it."""
         cache = self._prefilling[sequence_id]
         input_ids = torch.tensor([part], device=self.device)
+        self._adapters_for_tokens([(sequence_id, len(part))])
         output = self.model(input_ids=input_ids, cache=cache, use_cache=True, **self._logits_at(-1))
         return output.logits[0, -1].float().cpu().numpy()
 
@@ -210,6 +235,7 @@ class DynamicCacheRunner(HuggingFaceRunner):
         rows = len(self._order)
         input_ids = torch.tensor([[last_tokens[s]] for s in self._order], device=self.device)
         self._valid[:rows, self._end] = True
+        self._adapters_for_rows(self._order)
         output = self.model(
             input_ids=input_ids,
             position_ids=self._positions[:rows, None],
@@ -248,6 +274,7 @@ class DynamicCacheRunner(HuggingFaceRunner):
 
     @torch.inference_mode()
     def release(self, sequence_id: int) -> None:
+        self._release_adapter(sequence_id)
         if self._prefilling.pop(sequence_id, None) is not None or sequence_id not in self._order:
             return
         row, last = self._order.index(sequence_id), len(self._order) - 1
@@ -431,6 +458,7 @@ class StaticCacheRunner(HuggingFaceRunner):
         return self._step(self._input_ids, self._position_ids, self._mask)
 
     def release(self, sequence_id: int) -> None:
+        self._release_adapter(sequence_id)
         if self._prefilling.pop(sequence_id, None) is not None or sequence_id not in self._row_of:
             return
         row = self._row_of.pop(sequence_id)
@@ -585,7 +613,29 @@ class TransformersEngine(BatchedEngine):
         for _ in range(StaticCacheRunner.WARM_STEPS_BEFORE_GRAPH + 1):  # compiles and records the graph
             runner.decode({0: 0})
         runner.release(0)
+        if decode == "plain":  # the static runners' compiled step and CUDA graph have no adapter path yet
+            runner.lora = LoraSlots(model, plan.max_loras, plan.max_lora_rank)
         return cls(runner, plan.max_batch_size, str(device))
+
+    def load_adapter(self, module: LoraModule, path: str) -> int:
+        if self.runner.lora is None:
+            raise FailedPrecondition(
+                "LoRA adapters are served by the Transformers engine's plain decode path only: launch "
+                'with engine_options {"decode": "plain"} (the static and compiled paths have none yet)',
+                reason=Reason.ADAPTER_INCOMPATIBLE,
+            )
+        return self.runner.lora.load(module, path)
+
+    def unload_adapter(self, name: str) -> None:
+        if self.runner.lora is not None:
+            self.runner.lora.unload(name)
+
+    def stats(self) -> EngineStats:
+        stats = super().stats()
+        if self.runner.lora is not None:
+            stats.resident_adapters = self.runner.lora.resident()
+            stats.adapter_ranks = self.runner.lora.ranks()
+        return stats
 
     def gpu_memory_bytes(self) -> int:
         device = self.runner.device

@@ -1,7 +1,7 @@
 """Who may call what: bearer tokens with roles, and the model_path and remote-code policies.
 
 Two roles: ``inference`` may call Generate, Tokenize, Detokenize and the read-only ModelService RPCs;
-``admin`` may call everything, LaunchModel and TerminateModel included. The KServe v2 and TGIS
+``admin`` may call everything, LaunchModel, TerminateModel and LoadAdapter included. The KServe v2 and TGIS
 protocols follow suit: KServe's RepositoryModelLoad and RepositoryModelUnload need ``admin``,
 their other RPCs ``inference``. Any other
 method of the product's services needs ``admin`` (deny by default); health and
@@ -35,6 +35,7 @@ INFERENCE_METHODS = frozenset(
         "/llmgrpc.v1.ModelService/ListModels",
         "/llmgrpc.v1.ModelService/GetModel",
         "/llmgrpc.v1.ModelService/WatchModel",
+        "/llmgrpc.v1.ModelService/ListAdapters",
         # KServe v2: all but the repository's load and unload (LaunchModel, TerminateModel).
         *(
             f"/inference.GRPCInferenceService/{method}"
@@ -150,37 +151,38 @@ def authorize(method: str, role: str) -> None:
     )
 
 
-def check_model_path(model_path: str, allowed_dirs: Iterable[Path]) -> str:
+def check_model_path(model_path: str, allowed_dirs: Iterable[Path], field_name: str = "model_path") -> str:
     """The real path of model_path when it lies inside one of allowed_dirs; refuse it otherwise.
 
     Symbolic links and '..' are resolved first, so neither can lead outside the folders.
+    field_name: the request field that gave it (an adapter's path, say).
     """
     if not model_path:
         return ""
     allowed = [Path(os.path.realpath(os.path.expanduser(folder))) for folder in allowed_dirs]
     if not allowed:
         raise PermissionDenied(
-            "model_path is off on this server: the operator allows local weights only inside the "
+            f"{field_name} is off on this server: the operator allows local weights only inside the "
             "folders of the allowed_model_dirs setting, and none is set",
             reason=Reason.MODEL_PATH_NOT_ALLOWED,
         )
     if "\x00" in model_path:
         raise InvalidArgument(
-            "invalid LaunchModelRequest: model_path contains a NUL character",
-            [FieldViolation("model_path", "must not contain NUL characters")],
+            f"invalid request: {field_name} contains a NUL character",
+            [FieldViolation(field_name, "must not contain NUL characters")],
             reason=Reason.INVALID_FIELD,
         )
     try:
         real = Path(os.path.realpath(os.path.expanduser(model_path)))
     except (OSError, ValueError) as error:
         raise InvalidArgument(
-            f"invalid LaunchModelRequest: model_path cannot be resolved ({error})",
-            [FieldViolation("model_path", "not a usable path on the server")],
+            f"invalid request: {field_name} cannot be resolved ({error})",
+            [FieldViolation(field_name, "not a usable path on the server")],
             reason=Reason.INVALID_FIELD,
         ) from None
     if not any(real == folder or folder in real.parents for folder in allowed):
         raise PermissionDenied(
-            f"model_path {model_path!r} is outside the folders this server allows "
+            f"{field_name} {model_path!r} is outside the folders this server allows "
             f"({', '.join(str(folder) for folder in allowed)}; links and '..' are followed first)",
             reason=Reason.MODEL_PATH_NOT_ALLOWED,
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from llmgrpc.clients.errors import LlmgrpcError, Reason, ResourceExhausted, Unavailable
 from llmgrpc.server import resources
+from llmgrpc.server.models.adapters import ModelAdapters
 from llmgrpc.server.registry import Selection, SpecQuery
 from llmgrpc.server.worker_client import WorkerProcess
 from llmgrpc.v1 import models_pb2
@@ -244,6 +245,7 @@ class LaunchedModel:
     loading: asyncio.Task | None = None
     terminating: asyncio.Task | None = None
     ending: Ending | None = None
+    adapters: ModelAdapters = field(default_factory=ModelAdapters)
 
     def to_pb(self) -> models_pb2.ModelDescription:
         selection, stats, query = self.selection, self.engine_stats, self.query
@@ -273,6 +275,9 @@ class LaunchedModel:
             condition=self.condition.to_pb(),
             idle_unload_s=self.idle_unload_s,
             replicas=[replica.to_pb() for replica in self.replicas],
+            adapters=self.adapters.to_pb(set(self.replicas[0].engine_stats.resident_adapters)),
+            max_loras=self.adapters.max_loras,
+            max_lora_rank=self.adapters.max_lora_rank,
         )
 
     def _replica_errors(self) -> str:

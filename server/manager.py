@@ -3,8 +3,9 @@
 Each concern has a module of its own under ``llmgrpc.server.models``: the table of launched
 models (``table``), the checks and placement that admit a launch (``admission``), every
 transition of a model's life (``lifecycle``), the calls routed to a READY replica through the
-admission gate (``routing``) and downloads without a launch (``downloads``). This class wires
-them together and says nothing of its own beyond the engine numbers it refreshes for GetModel.
+admission gate (``routing``), LoRA adapters (``adapters``) and downloads without a launch
+(``downloads``). This class wires them together and says nothing of its own beyond the engine
+numbers it refreshes for GetModel.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from llmgrpc.engines.lora import LoraModule
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.launched import HealthUpdate, LaunchedModel, ModelState, Replica
 from llmgrpc.server.metrics import Metrics
-from llmgrpc.server.models import downloads
+from llmgrpc.server.models import adapters, downloads
 from llmgrpc.server.models.admission import Admission
 from llmgrpc.server.models.lifecycle import Lifecycle
 from llmgrpc.server.models.requests import DownloadRequest, LaunchRequest
@@ -99,6 +101,22 @@ class EngineManager:
 
     def download(self, request: DownloadRequest) -> AsyncIterator[worker_pb2.DownloadResponse]:
         return downloads.download(self.admission, request)
+
+    # LoRA adapters (llmgrpc.server.models.adapters).
+
+    async def load_adapter(self, model_uid: str, module: LoraModule) -> models_pb2.AdapterDescription:
+        model = self.table.get(model_uid)
+        adapter = await adapters.load_adapter(model, await self.admission.check_adapter(module))
+        await self.refresh(model)
+        return adapter.to_pb(adapter.module.name in model.replicas[0].engine_stats.resident_adapters)
+
+    async def unload_adapter(self, model_uid: str, name: str) -> models_pb2.AdapterDescription:
+        adapter = await adapters.unload_adapter(self.table.get(model_uid), name)
+        return adapter.to_pb(resident=False)
+
+    async def list_adapters(self, model_uid: str) -> list[models_pb2.AdapterDescription]:
+        model = await self.refresh(self.table.get(model_uid))
+        return model.adapters.to_pb(set(model.replicas[0].engine_stats.resident_adapters))
 
     # Calls routed to a replica (llmgrpc.server.models.routing).
 

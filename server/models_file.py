@@ -16,6 +16,8 @@ LaunchModelRequest's words::
         idle_unload_s: 600
         replica: 2                        # n_gpu, gpu_idx too
         engine_api_port: 50061            # vLLM's engine contract for this model alone (gateways)
+        lora_modules: [sql=/models/sql-lora, {name: chat, path: owner/chat-lora, scale: 0.5}]
+        max_loras: 4                      # max_lora_rank too
       - model_name: tiny-llama-3.1
 
 Parsing is pure: ``parse_models`` checks every entry and names the entry and the field of the
@@ -54,6 +56,7 @@ _QUERY_FIELDS = ("model_name", "model_engine", "model_format", "size_in_billions
 _TEXT_FIELDS = (*_QUERY_FIELDS, "model_uid", "model_path", "device", "download_hub")
 _TEXT_FIELDS = (*_TEXT_FIELDS, "n_gpu")
 _KNOWN_FIELDS = (*_TEXT_FIELDS, "engine_options", "idle_unload_s", "replica", "gpu_idx", "engine_api_port")
+_KNOWN_FIELDS = (*_KNOWN_FIELDS, "lora_modules", "max_loras", "max_lora_rank")
 
 
 class ModelsFileError(ValueError):
@@ -128,12 +131,36 @@ def _launch(index: int, item: Any) -> LaunchRequest:
         request.idle_unload_s = float(idle_unload_s)
     if replica is not None:
         request.replica = replica
+    _add_lora_words(entry, item, request)
     try:
         check_launch(request)
     except InvalidArgument as error:
         problems = "; ".join(f"{v.field}: {v.description}" for v in error.violations)
         raise ModelsFileError(f"{entry}: {problems}") from None
     return dataclasses.replace(LaunchRequest.from_pb(request), engine_api_port=engine_api_port)
+
+
+def _add_lora_words(entry: _Entry, item: dict, request: models_pb2.LaunchModelRequest) -> None:
+    """lora_modules (each "name=path" or a mapping of name, path and scale), max_loras, max_lora_rank."""
+    modules = item.get("lora_modules") or []
+    if not isinstance(modules, list):
+        raise ModelsFileError(f"{entry}: lora_modules must be a list of name=path or {{name, path, scale}}")
+    for module in modules:
+        if isinstance(module, str):
+            name, _, path = module.partition("=")
+            request.lora_modules.append(models_pb2.LoraModule(name=name, path=path))
+        elif isinstance(module, dict) and set(module) <= {"name", "path", "scale"}:
+            request.lora_modules.append(models_pb2.LoraModule(**module))
+        else:
+            raise ModelsFileError(
+                f"{entry}: lora_modules entry {module!r} is not name=path or {{name, path, scale}}"
+            )
+    for name in ("max_loras", "max_lora_rank"):
+        value = item.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelsFileError(f"{entry}: {name} must be a whole number, not {value!r}")
+            setattr(request, name, value)
 
 
 def parse_models(document: Any) -> list[LaunchRequest]:

@@ -7,6 +7,7 @@ import uuid
 import grpc
 
 from llmgrpc.engines.catalogue import engines
+from llmgrpc.engines.lora import LoraModule
 from llmgrpc.server import logs
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest
@@ -17,8 +18,10 @@ from llmgrpc.server.validation import (
     check_download,
     check_generate,
     check_launch,
+    check_load_adapter,
     check_model_uid,
     check_tokenize,
+    check_unload_adapter,
 )
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
@@ -111,6 +114,20 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         check_model_uid(request.model_uid)
         async for model in self.manager.watch(request.model_uid):
             yield models_pb2.WatchModelResponse(model=model)
+
+    async def LoadAdapter(self, request, context):
+        check_load_adapter(request)
+        adapter = await self.manager.load_adapter(request.model_uid, LoraModule.from_pb(request.adapter))
+        return models_pb2.LoadAdapterResponse(adapter=adapter)
+
+    async def UnloadAdapter(self, request, context):
+        check_unload_adapter(request)
+        adapter = await self.manager.unload_adapter(request.model_uid, request.name)
+        return models_pb2.UnloadAdapterResponse(adapter=adapter)
+
+    async def ListAdapters(self, request, context):
+        check_model_uid(request.model_uid)
+        return models_pb2.ListAdaptersResponse(adapters=await self.manager.list_adapters(request.model_uid))
 
     async def DownloadModel(self, request, context):
         check_download(request)

@@ -9,6 +9,7 @@ import re
 from google.protobuf import struct_pb2
 
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
+from llmgrpc.engines import lora
 from llmgrpc.engines.chat import ROLES as CHAT_ROLES
 from llmgrpc.engines.weights.hubs import DOWNLOAD_HUBS
 from llmgrpc.server import placement
@@ -16,6 +17,7 @@ from llmgrpc.v1 import generate_pb2, models_pb2
 
 MODEL_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")  # owner/name
 # Every decode step of a request checks its stop strings: bounded, so one request cannot
 # slow the steps of everything batched with it.
 MAX_STOP_STRINGS = 64
@@ -97,6 +99,11 @@ def check_generate(request: generate_pb2.GenerateRequest) -> None:
     if sum(map(bool, (request.prompt, request.prompt_token_ids, request.messages))) != 1:
         bad("prompt", "set exactly one of prompt (text), prompt_token_ids and messages (a conversation)")
     violations += chat_violations(request)
+    if request.adapter and not lora.NAME_PATTERN.match(request.adapter):
+        bad(
+            "adapter",
+            f"{request.adapter!r} is not an adapter name (ListAdapters lists them; empty: the base)",
+        )
     if any(token < 0 for token in request.prompt_token_ids):
         bad("prompt_token_ids", "token ids must be 0 or more")
     optional_number("max_tokens", lambda v: v >= 1, "must be at least 1")
@@ -332,7 +339,66 @@ def check_launch(request: models_pb2.LaunchModelRequest) -> None:
     one_replica = gpu_idx if replica_violations else gpu_idx[: len(gpu_idx) // replica]
     violations += placement.word_violations(request.device, request.n_gpu, one_replica)
     violations += _download_hub_violations(request.download_hub)
+    violations += _lora_violations(request)
     _raise_if_any("LaunchModelRequest", violations)
+
+
+def _lora_violations(request: models_pb2.LaunchModelRequest) -> list[FieldViolation]:
+    violations: list[FieldViolation] = []
+    names: set[str] = set()
+    for index, module in enumerate(request.lora_modules):
+        violations += lora_module_violations(module, f"lora_modules[{index}]")
+        if module.name in names:
+            violations.append(
+                FieldViolation(f"lora_modules[{index}].name", f"{module.name!r} is given twice")
+            )
+        names.add(module.name)
+    for field_name, limit in (
+        ("max_loras", lora.MAX_LORAS_LIMIT),
+        ("max_lora_rank", lora.MAX_LORA_RANK_LIMIT),
+    ):
+        value = getattr(request, field_name)
+        if request.HasField(field_name) and not 1 <= value <= limit:
+            violations.append(FieldViolation(field_name, f"{value} is not valid: 1 to {limit}"))
+    return violations
+
+
+def lora_module_violations(module: models_pb2.LoraModule, prefix: str) -> list[FieldViolation]:
+    """What is wrong with one LoraModule: its name, its path (a local path or a hub id), its scale."""
+    violations = []
+    if not lora.NAME_PATTERN.match(module.name):
+        violations.append(
+            FieldViolation(f"{prefix}.name", f"{module.name!r}: 1 to 64 letters, digits, '.', '_' or '-'")
+        )
+    if not module.path:
+        violations.append(
+            FieldViolation(f"{prefix}.path", "required: a local PEFT folder or GGUF file, or a hub id")
+        )
+    elif not (module.path.startswith("/") or HUB_ID.match(module.path)):
+        violations.append(
+            FieldViolation(
+                f"{prefix}.path", f"{module.path!r}: an absolute local path, or a hub id owner/name"
+            )
+        )
+    if module.HasField("scale") and not math.isfinite(module.scale):
+        violations.append(FieldViolation(f"{prefix}.scale", "must be a finite number"))
+    return violations
+
+
+def check_load_adapter(request: models_pb2.LoadAdapterRequest) -> None:
+    violations = lora_module_violations(request.adapter, "adapter")
+    if not request.model_uid:
+        violations.append(FieldViolation("model_uid", "required: the uid of a launched model"))
+    _raise_if_any("LoadAdapterRequest", violations)
+
+
+def check_unload_adapter(request: models_pb2.UnloadAdapterRequest) -> None:
+    violations = []
+    if not request.model_uid:
+        violations.append(FieldViolation("model_uid", "required: the uid of a launched model"))
+    if not request.name:
+        violations.append(FieldViolation("name", "required: the adapter's name (ListAdapters lists them)"))
+    _raise_if_any("UnloadAdapterRequest", violations)
 
 
 def check_download(request: models_pb2.DownloadModelRequest) -> None:

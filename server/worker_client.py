@@ -18,6 +18,7 @@ from opentelemetry.trace import SpanKind
 
 from llmgrpc.clients.errors import Reason, Unavailable
 from llmgrpc.engines.base import LoadPlan
+from llmgrpc.engines.lora import LoraModule
 from llmgrpc.server import generate_socket, logs, tracing
 from llmgrpc.server.status import from_rpc_error
 from llmgrpc.server.worker_exit import StderrTail, WorkerExit
@@ -216,6 +217,18 @@ class WorkerProcess:
     async def describe(self, timeout: float | None = None) -> worker_pb2.DescribeResponse:
         """The loaded model's vocabulary facts and tokenizer folder (see engines.model_facts)."""
         return await self._answer(self.stub.Describe(worker_pb2.DescribeRequest(), timeout=timeout))
+
+    async def load_adapter(self, module: LoraModule) -> int:
+        """Have the worker fetch, check and load a LoRA adapter; its rank."""
+        request = worker_pb2.LoadAdapterRequest(
+            adapter=models_pb2.LoraModule(name=module.name, path=module.path, scale=module.scale)
+        )
+        return (await self._answer(self.stub.LoadAdapter(request, metadata=_request_id()))).rank
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._answer(
+            self.stub.UnloadAdapter(worker_pb2.UnloadAdapterRequest(name=name), metadata=_request_id())
+        )
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit (close its standard input), then kill it if it lingers."""

@@ -37,6 +37,8 @@ from llmgrpc.engines import model_facts, weights
 from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
 from llmgrpc.engines.cpu_threads import on_a_thread_of_its_own
+from llmgrpc.engines.lora import LoraModule
+from llmgrpc.engines.weights.adapters import resolve_adapter
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.v1 import generate_pb2, models_pb2
@@ -70,7 +72,14 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             def load(report: ProgressReport) -> Engine:
                 engine_class = engine_info(self.plan.engine).load_class()
                 self.weights_path = weights.resolve(self.plan, report)
-                return engine_class.load(self.plan, self.weights_path, report)
+                engine = engine_class.load(self.plan, self.weights_path, report)
+                try:
+                    for module in self.plan.lora_modules:
+                        self._load_adapter(engine, LoraModule(**module), report)
+                except BaseException:
+                    engine.close()
+                    raise
+                return engine
 
             loading = _Reporting(load)
             async for progress in loading.events():
@@ -158,10 +167,38 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             self._description = worker_pb2.DescribeResponse(**asdict(facts))
         return self._description
 
+    @grpc_errors
+    async def LoadAdapter(
+        self, request: worker_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.LoadAdapterResponse:
+        _adopt_request_id(context)
+        engine = self._loaded()
+        module = LoraModule.from_pb(request.adapter)
+        rank = await on_a_thread_of_its_own(self._load_adapter, engine, module, _no_report)
+        return worker_pb2.LoadAdapterResponse(rank=rank)
+
+    @grpc_errors
+    async def UnloadAdapter(
+        self, request: worker_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.UnloadAdapterResponse:
+        _adopt_request_id(context)
+        await asyncio.to_thread(self._loaded().unload_adapter, request.name)
+        return worker_pb2.UnloadAdapterResponse()
+
+    def _load_adapter(self, engine: Engine, module: LoraModule, report: ProgressReport) -> int:
+        """Fetch (a hub id) and load one adapter into engine; its rank."""
+        path = resolve_adapter(module, self.plan, report)
+        report("loading adapters", 0, 0)
+        return engine.load_adapter(module, path)
+
     def _loaded(self) -> Engine:
         if self.engine is None:
             raise Unavailable("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         return self.engine
+
+
+def _no_report(phase: str, done: int, total: int) -> None:
+    """Progress of a run-time adapter load goes nowhere: LoadAdapter answers once, when done."""
 
 
 def _adopt_request_id(context: grpc.aio.ServicerContext) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmgrpc/v1/generate.proto\x12\nllmgrpc.v1\"\xa4\x08\n\x0fGenerateRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x11\n\x04seed\x18\x0e \x01(\x03H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x37\n\x11structured_output\x18\x11 \x01(\x0b\x32\x1c.llmgrpc.v1.StructuredOutput\x12\x15\n\x08logprobs\x18\x12 \x01(\x05H\n\x88\x01\x01\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.llmgrpc.v1.GenerateRequest.LogitBiasEntry\x12#\n\x16truncate_prompt_tokens\x18\x14 \x01(\x05H\x0b\x88\x01\x01\x12\x10\n\x08priority\x18\x15 \x01(\x05\x12)\n\x08messages\x18\x1e \x03(\x0b\x32\x17.llmgrpc.v1.ChatMessage\x12\x1f\n\x05tools\x18\x1f \x03(\x0b\x32\x10.llmgrpc.v1.Tool\x12\x13\n\x0btool_choice\x18  \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18! \x01(\x08H\x0c\x88\x01\x01\x12\x1c\n\x14parse_special_tokens\x18\" \x01(\x08\x12\x19\n\x0c\x63\x61\x63he_prompt\x18# \x01(\x08H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x19\n\x17_truncate_prompt_tokensB\x18\n\x16_add_generation_promptB\x0f\n\r_cache_prompt\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.llmgrpc.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x92\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x12.llmgrpc.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x9c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.llmgrpc.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmgrpc.v1.Usage\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.llmgrpc.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12(\n\ntool_calls\x18\n \x03(\x0b\x32\x14.llmgrpc.v1.ToolCallB\x0e\n\x0cmatched_stop\"n\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.llmgrpc.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"P\n\x0fTokenizeRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1c\n\x14parse_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"9\n\x11\x44\x65tokenizeRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xee\x01\n\x0fGenerateService\x12G\n\x08Generate\x12\x1b.llmgrpc.v1.GenerateRequest\x1a\x1c.llmgrpc.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.llmgrpc.v1.TokenizeRequest\x1a\x1c.llmgrpc.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.llmgrpc.v1.DetokenizeRequest\x1a\x1e.llmgrpc.v1.DetokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llmgrpc/v1/generate.proto\x12\nllmgrpc.v1\"\xb5\x08\n\x0fGenerateRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x11\n\x04seed\x18\x0e \x01(\x03H\x08\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x37\n\x11structured_output\x18\x11 \x01(\x0b\x32\x1c.llmgrpc.v1.StructuredOutput\x12\x15\n\x08logprobs\x18\x12 \x01(\x05H\n\x88\x01\x01\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.llmgrpc.v1.GenerateRequest.LogitBiasEntry\x12#\n\x16truncate_prompt_tokens\x18\x14 \x01(\x05H\x0b\x88\x01\x01\x12\x10\n\x08priority\x18\x15 \x01(\x05\x12)\n\x08messages\x18\x1e \x03(\x0b\x32\x17.llmgrpc.v1.ChatMessage\x12\x1f\n\x05tools\x18\x1f \x03(\x0b\x32\x10.llmgrpc.v1.Tool\x12\x13\n\x0btool_choice\x18  \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18! \x01(\x08H\x0c\x88\x01\x01\x12\x1c\n\x14parse_special_tokens\x18\" \x01(\x08\x12\x19\n\x0c\x63\x61\x63he_prompt\x18# \x01(\x08H\r\x88\x01\x01\x12\x0f\n\x07\x61\x64\x61pter\x18$ \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x19\n\x17_truncate_prompt_tokensB\x18\n\x16_add_generation_promptB\x0f\n\r_cache_prompt\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.llmgrpc.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x92\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x02 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x03 \x01(\x0b\x32\x12.llmgrpc.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x9c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.llmgrpc.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.llmgrpc.v1.Usage\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.llmgrpc.v1.TokenLogprob\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12(\n\ntool_calls\x18\n \x03(\x0b\x32\x14.llmgrpc.v1.ToolCallB\x0e\n\x0cmatched_stop\"n\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x16.llmgrpc.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"P\n\x0fTokenizeRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1c\n\x14parse_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"9\n\x11\x44\x65tokenizeRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t*\x9a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xee\x01\n\x0fGenerateService\x12G\n\x08Generate\x12\x1b.llmgrpc.v1.GenerateRequest\x1a\x1c.llmgrpc.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.llmgrpc.v1.TokenizeRequest\x1a\x1c.llmgrpc.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.llmgrpc.v1.DetokenizeRequest\x1a\x1e.llmgrpc.v1.DetokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2309
-  _globals['_FINISHREASON']._serialized_end=2463
+  _globals['_FINISHREASON']._serialized_start=2326
+  _globals['_FINISHREASON']._serialized_end=2480
   _globals['_GENERATEREQUEST']._serialized_start=42
-  _globals['_GENERATEREQUEST']._serialized_end=1102
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=820
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=868
-  _globals['_CHATMESSAGE']._serialized_start=1104
-  _globals['_CHATMESSAGE']._serialized_end=1226
-  _globals['_TOOL']._serialized_start=1228
-  _globals['_TOOL']._serialized_end=1289
-  _globals['_TOOLCALL']._serialized_start=1291
-  _globals['_TOOLCALL']._serialized_end=1346
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1349
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1495
-  _globals['_CHOICE']._serialized_start=1497
-  _globals['_CHOICE']._serialized_end=1522
-  _globals['_USAGE']._serialized_start=1524
-  _globals['_USAGE']._serialized_end=1611
-  _globals['_GENERATERESPONSE']._serialized_start=1614
-  _globals['_GENERATERESPONSE']._serialized_end=1898
-  _globals['_TOKENLOGPROB']._serialized_start=1900
-  _globals['_TOKENLOGPROB']._serialized_end=2010
-  _globals['_TOPLOGPROB']._serialized_start=2012
-  _globals['_TOPLOGPROB']._serialized_end=2074
-  _globals['_TOKENIZEREQUEST']._serialized_start=2076
-  _globals['_TOKENIZEREQUEST']._serialized_end=2156
-  _globals['_TOKENIZERESPONSE']._serialized_start=2158
-  _globals['_TOKENIZERESPONSE']._serialized_end=2211
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2213
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2270
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2272
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2306
-  _globals['_GENERATESERVICE']._serialized_start=2466
-  _globals['_GENERATESERVICE']._serialized_end=2704
+  _globals['_GENERATEREQUEST']._serialized_end=1119
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=837
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=885
+  _globals['_CHATMESSAGE']._serialized_start=1121
+  _globals['_CHATMESSAGE']._serialized_end=1243
+  _globals['_TOOL']._serialized_start=1245
+  _globals['_TOOL']._serialized_end=1306
+  _globals['_TOOLCALL']._serialized_start=1308
+  _globals['_TOOLCALL']._serialized_end=1363
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1366
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1512
+  _globals['_CHOICE']._serialized_start=1514
+  _globals['_CHOICE']._serialized_end=1539
+  _globals['_USAGE']._serialized_start=1541
+  _globals['_USAGE']._serialized_end=1628
+  _globals['_GENERATERESPONSE']._serialized_start=1631
+  _globals['_GENERATERESPONSE']._serialized_end=1915
+  _globals['_TOKENLOGPROB']._serialized_start=1917
+  _globals['_TOKENLOGPROB']._serialized_end=2027
+  _globals['_TOPLOGPROB']._serialized_start=2029
+  _globals['_TOPLOGPROB']._serialized_end=2091
+  _globals['_TOKENIZEREQUEST']._serialized_start=2093
+  _globals['_TOKENIZEREQUEST']._serialized_end=2173
+  _globals['_TOKENIZERESPONSE']._serialized_start=2175
+  _globals['_TOKENIZERESPONSE']._serialized_end=2228
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2230
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2287
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2289
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2323
+  _globals['_GENERATESERVICE']._serialized_start=2483
+  _globals['_GENERATESERVICE']._serialized_end=2721
 # @@protoc_insertion_point(module_scope)

@@ -26,15 +26,17 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmgrpc/v1/models.proto\x12\nllmgrpc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\x10ListSpecsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_format\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\">\n\x11ListSpecsResponse\x12)\n\x08\x66\x61milies\x18\x01 \x03(\x0b\x32\x17.llmgrpc.v1.ModelFamily\"\x9a\x01\n\x0bModelFamily\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x03\x12\x11\n\tlanguages\x18\x04 \x03(\t\x12\x11\n\tabilities\x18\x05 \x03(\t\x12$\n\x05specs\x18\x06 \x03(\x0b\x32\x15.llmgrpc.v1.ModelSpec\"\xb9\x01\n\tModelSpec\x12\x14\n\x0cmodel_format\x18\x01 \x01(\t\x12\x18\n\x10size_in_billions\x18\x02 \x01(\t\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\"\n\x04hubs\x18\x05 \x03(\x0b\x32\x14.llmgrpc.v1.ModelHub\x12/\n\x07\x65ngines\x18\x06 \x03(\x0b\x32\x1e.llmgrpc.v1.EngineAvailability\"p\n\x08ModelHub\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x11\n\tavailable\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"[\n\x12\x45ngineAvailability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0csupport_note\x18\x04 \x01(\t\"\x8e\x03\n\x12LaunchModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x11\n\tmodel_uid\x18\x06 \x01(\t\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12/\n\x0e\x65ngine_options\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0c\x64ownload_hub\x18\n \x01(\t\x12\x11\n\x04wait\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\ridle_unload_s\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05n_gpu\x18\r \x01(\t\x12\x0f\n\x07gpu_idx\x18\x0e \x03(\x05\x12\x14\n\x07replica\x18\x0f \x01(\x05H\x02\x88\x01\x01\x42\x07\n\x05_waitB\x10\n\x0e_idle_unload_sB\n\n\x08_replica\"B\n\x13LaunchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"$\n\x0fGetModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"?\n\x10GetModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"*\n\x15TerminateModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"E\n\x16TerminateModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x8d\x01\n\x0eModelCondition\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x33\n\x0ftransition_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x11WatchModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"A\n\x12WatchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\xde\x04\n\x10ModelDescription\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x14\n\x0cmodel_format\x18\x04 \x01(\t\x12\x18\n\x10size_in_billions\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x03\x12\x18\n\x10gpu_memory_bytes\x18\n \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x03\x12\x18\n\x10running_requests\x18\x0c \x01(\x05\x12\x18\n\x10waiting_requests\x18\r \x01(\x05\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x12\n\nworker_pid\x18\x0f \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x10 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x11 \x01(\x01\x12\x1e\n\x16\x65stimated_memory_bytes\x18\x12 \x01(\x03\x12*\n\x08progress\x18\x13 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12-\n\tcondition\x18\x14 \x01(\x0b\x32\x1a.llmgrpc.v1.ModelCondition\x12\x15\n\ridle_unload_s\x18\x15 \x01(\x01\x12\x30\n\x08replicas\x18\x16 \x03(\x0b\x32\x1e.llmgrpc.v1.ReplicaDescription\"\xc9\x01\n\x12ReplicaDescription\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nworker_pid\x18\x04 \x01(\x05\x12\x10\n\x08restarts\x18\x05 \x01(\x05\x12\x18\n\x10running_requests\x18\x06 \x01(\x05\x12-\n\tcondition\x18\x07 \x01(\x0b\x32\x1a.llmgrpc.v1.ModelCondition\"F\n\x0cLoadProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\ndone_bytes\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\x9c\x01\n\x14\x44ownloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x14\n\x0c\x64ownload_hub\x18\x06 \x01(\t\"W\n\x15\x44ownloadModelResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12\x12\n\nmodel_path\x18\x02 \x01(\t*\xc4\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_TERMINATING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x12\x1a\n\x16MODEL_STATE_TERMINATED\x10\x06\x32\xbc\x04\n\x0cModelService\x12H\n\tListSpecs\x12\x1c.llmgrpc.v1.ListSpecsRequest\x1a\x1d.llmgrpc.v1.ListSpecsResponse\x12N\n\x0bLaunchModel\x12\x1e.llmgrpc.v1.LaunchModelRequest\x1a\x1f.llmgrpc.v1.LaunchModelResponse\x12K\n\nListModels\x12\x1d.llmgrpc.v1.ListModelsRequest\x1a\x1e.llmgrpc.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.llmgrpc.v1.GetModelRequest\x1a\x1c.llmgrpc.v1.GetModelResponse\x12W\n\x0eTerminateModel\x12!.llmgrpc.v1.TerminateModelRequest\x1a\".llmgrpc.v1.TerminateModelResponse\x12V\n\rDownloadModel\x12 .llmgrpc.v1.DownloadModelRequest\x1a!.llmgrpc.v1.DownloadModelResponse0\x01\x12M\n\nWatchModel\x12\x1d.llmgrpc.v1.WatchModelRequest\x1a\x1e.llmgrpc.v1.WatchModelResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llmgrpc/v1/models.proto\x12\nllmgrpc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\x10ListSpecsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_format\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\">\n\x11ListSpecsResponse\x12)\n\x08\x66\x61milies\x18\x01 \x03(\x0b\x32\x17.llmgrpc.v1.ModelFamily\"\x9a\x01\n\x0bModelFamily\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x03\x12\x11\n\tlanguages\x18\x04 \x03(\t\x12\x11\n\tabilities\x18\x05 \x03(\t\x12$\n\x05specs\x18\x06 \x03(\x0b\x32\x15.llmgrpc.v1.ModelSpec\"\xb9\x01\n\tModelSpec\x12\x14\n\x0cmodel_format\x18\x01 \x01(\t\x12\x18\n\x10size_in_billions\x18\x02 \x01(\t\x12\x15\n\rquantizations\x18\x03 \x03(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\"\n\x04hubs\x18\x05 \x03(\x0b\x32\x14.llmgrpc.v1.ModelHub\x12/\n\x07\x65ngines\x18\x06 \x03(\x0b\x32\x1e.llmgrpc.v1.EngineAvailability\"p\n\x08ModelHub\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x11\n\tavailable\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\"[\n\x12\x45ngineAvailability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0csupport_note\x18\x04 \x01(\t\"\x90\x04\n\x12LaunchModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x11\n\tmodel_uid\x18\x06 \x01(\t\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12/\n\x0e\x65ngine_options\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0c\x64ownload_hub\x18\n \x01(\t\x12\x11\n\x04wait\x18\x0b \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\ridle_unload_s\x18\x0c \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05n_gpu\x18\r \x01(\t\x12\x0f\n\x07gpu_idx\x18\x0e \x03(\x05\x12\x14\n\x07replica\x18\x0f \x01(\x05H\x02\x88\x01\x01\x12,\n\x0clora_modules\x18\x10 \x03(\x0b\x32\x16.llmgrpc.v1.LoraModule\x12\x16\n\tmax_loras\x18\x11 \x01(\x05H\x03\x88\x01\x01\x12\x1a\n\rmax_lora_rank\x18\x12 \x01(\x05H\x04\x88\x01\x01\x42\x07\n\x05_waitB\x10\n\x0e_idle_unload_sB\n\n\x08_replicaB\x0c\n\n_max_lorasB\x10\n\x0e_max_lora_rank\"F\n\nLoraModule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\x05scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_scale\"\xa2\x01\n\x12\x41\x64\x61pterDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.llmgrpc.v1.AdapterState\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x10\n\x08resident\x18\x06 \x01(\x08\x12\x18\n\x10running_requests\x18\x07 \x01(\x05\"P\n\x12LoadAdapterRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\'\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x16.llmgrpc.v1.LoraModule\"F\n\x13LoadAdapterResponse\x12/\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.v1.AdapterDescription\"7\n\x14UnloadAdapterRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"H\n\x15UnloadAdapterResponse\x12/\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.v1.AdapterDescription\"(\n\x13ListAdaptersRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"H\n\x14ListAdaptersResponse\x12\x30\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1e.llmgrpc.v1.AdapterDescription\"B\n\x13LaunchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"$\n\x0fGetModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"?\n\x10GetModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"*\n\x15TerminateModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"E\n\x16TerminateModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\x8d\x01\n\x0eModelCondition\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x33\n\x0ftransition_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x11WatchModelRequest\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\"A\n\x12WatchModelResponse\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.ModelDescription\"\xba\x05\n\x10ModelDescription\x12\x11\n\tmodel_uid\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x03 \x01(\t\x12\x14\n\x0cmodel_format\x18\x04 \x01(\t\x12\x18\n\x10size_in_billions\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12%\n\x05state\x18\x07 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x03\x12\x18\n\x10gpu_memory_bytes\x18\n \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x0b \x01(\x03\x12\x18\n\x10running_requests\x18\x0c \x01(\x05\x12\x18\n\x10waiting_requests\x18\r \x01(\x05\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x12\n\nworker_pid\x18\x0f \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x10 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x11 \x01(\x01\x12\x1e\n\x16\x65stimated_memory_bytes\x18\x12 \x01(\x03\x12*\n\x08progress\x18\x13 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12-\n\tcondition\x18\x14 \x01(\x0b\x32\x1a.llmgrpc.v1.ModelCondition\x12\x15\n\ridle_unload_s\x18\x15 \x01(\x01\x12\x30\n\x08replicas\x18\x16 \x03(\x0b\x32\x1e.llmgrpc.v1.ReplicaDescription\x12\x30\n\x08\x61\x64\x61pters\x18\x17 \x03(\x0b\x32\x1e.llmgrpc.v1.AdapterDescription\x12\x11\n\tmax_loras\x18\x18 \x01(\x05\x12\x15\n\rmax_lora_rank\x18\x19 \x01(\x05\"\xc9\x01\n\x12ReplicaDescription\x12\r\n\x05index\x18\x01 \x01(\x05\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.llmgrpc.v1.ModelState\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x12\n\nworker_pid\x18\x04 \x01(\x05\x12\x10\n\x08restarts\x18\x05 \x01(\x05\x12\x18\n\x10running_requests\x18\x06 \x01(\x05\x12-\n\tcondition\x18\x07 \x01(\x0b\x32\x1a.llmgrpc.v1.ModelCondition\"F\n\x0cLoadProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\ndone_bytes\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\"\x9c\x01\n\x14\x44ownloadModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_engine\x18\x02 \x01(\t\x12\x14\n\x0cmodel_format\x18\x03 \x01(\t\x12\x18\n\x10size_in_billions\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x14\n\x0c\x64ownload_hub\x18\x06 \x01(\t\"W\n\x15\x44ownloadModelResponse\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgress\x12\x12\n\nmodel_path\x18\x02 \x01(\t*a\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x44\x41PTER_STATE_LOADING\x10\x01\x12\x17\n\x13\x41\x44\x41PTER_STATE_READY\x10\x02*\xc4\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x1b\n\x17MODEL_STATE_TERMINATING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x12\x1a\n\x16MODEL_STATE_TERMINATED\x10\x06\x32\xb5\x06\n\x0cModelService\x12H\n\tListSpecs\x12\x1c.llmgrpc.v1.ListSpecsRequest\x1a\x1d.llmgrpc.v1.ListSpecsResponse\x12N\n\x0bLaunchModel\x12\x1e.llmgrpc.v1.LaunchModelRequest\x1a\x1f.llmgrpc.v1.LaunchModelResponse\x12K\n\nListModels\x12\x1d.llmgrpc.v1.ListModelsRequest\x1a\x1e.llmgrpc.v1.ListModelsResponse\x12\x45\n\x08GetModel\x12\x1b.llmgrpc.v1.GetModelRequest\x1a\x1c.llmgrpc.v1.GetModelResponse\x12W\n\x0eTerminateModel\x12!.llmgrpc.v1.TerminateModelRequest\x1a\".llmgrpc.v1.TerminateModelResponse\x12V\n\rDownloadModel\x12 .llmgrpc.v1.DownloadModelRequest\x1a!.llmgrpc.v1.DownloadModelResponse0\x01\x12M\n\nWatchModel\x12\x1d.llmgrpc.v1.WatchModelRequest\x1a\x1e.llmgrpc.v1.WatchModelResponse0\x01\x12N\n\x0bLoadAdapter\x12\x1e.llmgrpc.v1.LoadAdapterRequest\x1a\x1f.llmgrpc.v1.LoadAdapterResponse\x12T\n\rUnloadAdapter\x12 .llmgrpc.v1.UnloadAdapterRequest\x1a!.llmgrpc.v1.UnloadAdapterResponse\x12Q\n\x0cListAdapters\x12\x1f.llmgrpc.v1.ListAdaptersRequest\x1a .llmgrpc.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmgrpc.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=3012
-  _globals['_MODELSTATE']._serialized_end=3208
+  _globals['_ADAPTERSTATE']._serialized_start=3871
+  _globals['_ADAPTERSTATE']._serialized_end=3968
+  _globals['_MODELSTATE']._serialized_start=3971
+  _globals['_MODELSTATE']._serialized_end=4167
   _globals['_LISTSPECSREQUEST']._serialized_start=103
   _globals['_LISTSPECSREQUEST']._serialized_end=233
   _globals['_LISTSPECSRESPONSE']._serialized_start=235
@@ -48,37 +50,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENGINEAVAILABILITY']._serialized_start=758
   _globals['_ENGINEAVAILABILITY']._serialized_end=849
   _globals['_LAUNCHMODELREQUEST']._serialized_start=852
-  _globals['_LAUNCHMODELREQUEST']._serialized_end=1250
-  _globals['_LAUNCHMODELRESPONSE']._serialized_start=1252
-  _globals['_LAUNCHMODELRESPONSE']._serialized_end=1318
-  _globals['_LISTMODELSREQUEST']._serialized_start=1320
-  _globals['_LISTMODELSREQUEST']._serialized_end=1339
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1341
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1407
-  _globals['_GETMODELREQUEST']._serialized_start=1409
-  _globals['_GETMODELREQUEST']._serialized_end=1445
-  _globals['_GETMODELRESPONSE']._serialized_start=1447
-  _globals['_GETMODELRESPONSE']._serialized_end=1510
-  _globals['_TERMINATEMODELREQUEST']._serialized_start=1512
-  _globals['_TERMINATEMODELREQUEST']._serialized_end=1554
-  _globals['_TERMINATEMODELRESPONSE']._serialized_start=1556
-  _globals['_TERMINATEMODELRESPONSE']._serialized_end=1625
-  _globals['_MODELCONDITION']._serialized_start=1628
-  _globals['_MODELCONDITION']._serialized_end=1769
-  _globals['_WATCHMODELREQUEST']._serialized_start=1771
-  _globals['_WATCHMODELREQUEST']._serialized_end=1809
-  _globals['_WATCHMODELRESPONSE']._serialized_start=1811
-  _globals['_WATCHMODELRESPONSE']._serialized_end=1876
-  _globals['_MODELDESCRIPTION']._serialized_start=1879
-  _globals['_MODELDESCRIPTION']._serialized_end=2485
-  _globals['_REPLICADESCRIPTION']._serialized_start=2488
-  _globals['_REPLICADESCRIPTION']._serialized_end=2689
-  _globals['_LOADPROGRESS']._serialized_start=2691
-  _globals['_LOADPROGRESS']._serialized_end=2761
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=2764
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=2920
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=2922
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=3009
-  _globals['_MODELSERVICE']._serialized_start=3211
-  _globals['_MODELSERVICE']._serialized_end=3783
+  _globals['_LAUNCHMODELREQUEST']._serialized_end=1380
+  _globals['_LORAMODULE']._serialized_start=1382
+  _globals['_LORAMODULE']._serialized_end=1452
+  _globals['_ADAPTERDESCRIPTION']._serialized_start=1455
+  _globals['_ADAPTERDESCRIPTION']._serialized_end=1617
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1619
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1699
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1701
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1771
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1773
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1828
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1830
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1902
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1904
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1944
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1946
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2018
+  _globals['_LAUNCHMODELRESPONSE']._serialized_start=2020
+  _globals['_LAUNCHMODELRESPONSE']._serialized_end=2086
+  _globals['_LISTMODELSREQUEST']._serialized_start=2088
+  _globals['_LISTMODELSREQUEST']._serialized_end=2107
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2109
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2175
+  _globals['_GETMODELREQUEST']._serialized_start=2177
+  _globals['_GETMODELREQUEST']._serialized_end=2213
+  _globals['_GETMODELRESPONSE']._serialized_start=2215
+  _globals['_GETMODELRESPONSE']._serialized_end=2278
+  _globals['_TERMINATEMODELREQUEST']._serialized_start=2280
+  _globals['_TERMINATEMODELREQUEST']._serialized_end=2322
+  _globals['_TERMINATEMODELRESPONSE']._serialized_start=2324
+  _globals['_TERMINATEMODELRESPONSE']._serialized_end=2393
+  _globals['_MODELCONDITION']._serialized_start=2396
+  _globals['_MODELCONDITION']._serialized_end=2537
+  _globals['_WATCHMODELREQUEST']._serialized_start=2539
+  _globals['_WATCHMODELREQUEST']._serialized_end=2577
+  _globals['_WATCHMODELRESPONSE']._serialized_start=2579
+  _globals['_WATCHMODELRESPONSE']._serialized_end=2644
+  _globals['_MODELDESCRIPTION']._serialized_start=2647
+  _globals['_MODELDESCRIPTION']._serialized_end=3345
+  _globals['_REPLICADESCRIPTION']._serialized_start=3348
+  _globals['_REPLICADESCRIPTION']._serialized_end=3549
+  _globals['_LOADPROGRESS']._serialized_start=3551
+  _globals['_LOADPROGRESS']._serialized_end=3621
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=3624
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=3780
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_start=3782
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=3869
+  _globals['_MODELSERVICE']._serialized_start=4170
+  _globals['_MODELSERVICE']._serialized_end=4991
 # @@protoc_insertion_point(module_scope)

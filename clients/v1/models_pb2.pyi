@@ -21,6 +21,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AdapterState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AdapterStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ADAPTER_STATE_UNSPECIFIED: _AdapterState.ValueType  # 0
+    """Never sent."""
+    ADAPTER_STATE_LOADING: _AdapterState.ValueType  # 1
+    """Being fetched, checked and loaded into the workers."""
+    ADAPTER_STATE_READY: _AdapterState.ValueType  # 2
+    """Serves Generate requests that name it."""
+
+class AdapterState(_AdapterState, metaclass=_AdapterStateEnumTypeWrapper):
+    """Where an adapter of a model is in its life."""
+
+ADAPTER_STATE_UNSPECIFIED: AdapterState.ValueType  # 0
+"""Never sent."""
+ADAPTER_STATE_LOADING: AdapterState.ValueType  # 1
+"""Being fetched, checked and loaded into the workers."""
+ADAPTER_STATE_READY: AdapterState.ValueType  # 2
+"""Serves Generate requests that name it."""
+Global___AdapterState: _TypeAlias = AdapterState  # noqa: Y015
+
 class _ModelState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -334,6 +358,9 @@ class LaunchModelRequest(_message.Message):
     N_GPU_FIELD_NUMBER: _builtins.int
     GPU_IDX_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
+    LORA_MODULES_FIELD_NUMBER: _builtins.int
+    MAX_LORAS_FIELD_NUMBER: _builtins.int
+    MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Family name, e.g. "llama-3.1". Required."""
     model_engine: _builtins.str
@@ -385,6 +412,15 @@ class LaunchModelRequest(_message.Message):
     restarted, with a growing backoff, while the others serve. Unset: 1;
     1 to 64.
     """
+    max_loras: _builtins.int
+    """Adapters resident in the engine at once (their weights where the forward
+    pass reads them); the others wait in CPU memory and swap in, least recently
+    used out first. Unset: 4; 1 to 64.
+    """
+    max_lora_rank: _builtins.int
+    """The highest rank an adapter may have; a higher one is refused at load.
+    Unset: 16; 1 to 512.
+    """
     @_builtins.property
     def engine_options(self) -> _struct_pb2.Struct:
         """Engine-specific options passed to the engine, e.g. {"n_threads": 2,
@@ -395,6 +431,12 @@ class LaunchModelRequest(_message.Message):
     def gpu_idx(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The GPUs to use, by index (e.g. [0, 1]): the worker sees exactly these.
         Empty: the server picks those with the most free memory.
+        """
+
+    @_builtins.property
+    def lora_modules(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraModule]:
+        """LoRA adapters to load with the model, each named for GenerateRequest.adapter
+        (xinference's --lora-modules name=path).
         """
 
     def __init__(
@@ -415,13 +457,20 @@ class LaunchModelRequest(_message.Message):
         n_gpu: _builtins.str = ...,
         gpu_idx: _abc.Iterable[_builtins.int] | None = ...,
         replica: _builtins.int | None = ...,
+        lora_modules: _abc.Iterable[Global___LoraModule] | None = ...,
+        max_loras: _builtins.int | None = ...,
+        max_lora_rank: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_replica", b"_replica", "_wait", b"_wait", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "replica", b"replica", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_max_lora_rank", b"_max_lora_rank", "_max_loras", b"_max_loras", "_replica", b"_replica", "_wait", b"_wait", "engine_options", b"engine_options", "idle_unload_s", b"idle_unload_s", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras", "replica", b"replica", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_replica", b"_replica", "_wait", b"_wait", "device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "gpu_idx", b"gpu_idx", "idle_unload_s", b"idle_unload_s", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "n_gpu", b"n_gpu", "quantization", b"quantization", "replica", b"replica", "size_in_billions", b"size_in_billions", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s", "_max_lora_rank", b"_max_lora_rank", "_max_loras", b"_max_loras", "_replica", b"_replica", "_wait", b"_wait", "device", b"device", "download_hub", b"download_hub", "engine_options", b"engine_options", "gpu_idx", b"gpu_idx", "idle_unload_s", b"idle_unload_s", "lora_modules", b"lora_modules", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_path", b"model_path", "model_uid", b"model_uid", "n_gpu", b"n_gpu", "quantization", b"quantization", "replica", b"replica", "size_in_billions", b"size_in_billions", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_unload_s: _TypeAlias = _typing.Literal["idle_unload_s"]  # noqa: Y015
     _WhichOneofArgType__idle_unload_s: _TypeAlias = _typing.Literal["_idle_unload_s", b"_idle_unload_s"]  # noqa: Y015
+    _WhichOneofReturnType__max_lora_rank: _TypeAlias = _typing.Literal["max_lora_rank"]  # noqa: Y015
+    _WhichOneofArgType__max_lora_rank: _TypeAlias = _typing.Literal["_max_lora_rank", b"_max_lora_rank"]  # noqa: Y015
+    _WhichOneofReturnType__max_loras: _TypeAlias = _typing.Literal["max_loras"]  # noqa: Y015
+    _WhichOneofArgType__max_loras: _TypeAlias = _typing.Literal["_max_loras", b"_max_loras"]  # noqa: Y015
     _WhichOneofReturnType__replica: _TypeAlias = _typing.Literal["replica"]  # noqa: Y015
     _WhichOneofArgType__replica: _TypeAlias = _typing.Literal["_replica", b"_replica"]  # noqa: Y015
     _WhichOneofReturnType__wait: _TypeAlias = _typing.Literal["wait"]  # noqa: Y015
@@ -429,11 +478,249 @@ class LaunchModelRequest(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_unload_s) -> _WhichOneofReturnType__idle_unload_s | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_lora_rank) -> _WhichOneofReturnType__max_lora_rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_loras) -> _WhichOneofReturnType__max_loras | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__replica) -> _WhichOneofReturnType__replica | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait) -> _WhichOneofReturnType__wait | None: ...
 
 Global___LaunchModelRequest: _TypeAlias = LaunchModelRequest  # noqa: Y015
+
+@_typing.final
+class LoraModule(_message.Message):
+    """A LoRA adapter to serve on top of a base model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests use (GenerateRequest.adapter): letters, digits, ".", "_"
+    and "-", at most 64 characters. Required.
+    """
+    path: _builtins.str
+    """Where the adapter is: a local PEFT folder (adapter_config.json and
+    adapter_model.safetensors) inside the server's allowed_model_dirs, a GGUF
+    LoRA file there (llama.cpp only), or a hub repository id
+    ("owner/name") downloaded like a model's weights. Required.
+    """
+    scale: _builtins.float
+    """Multiplies the adapter's delta (lora_alpha / r already applied). Unset: 1."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "path", b"path", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___LoraModule: _TypeAlias = LoraModule  # noqa: Y015
+
+@_typing.final
+class AdapterDescription(_message.Message):
+    """One adapter of a launched model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    RESIDENT_FIELD_NUMBER: _builtins.int
+    RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name requests use."""
+    path: _builtins.str
+    """Where it was loaded from, as given (a folder, a file or a hub id)."""
+    scale: _builtins.float
+    """The scale its delta is multiplied by."""
+    state: Global___AdapterState.ValueType
+    """Its state."""
+    rank: _builtins.int
+    """Its rank (r), 0 until READY."""
+    resident: _builtins.bool
+    """Whether its weights are resident in the (first replica's) engine now;
+    false: in CPU memory, swapped in by the next request that names it.
+    """
+    running_requests: _builtins.int
+    """Generate streams of this adapter in flight now."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        path: _builtins.str = ...,
+        scale: _builtins.float = ...,
+        state: Global___AdapterState.ValueType = ...,
+        rank: _builtins.int = ...,
+        resident: _builtins.bool = ...,
+        running_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "path", b"path", "rank", b"rank", "resident", b"resident", "running_requests", b"running_requests", "scale", b"scale", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterDescription: _TypeAlias = AdapterDescription  # noqa: Y015
+
+@_typing.final
+class LoadAdapterRequest(_message.Message):
+    """An adapter to add to a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_UID_FIELD_NUMBER: _builtins.int
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    model_uid: _builtins.str
+    """The READY model's uid. Required."""
+    @_builtins.property
+    def adapter(self) -> Global___LoraModule:
+        """The adapter; its name must not be taken on the model. Required."""
+
+    def __init__(
+        self,
+        *,
+        model_uid: _builtins.str = ...,
+        adapter: Global___LoraModule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "model_uid", b"model_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterRequest: _TypeAlias = LoadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class LoadAdapterResponse(_message.Message):
+    """The adapter, loaded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapter(self) -> Global___AdapterDescription:
+        """The adapter, READY."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___AdapterDescription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadAdapterResponse: _TypeAlias = LoadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterRequest(_message.Message):
+    """An adapter to remove."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_UID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    model_uid: _builtins.str
+    """The model's uid. Required."""
+    name: _builtins.str
+    """The adapter's name. Required."""
+    def __init__(
+        self,
+        *,
+        model_uid: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_uid", b"model_uid", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterRequest: _TypeAlias = UnloadAdapterRequest  # noqa: Y015
+
+@_typing.final
+class UnloadAdapterResponse(_message.Message):
+    """The adapter that was removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapter(self) -> Global___AdapterDescription:
+        """The adapter as it was when it was removed."""
+
+    def __init__(
+        self,
+        *,
+        adapter: Global___AdapterDescription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnloadAdapterResponse: _TypeAlias = UnloadAdapterResponse  # noqa: Y015
+
+@_typing.final
+class ListAdaptersRequest(_message.Message):
+    """Request for a model's adapters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_UID_FIELD_NUMBER: _builtins.int
+    model_uid: _builtins.str
+    """The model's uid. Required."""
+    def __init__(
+        self,
+        *,
+        model_uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_uid", b"model_uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdaptersRequest: _TypeAlias = ListAdaptersRequest  # noqa: Y015
+
+@_typing.final
+class ListAdaptersResponse(_message.Message):
+    """A model's adapters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterDescription]:
+        """Its adapters, in the order they were loaded."""
+
+    def __init__(
+        self,
+        *,
+        adapters: _abc.Iterable[Global___AdapterDescription] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdaptersResponse: _TypeAlias = ListAdaptersResponse  # noqa: Y015
 
 @_typing.final
 class LaunchModelResponse(_message.Message):
@@ -710,6 +997,9 @@ class ModelDescription(_message.Message):
     CONDITION_FIELD_NUMBER: _builtins.int
     IDLE_UNLOAD_S_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    MAX_LORAS_FIELD_NUMBER: _builtins.int
+    MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
     model_uid: _builtins.str
     """Unique id, used by Generate, GetModel and TerminateModel."""
     model_name: _builtins.str
@@ -752,6 +1042,10 @@ class ModelDescription(_message.Message):
     """Memory the server estimated the model needs, in bytes, before launching it."""
     idle_unload_s: _builtins.float
     """Seconds without requests after which the model is unloaded; 0: never."""
+    max_loras: _builtins.int
+    """Adapters resident in the engine at once (LaunchModelRequest.max_loras)."""
+    max_lora_rank: _builtins.int
+    """The highest adapter rank the model takes (LaunchModelRequest.max_lora_rank)."""
     @_builtins.property
     def progress(self) -> Global___LoadProgress:
         """Where the load is while the model is LOADING; unset in other states."""
@@ -767,6 +1061,10 @@ class ModelDescription(_message.Message):
         at least one replica is READY; `device` and `worker_pid` above are the
         first replica's.
         """
+
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterDescription]:
+        """The model's LoRA adapters (as ListAdapters describes them)."""
 
     def __init__(
         self,
@@ -793,10 +1091,13 @@ class ModelDescription(_message.Message):
         condition: Global___ModelCondition | None = ...,
         idle_unload_s: _builtins.float = ...,
         replicas: _abc.Iterable[Global___ReplicaDescription] | None = ...,
+        adapters: _abc.Iterable[Global___AdapterDescription] | None = ...,
+        max_loras: _builtins.int = ...,
+        max_lora_rank: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "idle_unload_s", b"idle_unload_s", "load_seconds", b"load_seconds", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "progress", b"progress", "quantization", b"quantization", "replicas", b"replicas", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "condition", b"condition", "context_length", b"context_length", "device", b"device", "error", b"error", "estimated_memory_bytes", b"estimated_memory_bytes", "gpu_memory_bytes", b"gpu_memory_bytes", "idle_unload_s", b"idle_unload_s", "load_seconds", b"load_seconds", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras", "memory_bytes", b"memory_bytes", "model_engine", b"model_engine", "model_format", b"model_format", "model_name", b"model_name", "model_uid", b"model_uid", "peak_batch_size", b"peak_batch_size", "progress", b"progress", "quantization", b"quantization", "replicas", b"replicas", "running_requests", b"running_requests", "size_in_billions", b"size_in_billions", "state", b"state", "waiting_requests", b"waiting_requests", "worker_pid", b"worker_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

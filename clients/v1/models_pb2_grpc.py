@@ -71,6 +71,21 @@ class ModelServiceStub:
                 request_serializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/llmgrpc.v1.ModelService/LoadAdapter',
+                request_serializer=llmgrpc_dot_v1_dot_models__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_v1_dot_models__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/llmgrpc.v1.ModelService/UnloadAdapter',
+                request_serializer=llmgrpc_dot_v1_dot_models__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_v1_dot_models__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/llmgrpc.v1.ModelService/ListAdapters',
+                request_serializer=llmgrpc_dot_v1_dot_models__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_v1_dot_models__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -139,6 +154,34 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoadAdapter adds a LoRA adapter to a READY model at run time, on every
+        replica, without a restart; Generate can name it once the call returns.
+        Needs the admin role. An adapter the base cannot take (rank above
+        max_lora_rank, another architecture or hidden size, target modules the
+        base lacks) is FAILED_PRECONDITION, naming the mismatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """UnloadAdapter removes an adapter. It never cuts a stream: while a
+        Generate stream of the adapter is in flight it is refused with
+        FAILED_PRECONDITION (saying how many), and nothing changes. Needs the
+        admin role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """ListAdapters describes a model's adapters and their state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +219,21 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.WatchModel,
                     request_deserializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelRequest.FromString,
                     response_serializer=llmgrpc_dot_v1_dot_models__pb2.WatchModelResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=llmgrpc_dot_v1_dot_models__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=llmgrpc_dot_v1_dot_models__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=llmgrpc_dot_v1_dot_models__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=llmgrpc_dot_v1_dot_models__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=llmgrpc_dot_v1_dot_models__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=llmgrpc_dot_v1_dot_models__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -369,6 +427,87 @@ class ModelService:
             '/llmgrpc.v1.ModelService/WatchModel',
             llmgrpc_dot_v1_dot_models__pb2.WatchModelRequest.SerializeToString,
             llmgrpc_dot_v1_dot_models__pb2.WatchModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.v1.ModelService/LoadAdapter',
+            llmgrpc_dot_v1_dot_models__pb2.LoadAdapterRequest.SerializeToString,
+            llmgrpc_dot_v1_dot_models__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.v1.ModelService/UnloadAdapter',
+            llmgrpc_dot_v1_dot_models__pb2.UnloadAdapterRequest.SerializeToString,
+            llmgrpc_dot_v1_dot_models__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgrpc.v1.ModelService/ListAdapters',
+            llmgrpc_dot_v1_dot_models__pb2.ListAdaptersRequest.SerializeToString,
+            llmgrpc_dot_v1_dot_models__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,21 @@ class ModelServiceStub:
     first the model as it is, then one event per change, ending once the model
     is READY, FAILED, UNLOADED or terminated. Watching never changes the model.
     """
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_models_pb2.LoadAdapterRequest, _models_pb2.LoadAdapterResponse]
+    """LoadAdapter adds a LoRA adapter to a READY model at run time, on every
+    replica, without a restart; Generate can name it once the call returns.
+    Needs the admin role. An adapter the base cannot take (rank above
+    max_lora_rank, another architecture or hidden size, target modules the
+    base lacks) is FAILED_PRECONDITION, naming the mismatch.
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_models_pb2.UnloadAdapterRequest, _models_pb2.UnloadAdapterResponse]
+    """UnloadAdapter removes an adapter. It never cuts a stream: while a
+    Generate stream of the adapter is in flight it is refused with
+    FAILED_PRECONDITION (saying how many), and nothing changes. Needs the
+    admin role.
+    """
+    ListAdapters: _grpc.UnaryUnaryMultiCallable[_models_pb2.ListAdaptersRequest, _models_pb2.ListAdaptersResponse]
+    """ListAdapters describes a model's adapters and their state."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -105,6 +120,21 @@ class ModelServiceAsyncStub(ModelServiceStub):
     first the model as it is, then one event per change, ending once the model
     is READY, FAILED, UNLOADED or terminated. Watching never changes the model.
     """
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_models_pb2.LoadAdapterRequest, _models_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """LoadAdapter adds a LoRA adapter to a READY model at run time, on every
+    replica, without a restart; Generate can name it once the call returns.
+    Needs the admin role. An adapter the base cannot take (rank above
+    max_lora_rank, another architecture or hidden size, target modules the
+    base lacks) is FAILED_PRECONDITION, naming the mismatch.
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_models_pb2.UnloadAdapterRequest, _models_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """UnloadAdapter removes an adapter. It never cuts a stream: while a
+    Generate stream of the adapter is in flight it is refused with
+    FAILED_PRECONDITION (saying how many), and nothing changes. Needs the
+    admin role.
+    """
+    ListAdapters: _aio.UnaryUnaryMultiCallable[_models_pb2.ListAdaptersRequest, _models_pb2.ListAdaptersResponse]  # type: ignore[assignment]
+    """ListAdapters describes a model's adapters and their state."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService lists the models this server knows, launches them into worker
@@ -183,5 +213,38 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         first the model as it is, then one event per change, ending once the model
         is READY, FAILED, UNLOADED or terminated. Watching never changes the model.
         """
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _models_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.LoadAdapterResponse, _abc.Awaitable[_models_pb2.LoadAdapterResponse]]:
+        """LoadAdapter adds a LoRA adapter to a READY model at run time, on every
+        replica, without a restart; Generate can name it once the call returns.
+        Needs the admin role. An adapter the base cannot take (rank above
+        max_lora_rank, another architecture or hidden size, target modules the
+        base lacks) is FAILED_PRECONDITION, naming the mismatch.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _models_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.UnloadAdapterResponse, _abc.Awaitable[_models_pb2.UnloadAdapterResponse]]:
+        """UnloadAdapter removes an adapter. It never cuts a stream: while a
+        Generate stream of the adapter is in flight it is refused with
+        FAILED_PRECONDITION (saying how many), and nothing changes. Needs the
+        admin role.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAdapters(
+        self,
+        request: _models_pb2.ListAdaptersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_models_pb2.ListAdaptersResponse, _abc.Awaitable[_models_pb2.ListAdaptersResponse]]:
+        """ListAdapters describes a model's adapters and their state."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

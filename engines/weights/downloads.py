@@ -97,16 +97,27 @@ def download(plan: LoadPlan, report: ProgressReport, free_bytes: FreeBytes | Non
         }
     else:
         wanted_by_hub = {h["name"]: [Wanted(h["model_id"], patterns=PYTORCH_FILES)] for h in spec.hubs}
+
+    def fetch(name: str, source: HubSource) -> str:
+        paths = [
+            fetch_from(source, wanted, report, free_bytes or disk_free_bytes)
+            for wanted in wanted_by_hub[name]
+        ]
+        return paths[0]
+
+    return from_first_hub(order, plan.hub_cache_dir, fetch, "the weights")
+
+
+def from_first_hub(
+    order: list[str], hub_cache_dir: str, fetch: Callable[[str, HubSource], str], what: str
+) -> str:
+    """fetch(hub name, source) from the first hub in order that has what is wanted; the error of
+    the first one (naming the others') when none has it. A disk too small stops at once."""
     failures: list[tuple[str, LlmgrpcError]] = []
     for name in order:
-        cache = Path(plan.hub_cache_dir) / name if plan.hub_cache_dir else None
-        source = SOURCES[name](cache)
+        cache = Path(hub_cache_dir) / name if hub_cache_dir else None
         try:
-            paths = [
-                fetch_from(source, wanted, report, free_bytes or disk_free_bytes)
-                for wanted in wanted_by_hub[name]
-            ]
-            return paths[0]
+            return fetch(name, SOURCES[name](cache))
         except ResourceExhausted:
             raise  # the disk is the same for every hub
         except LlmgrpcError as error:
@@ -115,7 +126,7 @@ def download(plan: LoadPlan, report: ProgressReport, free_bytes: FreeBytes | Non
     if len(failures) == 1:
         raise first
     tried = "; ".join(f"{name}: {error}" for name, error in failures)
-    raise type(first)(f"no hub had the weights ({tried})", reason=first.reason, metadata=first.metadata)
+    raise type(first)(f"no hub had {what} ({tried})", reason=first.reason, metadata=first.metadata)
 
 
 def fetch_from(source: HubSource, wanted: Wanted, report: ProgressReport, free_bytes: FreeBytes) -> str:

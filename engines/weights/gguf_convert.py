@@ -51,6 +51,19 @@ UNQUANTIZED = "F32"
 TINY_FILE_NAME_TEMPLATE = f"{tiny_model.NAME}.{{quantization}}.gguf"
 USAGE = "python -m llmgrpc.engines.weights.gguf_convert MODEL_DIR OUTPUT.gguf [QUANTIZATION]"
 
+# A Llama layer's tensors: Hugging Face's name (after model.layers.N.) -> GGUF's (after blk.N.).
+LLAMA_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
@@ -208,19 +221,8 @@ def convert_llama(model_dir: Path, output: Path, name: str = "") -> Path:
 
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     names["lm_head.weight"] = "output.weight"
-    per_layer = {
-        "input_layernorm": "attn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
     for layer in range(config["num_hidden_layers"]):
-        for hf_name, gguf_name in per_layer.items():
+        for hf_name, gguf_name in LLAMA_LAYER_NAMES.items():
             names[f"model.layers.{layer}.{hf_name}.weight"] = f"blk.{layer}.{gguf_name}.weight"
 
     factors = llama3_rope_factors(config)
@@ -267,7 +269,7 @@ def quantize(source: Path, output: Path, quantization: str, n_threads: int = 0) 
     return output
 
 
-def _write_atomically(target: Path, write) -> Path:
+def write_atomically(target: Path, write) -> Path:
     """Call write(temporary path) then rename it to target: readers never see a partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # A name no other writer uses; the writer creates the file, so the umask sets its mode.
@@ -304,10 +306,10 @@ def ensure_tiny_gguf(
     unquantized = folder / file_name_template.format(quantization=UNQUANTIZED)
     if not unquantized.exists():
         hf_files = tiny_model.ensure(root / "pytorch", name)
-        _write_atomically(unquantized, lambda path: convert_llama(hf_files, path, name=name))
+        write_atomically(unquantized, lambda path: convert_llama(hf_files, path, name=name))
     if quantization == UNQUANTIZED:
         return unquantized
-    return _write_atomically(target, lambda path: quantize(unquantized, path, quantization))
+    return write_atomically(target, lambda path: quantize(unquantized, path, quantization))
 
 
 def main(argv: list[str]) -> None:
@@ -316,11 +318,11 @@ def main(argv: list[str]) -> None:
     model_dir, output = Path(argv[0]), Path(argv[1])
     output.parent.mkdir(parents=True, exist_ok=True)
     if len(argv) == 2:
-        print(_write_atomically(output, lambda path: convert_llama(model_dir, path)))
+        print(write_atomically(output, lambda path: convert_llama(model_dir, path)))
         return
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         unquantized = convert_llama(model_dir, Path(scratch) / "model.F32.gguf")
-        print(_write_atomically(output, lambda path: quantize(unquantized, path, argv[2])))
+        print(write_atomically(output, lambda path: quantize(unquantized, path, argv[2])))
 
 
 if __name__ == "__main__":

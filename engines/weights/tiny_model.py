@@ -195,13 +195,19 @@ def generate(output_dir: Path, name: str = NAME) -> Path:
         )
         model.save_pretrained(scratch, safe_serialization=True)
         (scratch / "README.md").write_text(MODEL_CARD.format(name=name))
-        (scratch / COMPLETE_MARKER).write_text(json.dumps({"seed": SEED, "torch": torch.__version__}))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        scratch.rename(output_dir)
+        publish(scratch, output_dir, {"seed": SEED, "torch": torch.__version__})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return output_dir
+
+
+def publish(scratch: Path, output_dir: Path, stamp: dict) -> None:
+    """Mark a folder generated in scratch complete (stamp: what made it) and put it at output_dir
+    in one rename, so a reader never sees half of it."""
+    (scratch / COMPLETE_MARKER).write_text(json.dumps(stamp))
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    scratch.rename(output_dir)
 
 
 def ensure(output_dir: Path, name: str = NAME) -> Path:

@@ -14,8 +14,10 @@ from pathlib import Path
 from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.base import LoadPlan
 from llmgrpc.engines.catalogue import engine_info, validate_engine_options
+from llmgrpc.engines.lora import LoraModule
 from llmgrpc.engines.model_folder import CONFIG_FILE, read_model_config
 from llmgrpc.engines.weights import hubs
+from llmgrpc.engines.weights.adapters import is_local
 from llmgrpc.server import placement, resources
 from llmgrpc.server.auth import check_engine_options, check_model_path
 from llmgrpc.server.availability import EngineAvailability
@@ -56,7 +58,8 @@ class Admission:
         model_path = await asyncio.to_thread(
             check_model_path, request.model_path, settings.allowed_model_dirs
         )
-        request = dataclasses.replace(request, model_path=model_path)
+        lora_modules = await asyncio.to_thread(checked_adapter_paths, request.lora_modules, settings)
+        request = dataclasses.replace(request, model_path=model_path, lora_modules=lora_modules)
         selection = self.registry.select(request.query, await self.first_available_engine())
         info = engine_info(selection.engine)
         await self.availability.require(info.name)
@@ -108,6 +111,9 @@ class Admission:
                 engine_options=dict(place.engine_options),
                 download_hub=request.download_hub or hubs.AUTO,
                 hub_cache_dir=str(settings.hub_cache_dir or ""),
+                lora_modules=[module.to_json_dict() for module in request.lora_modules],
+                max_loras=request.max_loras,
+                max_lora_rank=request.max_lora_rank,
             )
             env = worker_environment(
                 settings,
@@ -119,6 +125,11 @@ class Admission:
             )
         model.device = model.replicas[0].device
         model.estimated_bytes = sum(replica.estimated_bytes for replica in model.replicas)
+
+    async def check_adapter(self, module: LoraModule) -> LoraModule:
+        """A run-time adapter with its local path checked against the allowed folders."""
+        (checked,) = await asyncio.to_thread(checked_adapter_paths, (module,), self.settings, "adapter.path")
+        return checked
 
     async def check_hubs(self, selection: Selection, download_hub: str) -> None:
         """Refuse, before any worker starts, a hub download that cannot happen in the environment
@@ -215,6 +226,22 @@ class Admission:
 def _may_download(plan: LoadPlan) -> bool:
     """Whether a worker may fetch weights from a hub (and so needs the hub tokens)."""
     return not plan.model_path and not plan.spec.generator
+
+
+def checked_adapter_paths(
+    modules: tuple[LoraModule, ...], settings: Settings, field_name: str = "lora_modules[{index}].path"
+) -> tuple[LoraModule, ...]:
+    """The adapters with each local path resolved and confined to allowed_model_dirs, as model_path
+    is (a hub id is left to the worker's download)."""
+    return tuple(
+        dataclasses.replace(
+            module,
+            path=check_model_path(module.path, settings.allowed_model_dirs, field_name.format(index=index)),
+        )
+        if is_local(module.path)
+        else module
+        for index, module in enumerate(modules)
+    )
 
 
 def _label(selection: Selection) -> str:

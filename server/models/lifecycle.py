@@ -32,6 +32,7 @@ from llmgrpc.server.launched import (
     terminated,
 )
 from llmgrpc.server.metrics import Metrics
+from llmgrpc.server.models.adapters import ModelAdapters
 from llmgrpc.server.models.admission import Admission
 from llmgrpc.server.models.requests import LaunchRequest
 from llmgrpc.server.models.table import ModelTable
@@ -78,6 +79,7 @@ class Lifecycle:
             ),
             replicas=[Replica(index) for index in range(replicas)],
             idle_unload_s=idle_unload_s,
+            adapters=ModelAdapters.at_launch(request.lora_modules, request.max_loras, request.max_lora_rank),
         )
         self.table.add(model)
         model.loading = self.table.spawn(self._launch(model, request))
@@ -250,6 +252,11 @@ class Lifecycle:
         try:
             await worker.start(self.settings.worker_start_timeout_s)
             replica.engine_stats = await worker.load(lambda event: self._on_progress(model, event))
+            ranks = dict(replica.engine_stats.adapter_ranks)
+            # Adapters loaded at run time are not in the plan: a restarted or reloaded worker gets them again.
+            for module in model.adapters.missing_from(ranks):
+                ranks[module.name] = await worker.load_adapter(module)
+            model.adapters.loaded(ranks)
         except BaseException as error:
             await worker.stop()
             if not isinstance(error, asyncio.CancelledError):  # cancelled: whoever cancelled says

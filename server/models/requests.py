@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from llmgrpc.engines.lora import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS, LoraModule
 from llmgrpc.server.registry import SpecQuery
 from llmgrpc.v1 import models_pb2
 
@@ -27,6 +28,9 @@ class LaunchRequest:
     gpu_idx: tuple[int, ...] = ()  # every replica's GPUs, replica after replica
     replica: int = 1  # worker processes serving this uid
     engine_api_port: int | None = None  # a listener of the vLLM engine contract for this model alone
+    lora_modules: tuple[LoraModule, ...] = ()
+    max_loras: int = DEFAULT_MAX_LORAS
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
 
     @classmethod
     def from_pb(cls, pb: models_pb2.LaunchModelRequest) -> LaunchRequest:
@@ -42,6 +46,9 @@ class LaunchRequest:
             n_gpu=pb.n_gpu,
             gpu_idx=tuple(pb.gpu_idx),
             replica=pb.replica if pb.HasField("replica") else 1,
+            lora_modules=tuple(LoraModule.from_pb(module) for module in pb.lora_modules),
+            max_loras=pb.max_loras if pb.HasField("max_loras") else DEFAULT_MAX_LORAS,
+            max_lora_rank=pb.max_lora_rank if pb.HasField("max_lora_rank") else DEFAULT_MAX_LORA_RANK,
         )
 
 

@@ -7,6 +7,7 @@ reasons) are recorded here alone; the servicers only convert."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -53,14 +54,29 @@ class Routing:
         self._require_ready(model)
         if request.messages:
             _check_chat_abilities(model, request)
-        wants_tool_calls = bool(request.tools) and request.tool_choice != "none"
-        answer: list[str] = []
         if not request.HasField("max_tokens"):  # the caller's message stays as it was sent
             resolved = generate_pb2.GenerateRequest()
             resolved.CopyFrom(request)
             resolved.max_tokens = self.settings.default_max_tokens
             request = resolved
         queued = time.monotonic()
+        # Counted from here, queued or decoding: UnloadAdapter refuses while any stream of it is in flight.
+        with model.adapters.stream(request.adapter, model.uid):
+            in_slot = self._generate_in_slot(model, request, request_id, deadline, queued)
+            async with contextlib.aclosing(in_slot) as responses:
+                async for response in responses:
+                    yield response
+
+    async def _generate_in_slot(
+        self,
+        model: LaunchedModel,
+        request: generate_pb2.GenerateRequest,
+        request_id: str,
+        deadline: float | None,
+        queued: float,
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        wants_tool_calls = bool(request.tools) and request.tool_choice != "none"
+        answer: list[str] = []
         async with model.gate.slot(model.uid, request.priority):
             self.metrics.observe_queue_time(model.uid, time.monotonic() - queued)
             replica = self._ready_replica(model)

@@ -73,6 +73,14 @@ class WorkerServiceStub:
     files to a folder (for the vLLM engine contract's GetModelInfo and
     GetTokenizer); a GGUF model's tokenizer is built from its own vocabulary.
     """
+    LoadAdapter: _grpc.UnaryUnaryMultiCallable[_worker_pb2.LoadAdapterRequest, _worker_pb2.LoadAdapterResponse]
+    """LoadAdapter fetches (when a hub id), checks and loads a LoRA adapter into
+    the engine; the answer says its rank.
+    """
+    UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_worker_pb2.UnloadAdapterRequest, _worker_pb2.UnloadAdapterResponse]
+    """UnloadAdapter removes an adapter from the engine (the server has made sure
+    no stream uses it).
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -114,6 +122,14 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """Describe tells the loaded model's vocabulary facts and writes its tokenizer
     files to a folder (for the vLLM engine contract's GetModelInfo and
     GetTokenizer); a GGUF model's tokenizer is built from its own vocabulary.
+    """
+    LoadAdapter: _aio.UnaryUnaryMultiCallable[_worker_pb2.LoadAdapterRequest, _worker_pb2.LoadAdapterResponse]  # type: ignore[assignment]
+    """LoadAdapter fetches (when a hub id), checks and loads a LoRA adapter into
+    the engine; the answer says its rank.
+    """
+    UnloadAdapter: _aio.UnaryUnaryMultiCallable[_worker_pb2.UnloadAdapterRequest, _worker_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """UnloadAdapter removes an adapter from the engine (the server has made sure
+    no stream uses it).
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -189,6 +205,26 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Describe tells the loaded model's vocabulary facts and writes its tokenizer
         files to a folder (for the vLLM engine contract's GetModelInfo and
         GetTokenizer); a GGUF model's tokenizer is built from its own vocabulary.
+        """
+
+    @_abc_1.abstractmethod
+    def LoadAdapter(
+        self,
+        request: _worker_pb2.LoadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.LoadAdapterResponse, _abc.Awaitable[_worker_pb2.LoadAdapterResponse]]:
+        """LoadAdapter fetches (when a hub id), checks and loads a LoRA adapter into
+        the engine; the answer says its rank.
+        """
+
+    @_abc_1.abstractmethod
+    def UnloadAdapter(
+        self,
+        request: _worker_pb2.UnloadAdapterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.UnloadAdapterResponse, _abc.Awaitable[_worker_pb2.UnloadAdapterResponse]]:
+        """UnloadAdapter removes an adapter from the engine (the server has made sure
+        no stream uses it).
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
