@@ -149,12 +149,9 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
                 raise Cancelled(f"request {generation.request_id} was aborted by Abort") from None
 
     async def _generate(self, generation: EngineGeneration, context) -> AsyncIterator[pb.GenerateResponse]:
-        call_id = logs.REQUEST_ID.get() or generation.request_id
         several = len(generation.samples) > 1
         streams = [
-            self.manager.generate(
-                sample, f"{call_id}.{index}" if several else call_id, context.time_remaining()
-            )
+            self._sample(sample, index if several else None, context)
             for index, sample in enumerate(generation.samples)
         ]
         samples = [_Sample() for _ in streams]
@@ -170,6 +167,16 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
                 sample.logprobs.extend(response.logprobs)
             if response.finish_reason:
                 yield complete_to_pb(response, index, sample.output_ids, sample.logprobs)
+
+    async def _sample(
+        self, sample: generate_pb2.GenerateRequest, index: int | None, context
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """One sample's stream. Of several, each runs in a task of its own (_merged), under the
+        call's request id and its index."""
+        if index is not None:
+            logs.adopt_part_id(index)
+        async for response in self.manager.generate(sample, context.time_remaining()):
+            yield response
 
     async def Abort(self, request: pb.AbortRequest, context):
         self.aborts.abort(list(request.request_ids))

@@ -20,9 +20,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import re
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -38,7 +36,6 @@ from llmgrpc.server.status import to_rpc_status
 log = logging.getLogger("llmgrpc.rpc")
 
 # Request ids are echoed in response metadata and logs: take the caller's only if it is plain.
-SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
 
 
 @dataclass
@@ -197,8 +194,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         counted, logged and uncounted like any other."""
         metadata = context.invocation_metadata() or ()
         given = next((v for k, v in metadata if k == logs.REQUEST_ID_METADATA and isinstance(v, str)), "")
-        request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
-        logs.REQUEST_ID.set(request_id)
+        request_id = logs.adopt_request_id(given)
         service = service_of(method)
         span = self.tracer.start_span(
             method.lstrip("/"),

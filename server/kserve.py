@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
 
@@ -64,12 +63,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_stream_pending = max_stream_pending  # per ModelStreamInfer call (settings)
 
     async def _answers(
-        self, inference: Inference, request_id: str, context: grpc.aio.ServicerContext
+        self, inference: Inference, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelInferResponse]:
         """One request's responses: a piece per settled text (stream), else the whole text."""
         pieces = [inference.request.prompt] if inference.prepend_prompt else []
-        responses = self.manager.generate(inference.request, request_id, context.time_remaining())
-        async for response in responses:
+        async for response in self.manager.generate(inference.request, context.time_remaining()):
             if response.finish_reason:
                 text = response.text if inference.stream else "".join(pieces) + response.text
                 for answer in inference.answers(response, text):
@@ -105,8 +103,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise invalid_inference(
                 f"inputs[{STREAM}]", "true needs ModelStreamInfer: ModelInfer answers once"
             )
-        request_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
-        answers = [answer async for answer in self._answers(inference, request_id, context)]
+        answers = [answer async for answer in self._answers(inference, context)]
         return answers[0]
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -119,16 +116,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         (its writes then wait in gRPC's flow control). A caller that writes and never reads
         holds a bounded amount of the server's memory, until the unread-stream timeout ends it.
         """
-        call_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
         outbox: asyncio.Queue = asyncio.Queue(self.max_stream_pending)
         room = asyncio.Semaphore(self.max_stream_pending)  # for requests in progress
         done = object()
         generations: set[asyncio.Task] = set()
 
         async def run(request: pb.ModelInferRequest, number: int) -> None:
+            logs.adopt_part_id(number)  # this task's: each request of the stream has its own id
             try:
                 inference = Inference.from_pb(request)
-                async for answer in self._answers(inference, f"{call_id}.{number}", context):
+                async for answer in self._answers(inference, context):
                     await outbox.put(pb.ModelStreamInferResponse(infer_response=answer))
             except LlmgrpcError as error:
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)

@@ -1,9 +1,10 @@
 """Logs: one JSON object a line (or plain text), each carrying the request it belongs to.
 
-The interceptor sets the request id of each call in a context variable; every record
-logged while serving that call carries it, with the trace id of the current span, so a
-request can be followed across log lines and traces. Metadata values (credentials
-among them) are never logged.
+The request id of each call travels in one channel, a context variable: the interceptor
+decides it (``adopt_request_id``), everything the call runs reads it (``request_id``), the
+worker client sends it to the worker, and every record logged while serving the call carries
+it, with the trace id of the current span, so a request can be followed across log lines and
+traces. Metadata values (credentials among them) are never logged.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 
 from opentelemetry import trace
 
@@ -21,6 +24,32 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("llmgrpc_reques
 # The metadata key of a request id: a caller may send one, the server answers with it, and a
 # worker takes the server's from it for its own log lines.
 REQUEST_ID_METADATA = "x-request-id"
+# A request id a caller may choose: short, and nothing that could forge a log line or a header.
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:=+/-]{1,128}$")
+
+
+def adopt_request_id(given: str = "") -> str:
+    """Decide the id of the request this context serves, and set it: given, when it is a sane
+    id (a caller's x-request-id), else a new one."""
+    request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+    REQUEST_ID.set(request_id)
+    return request_id
+
+
+def request_id() -> str:
+    """The id of the request this context serves: the one the interceptor adopted (on a worker,
+    the server's); a call that came through neither adopts a new one here."""
+    return REQUEST_ID.get() or adopt_request_id()
+
+
+def adopt_part_id(index: int) -> str:
+    """The id of one of several generations a call makes (a batch's prompts, a stream's
+    requests, n samples): the call's id and the index. Call it first thing in the generation's
+    own task, so that the call's other generations keep theirs."""
+    part_id = f"{request_id()}.{index}"
+    REQUEST_ID.set(part_id)
+    return part_id
+
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is logged as a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}

@@ -121,9 +121,10 @@ class EngineManager:
     # Calls routed to a replica (llmgrpc.server.models.routing).
 
     def generate(
-        self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
+        self, request: generate_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        return self.routing.generate(request, request_id, timeout)
+        """request's stream, under the request id of the call being served (logs.request_id)."""
+        return self.routing.generate(request, timeout)
 
     async def tokenize(
         self, request: generate_pb2.TokenizeRequest, timeout: float | None

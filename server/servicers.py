@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 import grpc
 
 from llmgrpc.engines.catalogue import engines
 from llmgrpc.engines.lora import LoraModule
-from llmgrpc.server import logs
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.manager import DownloadRequest, EngineManager, LaunchRequest
 from llmgrpc.server.registry import ModelFamily, ModelSpec, Registry, SpecQuery
@@ -144,10 +141,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         check_generate(request)
-        # The interceptor took the caller's x-request-id (or made one) and sent it back already.
-        request_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
-        responses = self.manager.generate(request, request_id, context.time_remaining())
-        async for response in responses:
+        async for response in self.manager.generate(request, context.time_remaining()):
             yield response
 
     async def Tokenize(self, request: generate_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -171,10 +170,10 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
         self.manager = manager
 
     async def _pieces(
-        self, generation: Generation, request_id: str, context: grpc.aio.ServicerContext
+        self, generation: Generation, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerationResponse]:
         """The generation's messages as TGIS pieces; the last has the stop reason and counts."""
-        responses = self.manager.generate(generation.request, request_id, context.time_remaining())
+        responses = self.manager.generate(generation.request, context.time_remaining())
         loop = asyncio.get_running_loop()
         ends_at = loop.time() + generation.time_limit_s if generation.time_limit_s else None
         generated = 0
@@ -197,10 +196,12 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
             await responses.aclose()
 
     async def _generate_whole(
-        self, generation: Generation, request_id: str, context: grpc.aio.ServicerContext
+        self, generation: Generation, index: int, context: grpc.aio.ServicerContext
     ) -> pb.GenerationResponse:
+        """The batch's prompt index, whole; run in a task of its own, which takes its id."""
+        logs.adopt_part_id(index)
         texts = [generation.request.prompt] if generation.input_text else []
-        async for piece in self._pieces(generation, request_id, context):
+        async for piece in self._pieces(generation, context):
             texts.append(piece.text)
             if piece.stop_reason != pb.NOT_FINISHED:
                 piece.text = "".join(texts)
@@ -220,9 +221,8 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
             for prompt in request.requests
         ]
         check_batch_size(len(generations), self.manager.get(request.model_id).gate)
-        call_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
         tasks = [
-            asyncio.ensure_future(self._generate_whole(generation, f"{call_id}.{index}", context))
+            asyncio.ensure_future(self._generate_whole(generation, index, context))
             for index, generation in enumerate(generations)
         ]
         try:
@@ -242,8 +242,7 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
         )
         if generation.input_text:
             yield pb.GenerationResponse(text=generation.request.prompt, seed=generation.seed)
-        request_id = logs.REQUEST_ID.get() or uuid.uuid4().hex
-        async for piece in self._pieces(generation, request_id, context):
+        async for piece in self._pieces(generation, context):
             if piece.text or piece.stop_reason != pb.NOT_FINISHED:
                 yield piece
 

@@ -170,11 +170,12 @@ class WorkerProcess:
             yield event
 
     async def generate(
-        self, request: generate_pb2.GenerateRequest, request_id: str, deadline: float | None
+        self, request: generate_pb2.GenerateRequest, deadline: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """Stream request (resolved: max_tokens set) from the worker; deadline: the caller's, as a
-        time.time() moment, which the worker and this side both keep."""
-        call_request = worker_pb2.GenerateRequest(request=request, request_id=request_id)
+        """Stream request (resolved: max_tokens set) from the worker, under the request id of the
+        call being served; deadline: the caller's, as a time.time() moment, which the worker and
+        this side both keep."""
+        call_request = worker_pb2.GenerateRequest(request=request, request_id=logs.request_id())
         if deadline is not None:
             call_request.deadline.FromNanoseconds(int(deadline * 1e9))
         # A CLIENT span for the hop to the worker (when traced); its context travels in the request.

@@ -154,6 +154,27 @@ def test_logs_are_json_lines_with_the_request_id(observed):
     assert failed["code"] == "NOT_FOUND" and len(failed["request_id"]) == 32
 
 
+def test_each_generation_of_a_call_takes_the_calls_request_id_and_its_index():
+    """One channel for request ids: what a call's generations read (and send to the worker) is
+    the context's id; each generation's task adopts its own part, leaving the call's as it was."""
+
+    async def call() -> tuple[str, list[str], str]:
+        logs.adopt_request_id("call-9")
+
+        async def generation(index: int) -> str:
+            logs.adopt_part_id(index)
+            await asyncio.sleep(0)  # the others run meanwhile, each in its own context
+            return logs.request_id()
+
+        parts = await asyncio.gather(*(asyncio.ensure_future(generation(index)) for index in range(3)))
+        return logs.request_id(), parts, logs.adopt_request_id("bad id\nforged: line")
+
+    call_id, parts, refused = asyncio.run(call())
+    assert call_id == "call-9"
+    assert parts == ["call-9.0", "call-9.1", "call-9.2"]
+    assert refused != "bad id\nforged: line" and len(refused) == 32
+
+
 class _CountingEngine(BatchedEngine):
     @classmethod
     def load(cls, plan, weights, report):

@@ -24,7 +24,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
@@ -103,7 +102,7 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         each written straight into the frame that carries it."""
         if self.engine is None:
             raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = logs.request_id()  # the server's, which generate_socket.serve set
         deadline = frames.deadline_of(request)
         generation = GenerationRequest.from_pb(request.request, request_id, deadline)
         # The engine's part of the request's trace: a child of the server's hop to this worker.

@@ -37,14 +37,14 @@ class Routing:
         self.metrics = metrics
 
     def generate(
-        self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
+        self, request: generate_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """The request's stream from a READY replica, timed and counted (Metrics.track_generation)
         here, where every protocol's Generate passes, and nowhere else."""
-        return self.metrics.track_generation(request.model_uid, self._generate(request, request_id, timeout))
+        return self.metrics.track_generation(request.model_uid, self._generate(request, timeout))
 
     async def _generate(
-        self, request: generate_pb2.GenerateRequest, request_id: str, timeout: float | None
+        self, request: generate_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         # The caller's deadline as a moment (wall clock: the worker is another process), so that
         # time spent waiting for admission counts against it.
@@ -62,7 +62,7 @@ class Routing:
         queued = time.monotonic()
         # Counted from here, queued or decoding: UnloadAdapter refuses while any stream of it is in flight.
         with model.adapters.stream(request.adapter, model.uid):
-            in_slot = self._generate_in_slot(model, request, request_id, deadline, queued)
+            in_slot = self._generate_in_slot(model, request, deadline, queued)
             async with contextlib.aclosing(in_slot) as responses:
                 async for response in responses:
                     yield response
@@ -71,7 +71,6 @@ class Routing:
         self,
         model: LaunchedModel,
         request: generate_pb2.GenerateRequest,
-        request_id: str,
         deadline: float | None,
         queued: float,
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
@@ -83,7 +82,7 @@ class Routing:
             assert replica.worker is not None
             replica.in_flight += 1
             try:
-                async for response in replica.worker.generate(request, request_id, deadline):
+                async for response in replica.worker.generate(request, deadline):
                     if wants_tool_calls:  # a whole answer of calls becomes tool_calls
                         answer.append(response.text)
                         if response.finish_reason == generate_pb2.FINISH_REASON_STOP:
