@@ -116,8 +116,9 @@ soak: $(VENV)/.installed
 	$(PY) benchmarks/soak.py --duration $(SOAK_S) --concurrency $(SOAK_CONCURRENCY)
 	$(PY) benchmarks/neighbour.py
 
-# The benchmark suite (benchmarks/suite.py): overhead, scaling, peers, transport ceiling and
-# start-up; writes docs/benchmarks.md and its plots (about ten minutes on 2 cores).
+# The benchmark suite (benchmarks/suite.py): overhead, scaling, peers, smg's OpenAI HTTP API in
+# front of llmgrpc against Generate, transport ceiling and start-up; writes docs/benchmarks.md and
+# its plots (about ten minutes on 2 cores).
 # BENCH_ARGS=--quick: a smoke run of about a minute into build/bench-quick (what CI runs).
 # Then benchmarks/protocols.py: 16 streams through KServe's ModelStreamInfer against Generate
 # (fails below 0.95 of Generate's tok/s, except with --quick; numbers in build/bench-protocols.json).

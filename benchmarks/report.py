@@ -27,6 +27,8 @@ PACKAGES = (
     "llama_cpp_python",
     "xllamacpp",
     "numpy",
+    "smg",
+    "aiohttp",
 )
 FLAGS = ("sse4_2", "fma", "f16c", "bmi2")
 SYSTEM_INFO = {
@@ -173,6 +175,26 @@ def targets(results: dict) -> tuple[str, list[str]]:
                 lambda v: v <= 1.0,
                 f"{ms(stat(ours, 'ttft_p99'))} / {ms(stat(theirs, 'ttft_p99'))} ms",
             )
+    gateway = results.get("gateway")
+    for streams in sorted(gateway["levels"]["smg"]) if gateway else ():
+        through, direct = gateway["levels"]["smg"][streams], gateway["levels"]["Generate"][streams]
+        plural = "s" if streams > 1 else ""
+        values = ratios(through, direct)
+        add(
+            f"through smg, {streams} stream{plural}: tok/s ÷ Generate's",
+            "≥ 0.9×",
+            values,
+            lambda v: v >= 0.9,
+            spread(values, 2) + "×",
+        )
+        added = ratios_diff(through, direct, "ttft_p50")
+        add(
+            f"TTFT added by smg, {streams} stream{plural}, p50",
+            "≤ 5 ms",
+            added,
+            lambda v: v <= 0.005,
+            spread(added, 1, 1000) + " ms",
+        )
     streams = sum(r["streams"] for r in our_runs(results))
     add(
         "llmgrpc streams truncated or failed",
@@ -199,6 +221,9 @@ def our_runs(results: dict):
                     yield from reps
     for reps in results["firehose"]["levels"].values():
         yield from reps
+    for levels in results.get("gateway", {}).get("levels", {}).values():
+        for reps in levels.values():
+            yield from reps
 
 
 def overhead_section(results: dict) -> str:
@@ -435,13 +460,90 @@ def limits_section(results: dict, missed: list[str]) -> str:
                 "xllamacpp would be more than llama-cpp-python's own build decodes in one context."
             )
         parts.append(text)
+    if any("smg" in name for name in missed):
+        parts.append(gateway_limits(results))
     if parts and results.get("profiles"):
         parts.append("- **Profiles** (*Where the time goes*):\n" + indent(profile_findings(results)))
     return "\n".join(parts) if parts else "Every target was met in this run."
 
 
+def gateway_limits(results: dict) -> str:
+    """What smg's run measured beside the missed targets: CPU per token and the machine's load."""
+    gateway, limit = results["gateway"], results["outside_load_limit"]
+    said = []
+    for streams in sorted(gateway["levels"]["smg"]):
+        through, direct = gateway["levels"]["smg"][streams], gateway["levels"]["Generate"][streams]
+        busy = max(r["outside_load"] for r in through + direct)
+        said.append(
+            f"at {streams} stream{'s' if streams > 1 else ''} smg spends {cpu_us(through, 'smg')} µs of CPU "
+            f"per token and the client {cpu_us(through, 'client')} µs reading HTTP (against "
+            f"{cpu_us(direct, 'client')} µs reading Generate), on cores the engine's threads also use; "
+            f"other processes kept up to {busy:.2f} cores busy during these levels (the suite's limit "
+            f"for a quiet level: {limit})"
+        )
+    text = "; ".join(said)
+    return "- **Through smg.** " + text[0].upper() + text[1:] + "."
+
+
 def indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
+
+
+def gateway_section(results: dict) -> str:
+    gateway, config, m = results["gateway"], results["config"], results["machine"]
+    through, direct = gateway["levels"]["smg"], gateway["levels"]["Generate"]
+    rows = []
+    for streams in sorted(through):
+        ours, theirs = direct[streams], through[streams]
+        rows.append(
+            [
+                str(streams),
+                spread([r["tokens_per_s"] for r in ours]),
+                spread([r["tokens_per_s"] for r in theirs]),
+                spread(ratios(theirs, ours), 2),
+                f"{ms(stat(ours, 'ttft_p50'))} / {ms(stat(theirs, 'ttft_p50'))}",
+                spread(ratios_diff(theirs, ours, "ttft_p50"), 1, 1000),
+                f"{cpu_us(ours, 'client')} / {cpu_us(theirs, 'client')}",
+                cpu_us(theirs, "smg"),
+                f"{cpu_us(ours, 'server')} / {cpu_us(theirs, 'server')}",
+            ]
+        )
+    requests = config["overhead_requests"]
+    return (
+        f"`{gateway['uid']}` served by one llmgrpc server, on its own engine-contract listener "
+        f"(`--engine-api-ports`), reached two ways from the same client process: **Generate**, "
+        "llmgrpc's own RPC over gRPC, and **smg**, the Shepherd Model Gateway's OpenAI "
+        "`/v1/completions` streamed as server-sent events (read by aiohttp), which smg turns into "
+        "`vllm.grpc.engine.VllmEngine/Generate` calls to the listener. smg ran as "
+        f"`{gateway['smg_command']}`. "
+        "The load is the same: the same prompts, sent to Generate as the token ids smg makes of "
+        "them (its tokenizer from the worker's GetModelInfo, no beginning-of-text token; each "
+        f"stream's prompt count is checked on both paths), `{gateway['tokens']}` greedy tokens per "
+        "stream with end of text ignored, counted from the stream (smg's `usage` with "
+        "`include_usage`) and checked. The two paths take turns: at one stream request by request "
+        f"({requests} requests each per repetition; tok/s their median, TTFT p50 over them), at "
+        f"more one level each, the order swapping every repetition; {gateway['reps']} repetitions. "
+        "TTFT is to the first streamed "
+        "text (both paths hold back an incomplete UTF-8 character the same way); *added* TTFT is "
+        f"smg's p50 minus Generate's, per repetition. Everything (llmgrpc's server and worker, "
+        f"smg and the client) shared the {m['cores']} CPU cores of this machine with other work, as "
+        "the note at the top says: median [min–max] over repetitions. CPU is process CPU time per "
+        "token generated.\n\n"
+        + table(
+            [
+                "streams",
+                "Generate tok/s",
+                "smg tok/s",
+                "smg ÷ Generate",
+                "TTFT p50 ms: Generate / smg",
+                "added TTFT p50 ms",
+                "client CPU µs/token: Generate / smg",
+                "smg CPU µs/token",
+                "server CPU µs/token: Generate / smg",
+            ],
+            rows,
+        )
+    )
 
 
 def firehose_section(results: dict) -> str:
@@ -690,10 +792,11 @@ def write(results: dict, out: Path) -> Path:
         *(["### One core left free", spare_core_section(results)] if "spare_core" in results else []),
         "### Streams cut short",
         truncation_section(results),
-        "## 3. The transport's own ceiling",
+        *(["## 3. Through the model gateway smg", gateway_section(results)] if "gateway" in results else []),
+        "## 4. The transport's own ceiling",
         firehose_section(results),
         f"![{images[-1]}]({images[-1]})",
-        "## 4. Start-up",
+        "## 5. Start-up",
         startup_section(results),
         "## Where the time goes",
         "py-spy (sampling at 100 Hz, without pausing the process) on the llmgrpc server and the model's "

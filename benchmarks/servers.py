@@ -1,6 +1,7 @@
 """The servers under test, each a process of its own with its output in a log file:
-``llmgrpc serve``, ``python -m llama_cpp.server`` and ``xllamacpp_server.py``; and the
-in-process baseline (``inprocess.py``), driven over its standard input and output.
+``llmgrpc serve``, ``python -m llama_cpp.server``, ``xllamacpp_server.py`` and the model gateway
+``smg`` in front of llmgrpc; and the in-process baseline (``inprocess.py``), driven over its
+standard input and output.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -169,6 +171,48 @@ class XllamacppServer(Process):
         command += ["--parallel", str(slots), "--context-per-slot", str(context_per_slot)]
         super().__init__(command, log_path)
         self.port = int(self.wait_for(r"listening on http://[\d.]+:(\d+)", 120).group(1))
+
+
+class SmgGateway(Process):
+    """The Shepherd Model Gateway (``smg``, the dev extra's binary) in front of one llmgrpc
+    engine-contract listener, with `make gateway`'s options; ready once /v1/models lists model.
+    It reads the tokenizer from the folder the worker's GetModelInfo names."""
+
+    def __init__(self, log_path: Path, worker: str, model: str, timeout: float = 120):
+        self.port = free_port()
+        command = [str(Path(PYTHON).with_name("smg")), "launch", "--backend", "vllm"]
+        command += ["--worker-urls", f"grpc://{worker}", "--tool-call-parser", "llama"]
+        command += ["--policy", "cache_aware"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port), "--prometheus-port", str(free_port())]
+        super().__init__(command, log_path)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while model not in self.models():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"smg did not list {model} within {timeout:.0f} s; {self.tail()}")
+            time.sleep(0.2)
+
+    def models(self) -> list[str]:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as answer:
+                return [model["id"] for model in json.load(answer).get("data", [])]
+        except OSError:  # not listening yet
+            return []
+
+
+def gateway_token_ids(worker: str, texts: list[str]) -> dict[str, list[int]]:
+    """Each text's token ids as smg makes them: the tokenizer folder the worker's GetModelInfo
+    names, no beginning-of-text token."""
+    from smg_grpc_proto.generated import vllm_engine_pb2, vllm_engine_pb2_grpc
+    from transformers import AutoTokenizer
+
+    with grpc.insecure_channel(worker) as channel:
+        info = vllm_engine_pb2_grpc.VllmEngineStub(channel).GetModelInfo(
+            vllm_engine_pb2.GetModelInfoRequest(), timeout=60
+        )
+    tokenizer = AutoTokenizer.from_pretrained(info.tokenizer_path)
+    return {text: tokenizer(text, add_special_tokens=False).input_ids for text in texts}
 
 
 class InProcess:

@@ -1,6 +1,6 @@
 """What one benchmark stream recorded, how a level of concurrent streams is summed up, and
 the clients that record them: llmgrpc's Generate over gRPC, and OpenAI-style completions
-streamed as server-sent events over HTTP.
+streamed as server-sent events over HTTP (from a peer server, or through the model gateway smg).
 
 Every time is taken in the process that receives the tokens, in seconds from the start of
 the level (all its streams are sent at once), so records from different processes compare.
@@ -141,14 +141,22 @@ async def run_level(open_stream, count: int, max_tokens: int) -> Level:
     return Level(records)
 
 
-class GrpcStreams:
-    """Streams from llmgrpc's Generate on one channel, greedy with end-of-text ignored."""
+def check_prompt_tokens(prompt: str, token_ids: dict[str, list[int]] | None, counted: int) -> None:
+    """Where prompts go as given token ids, the server must have counted exactly those."""
+    if token_ids is not None and counted != len(token_ids[prompt]):
+        raise RuntimeError(f"the server counted {counted} prompt tokens, {len(token_ids[prompt])} were sent")
 
-    def __init__(self, endpoint: str, model_uid: str):
+
+class GrpcStreams:
+    """Streams from llmgrpc's Generate on one channel, greedy with end-of-text ignored; each
+    prompt as its text, or as the token ids token_ids gives it (the prompt count is checked)."""
+
+    def __init__(self, endpoint: str, model_uid: str, token_ids: dict[str, list[int]] | None = None):
         self.endpoint = endpoint
         self.channel = grpc.aio.insecure_channel(endpoint)
         self.stub = generate_pb2_grpc.GenerateServiceStub(self.channel)
         self.model_uid = model_uid
+        self.token_ids = token_ids
 
     async def close(self) -> None:
         await self.channel.close()
@@ -156,12 +164,18 @@ class GrpcStreams:
     def opener(self, max_tokens: int):
         async def open_stream(record: StreamRecord, prompt: str, start: float) -> None:
             request = generate_pb2.GenerateRequest(
-                model_uid=self.model_uid, prompt=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True
+                model_uid=self.model_uid, max_tokens=max_tokens, temperature=0, ignore_eos=True
             )
+            if self.token_ids is None:
+                request.prompt = prompt
+            else:
+                request.prompt_token_ids.extend(self.token_ids[prompt])
             async for response in self.stub.Generate(request, timeout=600):
                 record.arrivals.append((time.perf_counter() - start, len(response.token_ids)))
                 if response.finish_reason:
                     record.finish = generate_pb2.FinishReason.Name(response.finish_reason)[14:].lower()
+                if response.HasField("usage"):
+                    check_prompt_tokens(prompt, self.token_ids, response.usage.prompt_tokens)
 
         return open_stream
 
@@ -220,6 +234,74 @@ class SseStreams:
             if counted is None:
                 counted = max_tokens if record.finish == "length" else len(record.arrivals)
             share = counted / max(len(record.arrivals), 1)
+            record.arrivals = [(at, share) for at, _ in record.arrivals]
+
+        return open_stream
+
+
+class GatewayStreams:
+    """Streams from the model gateway smg's OpenAI /v1/completions, as server-sent events read
+    by aiohttp on one pooled session, greedy with end of text ignored (``ignore_eos``, which smg
+    hands to the worker).
+
+    smg tokenizes the text with the worker's tokenizer and adds no beginning-of-text token:
+    token_ids holds those ids for each prompt, which the direct Generate streams send, and the
+    prompt count smg reports must match them. smg sends one event per detokenized piece of text,
+    not per token (a piece waits for the next token where a UTF-8 character is incomplete): the
+    stream's token count is its ``usage`` (asked for with ``include_usage``), each text event
+    carrying an equal share; a stream without usage, or ending without ``[DONE]``, is an error.
+    """
+
+    def __init__(self, base_url: str, model: str, token_ids: dict[str, list[int]]):
+        import aiohttp  # the bench extra's; only the gateway runs need it
+
+        self.url = f"{base_url}/v1/completions"
+        self.model = model
+        self.token_ids = token_ids
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=600)
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def opener(self, max_tokens: int):
+        async def open_stream(record: StreamRecord, prompt: str, start: float) -> None:
+            body = {
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            usage, done = None, False
+            async with self.session.post(self.url, json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+                async for line in response.content:  # aiohttp splits the body into lines
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        done = True
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise RuntimeError(f"error event: {event['error']}")
+                    for choice in event.get("choices") or ():
+                        if choice.get("text"):
+                            record.arrivals.append((time.perf_counter() - start, 1))
+                        if choice.get("finish_reason"):
+                            record.finish = choice["finish_reason"]
+                    usage = event.get("usage") or usage
+            if not done:
+                raise RuntimeError("the stream ended without [DONE]")
+            if usage is None:
+                raise RuntimeError("the stream carried no usage")
+            check_prompt_tokens(prompt, self.token_ids, usage["prompt_tokens"])
+            share = usage["completion_tokens"] / max(len(record.arrivals), 1)
             record.arrivals = [(at, share) for at, _ in record.arrivals]
 
         return open_stream

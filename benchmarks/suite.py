@@ -1,6 +1,7 @@
 """The benchmark suite behind ``make bench``: llmgrpc's service overhead, its scaling with
-concurrent streams, its peers on the same model file, threads and machine, the transport's
-own ceiling, and start-up; written as a Markdown report with plots.
+concurrent streams, its peers on the same model file, threads and machine, the model gateway
+smg in front of it, the transport's own ceiling, and start-up; written as a Markdown report
+with plots.
 
 Every number comes from real clients (gRPC, or HTTP with server-sent events) in this
 process, talking to servers that run as processes of their own; the in-process baselines
@@ -11,9 +12,13 @@ Systems compared with each other are measured in the same run, interleaved level
 ends short or fails is an error, and the suite exits non-zero.
 
     python benchmarks/suite.py [--quick] [--out DIR] [--work-dir DIR] [--threads N] [--reps N]
+                               [--only gateway]
 
 ``--quick`` is a smoke run (the tiny model everywhere, few levels, one repetition, no
-profiles) of about a minute; it fails on errors, never on a slow number.
+profiles) of about a minute; it fails on errors, never on a slow number. ``--only gateway``
+measures that section again alone (its server launches only its model): its results replace
+the section's in the work folder's results.json of an earlier run, and the report, which says
+when each was measured, is written again.
 """
 
 from __future__ import annotations
@@ -34,8 +39,19 @@ import models
 import profiles
 import report
 from models import BENCH_MODEL, FIREHOSE, QUANTIZATION, TINY
-from servers import InProcess, LlamaCppServer, Llmgrpc, OutsideLoad, Process, XllamacppServer, cpu_seconds
-from streams import GrpcStreams, Level, SseStreams, median, percentile, run_level
+from servers import (
+    InProcess,
+    LlamaCppServer,
+    Llmgrpc,
+    OutsideLoad,
+    Process,
+    SmgGateway,
+    XllamacppServer,
+    cpu_seconds,
+    free_port,
+    gateway_token_ids,
+)
+from streams import GatewayStreams, GrpcStreams, Level, SseStreams, median, percentile, prompts, run_level
 
 from llmgrpc.clients import Client
 from llmgrpc.engines.catalogue import engine_info, load_plugins
@@ -74,6 +90,7 @@ class Config:
     profile_s: float  # 0: no profiles
     truncation_streams: int  # streams sent together to llama_cpp.server with its defaults
     patience_s: float  # waiting for a quiet machine and measuring again, in all
+    gateway_levels: tuple[int, ...]  # concurrent streams through smg and straight to Generate
 
 
 FULL = Config(
@@ -89,6 +106,7 @@ FULL = Config(
     profile_s=8,
     truncation_streams=4,
     patience_s=150,
+    gateway_levels=(1, 16),
 )
 QUICK = Config(
     reps=1,
@@ -103,6 +121,7 @@ QUICK = Config(
     profile_s=0,
     truncation_streams=2,
     patience_s=0,
+    gateway_levels=(1, 4),
 )
 
 
@@ -136,6 +155,23 @@ def summarize(level: Level, cpu: dict[str, float]) -> dict:
     }
 
 
+def one_at_a_time(runs: list[dict]) -> dict:
+    """Requests of one stream sent one after another, summed up as one repetition: tok/s the
+    median of the requests', TTFT percentiles over the requests, CPU over all their tokens."""
+    ttfts, tokens = [r["ttft_p50"] for r in runs], sum(r["tokens"] for r in runs)
+    cpu = {name: sum(r["cpu_s"][name] for r in runs) for name in runs[0]["cpu_s"]}
+    return {
+        "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+        "tokens": tokens,
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p99": percentile(ttfts, 99),
+        "streams": len(runs),
+        "cpu_per_token": {name: seconds / max(tokens, 1) for name, seconds in cpu.items()},
+        "outside_load": max(r["outside_load"] for r in runs),
+        "problems": [p for r in runs for p in r["problems"]],
+    }
+
+
 def progress(summary: dict) -> str:
     line = f"{summary['tokens_per_s']:8.1f} tok/s, TTFT p50 {summary['ttft_p50'] * 1000:7.1f} ms"
     if summary["outside_load"] > OUTSIDE_LOAD_LIMIT:
@@ -156,6 +192,8 @@ class Bench:
         self.errors: list[str] = []
         self.attempts: list[int] = []  # per measurement: how many it took
         self.patience_left = config.patience_s
+        self.gateway_uid = f"{config.scaling_model}-llama.cpp"  # served to smg on a listener of its own
+        self.engine_api_port = free_port()
         self._running: list = []
         self._channels: list[GrpcStreams] = []
 
@@ -179,12 +217,13 @@ class Bench:
         for channel in self._channels:
             await channel.close()
 
-    def llmgrpc(self, name: str, max_running: int) -> Llmgrpc:
+    def llmgrpc(self, name: str, max_running: int, *settings: str) -> Llmgrpc:
         return Llmgrpc(
             self.logs / f"{name}.log",
             *("--cache-dir", str(self.cache_dir), "--families-dir", str(self.families), "--device", "cpu"),
             *("--max-running-requests", str(max_running), "--max-waiting-requests", "512"),
             *("--allowed-model-dirs", str(self.work / "models"), "--engine-plugins", PLUGIN),
+            *settings,
             env={"PYTHONPATH": str(HERE)},
         )
 
@@ -315,6 +354,19 @@ class Bench:
                         )
         return results
 
+    async def alternate(self, order: list[System], concurrency: int, tokens: int) -> dict[str, dict]:
+        """One repetition of each system at one level, taking turns: at one stream
+        overhead_requests requests each, request by request; at more, one level each."""
+        await self.wait_for_quiet()
+        runs: dict[str, list[dict]] = {system.name: [] for system in order}
+        for _ in range(self.config.overhead_requests if concurrency == 1 else 1):
+            for system in order:
+                runs[system.name].append(await self.measure(system, concurrency, tokens))
+        summaries = {name: one_at_a_time(r) if concurrency == 1 else r[0] for name, r in runs.items()}
+        for name, summary in summaries.items():
+            print(f"  {name:<34} {concurrency:>4} streams: {progress(summary)}", flush=True)
+        return summaries
+
     # Sections.
 
     async def overhead(self, server: Llmgrpc, client: Client) -> dict:
@@ -333,19 +385,7 @@ class Bench:
                         await self.measure(system, 1, config.overhead_tokens)
                         for _ in range(config.overhead_requests)
                     ]
-                    ttfts = [r["ttft_p50"] for r in runs]
-                    tokens = sum(r["tokens"] for r in runs)
-                    reps[system.name].append(
-                        {
-                            "tokens_per_s": median([r["tokens_per_s"] for r in runs]),
-                            "ttft_p50": percentile(ttfts, 50),
-                            "ttft_p99": percentile(ttfts, 99),
-                            "streams": len(runs),
-                            "cpu_per_token": {
-                                name: sum(r["cpu_s"][name] for r in runs) / tokens for name in system.cpu_pids
-                            },
-                        }
-                    )
+                    reps[system.name].append(one_at_a_time(runs))
             results[engine] = reps
             print(f"overhead {engine}: {json.dumps(reps)[:300]}", flush=True)
         return results
@@ -432,6 +472,47 @@ class Bench:
         client.terminate(uid)
         return {"threads": threads, "tokens": tokens, "levels": levels}
 
+    async def gateway(self, server: Llmgrpc, client: Client) -> dict:
+        """llama.cpp through smg's OpenAI HTTP API against llmgrpc's own Generate on the same
+        server and model: the same prompts as the same token ids, greedy, end of text ignored.
+        Interleaved: at one stream request by request, at more level by level; the order swaps
+        every repetition."""
+        config, uid = self.config, self.gateway_uid
+        listener = f"127.0.0.1:{self.engine_api_port}"
+        smg = self.keep(SmgGateway(self.logs / "smg.log", listener, uid))
+        token_ids = gateway_token_ids(listener, prompts(max(config.gateway_levels)))
+        direct = GrpcStreams(server.endpoint, uid, token_ids)
+        self._channels.append(direct)
+        through = GatewayStreams(smg.base_url, uid, token_ids)
+        cpu_pids = {"server": server.pid, "worker": client.get_model(uid).worker_pid, "client": os.getpid()}
+        smg_pids = {**cpu_pids, "smg": smg.pid}
+        systems = [
+            System("Generate", lambda c, m: run_level(direct.opener(m), c, m), True, cpu_pids),
+            System("smg", lambda c, m: run_level(through.opener(m), c, m), True, smg_pids),
+        ]
+        tokens = config.tokens["llama.cpp"]
+        levels = {s.name: {c: [] for c in config.gateway_levels} for s in systems}
+        try:
+            print(f"gateway, {uid}:", flush=True)
+            await self.warm_up(systems)
+            for rep in range(config.reps):
+                order = systems[rep % 2 :] + systems[: rep % 2]
+                for concurrency in config.gateway_levels:
+                    for name, summary in (await self.alternate(order, concurrency, tokens)).items():
+                        levels[name][concurrency].append(summary)
+        finally:
+            await through.close()
+        await self.release(smg)
+        command = " ".join(smg.process.args[1:])
+        return {
+            "uid": uid,
+            "tokens": tokens,
+            "reps": config.reps,
+            "requests_at_one_stream": config.overhead_requests,
+            "smg_command": f"smg {command}",
+            "levels": levels,
+        }
+
     async def firehose(self) -> dict:
         config = self.config
         server = self.keep(self.llmgrpc("llmgrpc-firehose", max(config.firehose_levels)))
@@ -489,11 +570,26 @@ class Bench:
             results[title] = {name: profiles.summarize(path, duration) for name, path in outputs.items()}
         return results
 
+    def main_server(self) -> Llmgrpc:
+        """The server of the overhead, scaling and gateway runs (the gateway's model on its own
+        engine-contract listener)."""
+        ports = json.dumps({self.gateway_uid: self.engine_api_port})
+        server = self.keep(self.llmgrpc("llmgrpc", self.max_batch, "--engine-api-ports", ports))
+        server.wait_ready()
+        return server
+
+    async def gateway_alone(self) -> dict:
+        server = self.main_server()
+        with Client(server.endpoint) as client:
+            self.launch(client, self.config.scaling_model, "llama.cpp", self.gateway_uid)
+            results = {"gateway": await self.gateway(server, client)}
+        await self.release(server)
+        return results
+
     async def run(self) -> dict:
         config = self.config
         results: dict = {}
-        server = self.keep(self.llmgrpc("llmgrpc", self.max_batch))
-        server.wait_ready()
+        server = self.main_server()
         with Client(server.endpoint) as client:
             for model, engine in itertools.product({TINY, config.scaling_model}, ENGINES):
                 self.launch(client, model, engine, f"{model}-{engine}")
@@ -501,6 +597,7 @@ class Bench:
             results["scaling"] = await self.scaling(server, client)
             if self.threads > 1:
                 results["spare_core"] = await self.spare_core(server, client)
+            results["gateway"] = await self.gateway(server, client)
             if config.profile_s and profiles.available():
                 results["profiles"] = await self.profile(server, client)
         await self.release(server)
@@ -527,6 +624,11 @@ def main() -> None:
         "--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every peer and baseline"
     )
     parser.add_argument("--reps", type=int, help="repetitions (default: 3, or 1 with --quick)")
+    parser.add_argument(
+        "--only",
+        choices=["gateway"],
+        help="measure this section alone, into the work folder's results.json of an earlier run",
+    )
     args = parser.parse_args()
     config = QUICK if args.quick else FULL
     if args.reps:
@@ -546,7 +648,23 @@ def main() -> None:
         hf_dir, _ = models.build_bench_model(work / "models")
         machine["bench_model_parameters"] = models.parameter_count(hf_dir)
     bench = Bench(config, work, args.threads)
-    results = asyncio.run(_run(bench))
+    if args.only:
+        earlier = report.load(work / "results.json")
+        if earlier["quick"] != args.quick:
+            kind = "a quick run" if earlier["quick"] else "a full run"
+            raise SystemExit(f"{work / 'results.json'} is of {kind}: --only needs the same")
+        section = asyncio.run(_run(bench, bench.gateway_alone()))[args.only]
+        section.update(date=machine["date"], command=command, duration_s=time.perf_counter() - started)
+        earlier["machine"]["versions"] = {**machine["versions"], **earlier["machine"]["versions"]}
+        results = {
+            **earlier,
+            args.only: section,
+            "errors": earlier["errors"] + bench.errors,
+            "attempts": earlier["attempts"] + bench.attempts,
+        }
+        write_results(work, out, results, bench.errors)
+        return
+    results = asyncio.run(_run(bench, bench.run()))
     results.update(
         config=config.__dict__,
         machine=machine,
@@ -560,17 +678,22 @@ def main() -> None:
         quiet_wait_s=QUIET_WAIT_S,
         duration_s=time.perf_counter() - started,
     )
+    write_results(work, out, results, bench.errors)
+
+
+def write_results(work: Path, out: Path, results: dict, errors: list[str]) -> None:
+    """results.json and the report; exit 1 where this run's llmgrpc streams had problems."""
     (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
     path = report.write(results, out)
-    print(f"report: {path} ({results['duration_s']:.0f} s)")
-    if bench.errors:
-        print(f"{len(bench.errors)} llmgrpc streams had problems:", *bench.errors[:20], sep="\n  ")
+    print(f"report: {path}")
+    if errors:
+        print(f"{len(errors)} llmgrpc streams had problems:", *errors[:20], sep="\n  ")
         sys.exit(1)
 
 
-async def _run(bench: Bench) -> dict:
+async def _run(bench: Bench, sections: Awaitable[dict]) -> dict:
     try:
-        return await bench.run()
+        return await sections
     finally:
         await bench.close()
 
