@@ -522,7 +522,7 @@ def gateway_section(results: dict) -> str:
         "stream with end of text ignored, counted from the stream (smg's `usage` with "
         "`include_usage`) and checked. The two paths take turns: at one stream request by request "
         f"({requests} requests each per repetition; tok/s their median, TTFT p50 over them), at "
-        f"more one level each, the order swapping every repetition; {gateway['reps']} repetitions. "
+        f"more one level each, the order swapping every repetition; repetitions: {gateway['reps']}. "
         "TTFT is to the first streamed "
         "text (both paths hold back an incomplete UTF-8 character the same way); *added* TTFT is "
         f"smg's p50 minus Generate's, per repetition. Everything (llmgrpc's server and worker, "
@@ -792,12 +792,12 @@ def write(results: dict, out: Path) -> Path:
         *(["### One core left free", spare_core_section(results)] if "spare_core" in results else []),
         "### Streams cut short",
         truncation_section(results),
-        *(["## 3. Through the model gateway smg", gateway_section(results)] if "gateway" in results else []),
-        "## 4. The transport's own ceiling",
+        "## 3. The transport's own ceiling",
         firehose_section(results),
         f"![{images[-1]}]({images[-1]})",
-        "## 5. Start-up",
+        "## 4. Start-up",
         startup_section(results),
+        *(["## 5. Through the model gateway smg", gateway_section(results)] if "gateway" in results else []),
         "## Where the time goes",
         "py-spy (sampling at 100 Hz, without pausing the process) on the llmgrpc server and the model's "
         f"worker while a scenario repeats for {config['profile_s']:.0f} s, keeping only the samples of the "
