@@ -112,9 +112,15 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def from_pb(cls, pb: generate_pb2.GenerateRequest, default_max_tokens: int = 256) -> SamplingParams:
-        """The request's sampling fields; unset optional fields take the defaults above."""
+    def from_pb(
+        cls, pb: generate_pb2.GenerateRequest, default_max_tokens: int | None = None
+    ) -> SamplingParams:
+        """The request's sampling fields, every default resolved here and nowhere else: unset
+        optional fields take the defaults above, max_tokens default_max_tokens when given (the
+        server's setting, which its load plan carries)."""
         defaults = cls()
+        if default_max_tokens is None:
+            default_max_tokens = defaults.max_tokens
 
         def pick(name: str, default: Any) -> Any:
             return getattr(pb, name) if pb.HasField(name) else default
@@ -165,10 +171,16 @@ class GenerationRequest:
 
     @classmethod
     def from_pb(
-        cls, pb: generate_pb2.GenerateRequest, request_id: str, deadline: float | None = None
+        cls,
+        pb: generate_pb2.GenerateRequest,
+        request_id: str,
+        deadline: float | None = None,
+        *,
+        default_max_tokens: int | None = None,
     ) -> GenerationRequest:
-        """A validated request (see llmgrpc.server.validation) as the engine takes it."""
-        sampling = SamplingParams.from_pb(pb)
+        """A validated request (see llmgrpc.server.validation) as the engine takes it, its
+        defaults resolved (SamplingParams.from_pb): the caller's message is read, never copied."""
+        sampling = SamplingParams.from_pb(pb, default_max_tokens)
         chat = Chat.from_pb(pb) if pb.messages else None
         if chat is not None and chat.forces_a_call:
             # A call the model must make is a JSON value of a known shape: enforced while decoding.
@@ -292,6 +304,7 @@ class LoadPlan:
     download_hub: str = "auto"  # "auto" (the spec's hubs in order), "huggingface" or "modelscope"
     hub_cache_dir: str = ""  # one folder for hub downloads; empty: the hub libraries' own caches
     gpu_count: int = 0  # the GPUs the worker sees (CUDA_VISIBLE_DEVICES); more than 1: spread the model
+    default_max_tokens: int = SamplingParams.max_tokens  # of a request that sets none: the server's setting
     # LoRA adapters loaded with the model (engines.lora.LoraModule as JSON), and their limits.
     lora_modules: list[dict[str, Any]] = field(default_factory=list)
     max_loras: int = 4

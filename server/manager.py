@@ -51,7 +51,7 @@ class EngineManager:
         self.table = ModelTable(health)
         self.admission = Admission(settings, registry, availability, self.table, tracer)
         self.lifecycle = Lifecycle(settings, self.table, self.admission, self.metrics)
-        self.routing = Routing(settings, self.table, self.lifecycle, self.metrics)
+        self.routing = Routing(self.table, self.lifecycle, self.metrics)
 
     # Queries.
 

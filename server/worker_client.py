@@ -172,9 +172,9 @@ class WorkerProcess:
     async def generate(
         self, request: generate_pb2.GenerateRequest, deadline: float | None
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """Stream request (resolved: max_tokens set) from the worker, under the request id of the
-        call being served; deadline: the caller's, as a time.time() moment, which the worker and
-        this side both keep."""
+        """Stream request from the worker (as the caller sent it: the worker resolves its defaults,
+        see LoadPlan.default_max_tokens), under the request id of the call being served;
+        deadline: the caller's, as a time.time() moment, which the worker and this side both keep."""
         call_request = worker_pb2.GenerateRequest(request=request, request_id=logs.request_id())
         if deadline is not None:
             call_request.deadline.FromNanoseconds(int(deadline * 1e9))

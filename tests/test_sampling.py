@@ -3,12 +3,14 @@ stops), through the service on the Transformers and llama.cpp engines."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from engine_pair import assert_refused_naming, generate
 
 from llmgrpc.clients import Client
-from llmgrpc.engines.base import SamplingParams
+from llmgrpc.engines.base import GenerationRequest, LoadPlan, SamplingParams, SpecRef
 from llmgrpc.engines.sampling import Sampler, token_logprobs
 from llmgrpc.v1 import generate_pb2
 
@@ -73,3 +75,17 @@ def test_sampler_adds_the_bias_masks_the_format_and_logprobs_stay_raw():
     logprob, top = token_logprobs(logits, 3, 2)
     assert [token for token, _ in top] == [3, 2] and logprob == top[0][1]
     assert np.exp([lp for _, lp in token_logprobs(logits, 0, 4)[1]]).sum() == pytest.approx(1.0)
+
+
+def test_request_defaults_are_resolved_once_from_the_load_plan_without_touching_the_request():
+    request = generate_pb2.GenerateRequest(model_uid="m", prompt="p", temperature=0.5)
+    generation = GenerationRequest.from_pb(request, "r-1", default_max_tokens=7)
+    assert generation.sampling.max_tokens == 7  # the server's default_max_tokens, by its load plan
+    assert generation.sampling.temperature == 0.5 and generation.sampling.top_p == SamplingParams.top_p
+    assert not request.HasField("max_tokens")  # the caller's message is read, not changed
+    request.max_tokens = 3
+    assert GenerationRequest.from_pb(request, "r-2", default_max_tokens=7).sampling.max_tokens == 3
+    plan = LoadPlan(
+        "m", "Transformers", SpecRef("m", "pytorch", "1", "none", "m"), "cpu", "", 1, default_max_tokens=9
+    )
+    assert LoadPlan.from_json_dict(json.loads(json.dumps(plan.to_json_dict()))).default_max_tokens == 9

@@ -104,7 +104,9 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             raise FailedPrecondition("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         request_id = logs.request_id()  # the server's, which generate_socket.serve set
         deadline = frames.deadline_of(request)
-        generation = GenerationRequest.from_pb(request.request, request_id, deadline)
+        generation = GenerationRequest.from_pb(
+            request.request, request_id, deadline, default_max_tokens=self.plan.default_max_tokens
+        )
         # The engine's part of the request's trace: a child of the server's hop to this worker.
         with tracing.current_span(
             self.tracer,

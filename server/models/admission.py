@@ -114,6 +114,7 @@ class Admission:
                 lora_modules=[module.to_json_dict() for module in request.lora_modules],
                 max_loras=request.max_loras,
                 max_lora_rank=request.max_lora_rank,
+                default_max_tokens=settings.default_max_tokens,
             )
             env = worker_environment(
                 settings,

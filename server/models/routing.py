@@ -24,14 +24,12 @@ from llmgrpc.server.launched import LaunchedModel, ModelState, Replica
 from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.models.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle
 from llmgrpc.server.models.table import ModelTable
-from llmgrpc.server.settings import Settings
 from llmgrpc.v1 import generate_pb2
 from llmgrpc.worker.v1 import worker_pb2
 
 
 class Routing:
-    def __init__(self, settings: Settings, table: ModelTable, lifecycle: Lifecycle, metrics: Metrics):
-        self.settings = settings
+    def __init__(self, table: ModelTable, lifecycle: Lifecycle, metrics: Metrics):
         self.table = table
         self.lifecycle = lifecycle
         self.metrics = metrics
@@ -54,11 +52,6 @@ class Routing:
         self._require_ready(model)
         if request.messages:
             _check_chat_abilities(model, request)
-        if not request.HasField("max_tokens"):  # the caller's message stays as it was sent
-            resolved = generate_pb2.GenerateRequest()
-            resolved.CopyFrom(request)
-            resolved.max_tokens = self.settings.default_max_tokens
-            request = resolved
         queued = time.monotonic()
         # Counted from here, queued or decoding: UnloadAdapter refuses while any stream of it is in flight.
         with model.adapters.stream(request.adapter, model.uid):
