@@ -124,12 +124,15 @@ soak: $(VENV)/.installed
 # (fails below 0.95 of Generate's tok/s, except with --quick; numbers in build/bench-protocols.json).
 # Then benchmarks/constrained.py: JSON Schema against unconstrained decoding, tok/s of the 100M
 # model at 1 and 16 streams on llama.cpp and Transformers (table in build/bench-constrained).
+# Then benchmarks/lora.py: 16 streams spread over 4 LoRA adapters against all 16 on the base model,
+# on both engines (table in build/bench-lora).
 BENCH_ARGS ?=
 .PHONY: bench
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/suite.py $(BENCH_ARGS)
 	$(PY) benchmarks/protocols.py $(BENCH_ARGS)
 	$(PY) benchmarks/constrained.py $(BENCH_ARGS)
+	$(PY) benchmarks/lora.py $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP) install -q -e ".[bench]"

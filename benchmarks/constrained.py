@@ -13,19 +13,13 @@ Writes a Markdown table to stdout and WORK/constrained.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import models
-from servers import Llmgrpc
 
 from llmgrpc.clients import Client
 
-ENGINES = {"llama.cpp": ("ggufv2", models.QUANTIZATION, "gguf"), "Transformers": ("pytorch", "none", "hf")}
 # A long required string keeps every stream writing to max_tokens, as the unconstrained ones do
 # (ending early would measure shorter outputs, not the mask); the schema constrains every token.
 SCHEMA = {
@@ -49,55 +43,18 @@ def level(client: Client, uid: str, streams: int, max_tokens: int, constrained: 
         )
         return sum(len(response.token_ids) for response in responses)
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        tokens = sum(pool.map(one, range(streams)))
-    return tokens / (time.perf_counter() - started)
+    return models.tokens_per_second(streams, one)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--work", type=Path, default=Path("build/bench-constrained"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="one round of 32 tokens")
-    args = parser.parse_args()
-    rounds, max_tokens = (1, 32) if args.quick else (args.rounds, args.max_tokens)
-    work = args.work.resolve()
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    models.build_bench_model(work / "models")
-    families = models.write_families(work / "families")
-    server = Llmgrpc(
-        work / "logs" / "llmgrpc.log",
-        *("--cache-dir", str(work / "cache"), "--families-dir", str(families), "--device", "cpu"),
-        *("--max-running-requests", "16", "--max-waiting-requests", "64"),
-        *("--allowed-model-dirs", str(work / "models")),
-        # The bench families list the firehose engine too: the plugin must be importable.
-        *("--engine-plugins", "firehose:ENGINE_INFO"),
-        env={"PYTHONPATH": str(Path(__file__).resolve().parent)},
-    )
+    args, rounds, max_tokens, work = models.bench_arguments(__doc__, "build/bench-constrained")
+    server = models.bench_model_server(work)
     rows = []
     try:
         server.wait_ready(120)
         with Client(server.endpoint) as client:
-            for engine, (model_format, quantization, folder) in ENGINES.items():
-                options: dict = {"n_threads": args.threads}
-                if engine == "llama.cpp":
-                    options["context_length"] = 512 * 16
-                uid = f"bench-{folder}"
-                client.launch(
-                    models.BENCH_MODEL,
-                    model_engine=engine,
-                    model_format=model_format,
-                    quantization=quantization,
-                    model_uid=uid,
-                    model_path=str(work / "models" / folder),
-                    engine_options=options,
-                    timeout=600,
-                )
+            for engine in models.ENGINES:
+                uid = models.launch_bench_model(client, work, engine, args.threads)
                 level(client, uid, 1, 8, constrained=True)  # compiles the schema once, warms up
                 for streams in (1, 16):
                     free, constrained = [], []

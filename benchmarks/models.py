@@ -12,10 +12,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from llmgrpc.clients import Client
 from llmgrpc.engines.base import LoadPlan
 from llmgrpc.engines.weights import tiny_model
 from llmgrpc.server.registry import Registry, SpecQuery
@@ -164,3 +169,72 @@ def load_plan(
         model_path=model_path,
         engine_options=dict(engine_options or {}),
     )
+
+
+# The bench model's engines: (model_format, quantization, its folder under the work folder's models/).
+ENGINES = {"llama.cpp": ("ggufv2", QUANTIZATION, "gguf"), "Transformers": ("pytorch", "none", "hf")}
+
+
+def bench_model_server(work: Path):
+    """An llmgrpc server (servers.Llmgrpc, not yet ready) that can launch bench-llama-100m from
+    work/models, building it first; 16 streams decode together."""
+    from servers import Llmgrpc
+
+    build_bench_model(work / "models")
+    families = write_families(work / "families")
+    return Llmgrpc(
+        work / "logs" / "llmgrpc.log",
+        *("--cache-dir", str(work / "cache"), "--families-dir", str(families), "--device", "cpu"),
+        *("--max-running-requests", "16", "--max-waiting-requests", "64"),
+        *("--allowed-model-dirs", str(work / "models")),
+        # The bench families list the firehose engine too: the plugin must be importable.
+        *("--engine-plugins", "firehose:ENGINE_INFO"),
+        env={"PYTHONPATH": str(Path(__file__).resolve().parent)},
+    )
+
+
+def launch_bench_model(client: Client, work: Path, engine: str, threads: int, **launch) -> str:
+    """Launch bench-llama-100m on engine (one of ENGINES) with threads; its uid."""
+    model_format, quantization, folder = ENGINES[engine]
+    options: dict = {"n_threads": threads}
+    if engine == "llama.cpp":
+        options["context_length"] = 512 * 16
+    uid = f"bench-{folder}"
+    client.launch(
+        BENCH_MODEL,
+        model_engine=engine,
+        model_format=model_format,
+        quantization=quantization,
+        model_uid=uid,
+        model_path=str(work / "models" / folder),
+        engine_options=options,
+        timeout=600,
+        **launch,
+    )
+    return uid
+
+
+def bench_arguments(description: str, work: str) -> tuple[argparse.Namespace, int, int, Path]:
+    """The flags of the bench-model benchmarks: (args, rounds, max_tokens, work folder, made)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, default=Path(work))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="one round of 32 tokens")
+    args = parser.parse_args()
+    rounds, max_tokens = (1, 32) if args.quick else (args.rounds, args.max_tokens)
+    folder = args.work.resolve()
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    return args, rounds, max_tokens, folder
+
+
+def tokens_per_second(streams: int, one: Callable[[int], int]) -> float:
+    """Generated tokens per second of wall time of one(i) for i in range(streams), all at once
+    (one returns its stream's token count)."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        tokens = sum(pool.map(one, range(streams)))
+    return tokens / (time.perf_counter() - started)

@@ -100,6 +100,13 @@ def _clipped(text: str, limit: int = 40) -> str:
 
 
 # The dtype option of the engines that choose their own precision (vLLM, SGLang).
+# vLLM's and SGLang's own switch for LoRA adapters.
+ENABLE_LORA = EngineOption(
+    "enable_lora",
+    bool,
+    "serve LoRA adapters (on by itself when lora_modules are given; set it to load adapters at run "
+    "time into a model launched without any)",
+)
 LIBRARY_DTYPE = EngineOption(
     "dtype", str, "auto, bfloat16, float16 or float32", choices=("auto", "bfloat16", "float16", "float32")
 )
@@ -299,6 +306,7 @@ ENGINES: tuple[EngineInfo, ...] = (
             ),
             LIBRARY_DTYPE,
             EngineOption("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
+            ENABLE_LORA,
             EngineOption(
                 "max_num_seqs",
                 int,
@@ -348,6 +356,7 @@ ENGINES: tuple[EngineInfo, ...] = (
         formats=("pytorch",),
         options=(
             EngineOption("tp_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS),
+            ENABLE_LORA,
             EngineOption(
                 "pp_size",
                 int,

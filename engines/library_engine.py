@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
@@ -24,6 +25,8 @@ from llmgrpc.engines.base import (
     Tokens,
 )
 from llmgrpc.engines.chat import hugging_face_chat_ids
+from llmgrpc.engines.lora import LibraryAdapters, config_layer_shapes, unknown_adapter
+from llmgrpc.engines.model_folder import read_model_config
 
 # The libraries' finish reasons, in the contract's terms.
 FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
@@ -142,12 +145,44 @@ class LibraryEngine(Engine):
                     with contextlib.suppress(Exception):
                         await self.abort_in_library(request_id)
 
+    # LoRA adapters, where the library serves them (set by load): the library decides which are
+    # resident (its max_loras), so stats list their ranks only.
+    adapters: LibraryAdapters | None = None
+    base_layers: dict[str, tuple[int, int]] | None = None  # where known, to check adapters against
+
+    def serve_adapters(self, max_rank: int, weights: str) -> None:
+        """Take LoRA adapters from now on (the library was started with LoRA on); weights: the
+        model's folder, whose config says the shapes adapters are checked against."""
+        self.adapters = LibraryAdapters(self.library, max_rank)
+        self.base_layers = config_layer_shapes(read_model_config(Path(weights)))
+
+    def served_adapters(self) -> LibraryAdapters:
+        if self.adapters is None:
+            raise FailedPrecondition(
+                f"this {self.library} model was launched without LoRA: launch it with lora_modules, or "
+                "with engine_options enable_lora, to load adapters at run time",
+                reason=Reason.ADAPTER_INCOMPATIBLE,
+            )
+        return self.adapters
+
+    def adapter_path(self, name: str) -> str | None:
+        """The path of the adapter a request names (None: the base model), or NOT_FOUND."""
+        if not name:
+            return None
+        if self.adapters is None:
+            raise unknown_adapter(name, [])
+        return self.adapters.path(name)
+
+    def unload_adapter(self, name: str) -> None:
+        self.served_adapters().unload(name)
+
     def stats(self) -> EngineStats:
         return EngineStats(
             context_length=self.context_length,
             device=self.device,
             running_requests=self.running,
             peak_batch_size=self.peak,
+            adapter_ranks=self.adapters.ranks() if self.adapters is not None else {},
         )
 
     def close(self) -> None:

@@ -30,8 +30,14 @@ import numpy as np
 
 from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.llamacpp_engine import LlamaCppRunner, llama_cpp
-from llmgrpc.engines.lora import LoraModule, check_fits, read_peft_adapter, unknown_adapter
-from llmgrpc.engines.weights.gguf_lora import llama_layer_shapes, write_gguf_lora
+from llmgrpc.engines.lora import (
+    LoraModule,
+    check_fits,
+    llama_layer_shapes,
+    read_peft_adapter,
+    unknown_adapter,
+)
+from llmgrpc.engines.weights.gguf_lora import write_gguf_lora
 
 
 class _Loaded:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,10 +136,13 @@ def read_peft_adapter(name: str, folder: Path, scale: float = 1.0) -> PeftAdapte
     return PeftAdapter(name, rank, alpha, scaling, targets, layers)
 
 
-def check_fits(adapter: PeftAdapter, base_layers: Mapping[str, tuple[int, int]], max_rank: int) -> None:
+def check_fits(
+    adapter: PeftAdapter, base_layers: Mapping[str, tuple[int, int]] | None, max_rank: int
+) -> None:
     """Refuse an adapter its base cannot take, naming the mismatch: a rank above max_rank, a
     layer the base lacks (another architecture, or target modules it has not), or a layer
-    shaped otherwise (another hidden size). base_layers: (out, in) of each linear layer."""
+    shaped otherwise (another hidden size). base_layers: (out, in) of each linear layer; None
+    where they are not known here (the library checks the shapes itself)."""
 
     def refuse(why: str) -> FailedPrecondition:
         return FailedPrecondition(
@@ -149,6 +153,8 @@ def check_fits(adapter: PeftAdapter, base_layers: Mapping[str, tuple[int, int]],
 
     if adapter.rank > max_rank:
         raise refuse(f"its rank {adapter.rank} is above the model's max_lora_rank {max_rank}")
+    if base_layers is None:
+        return
     missing = sorted(module for module in adapter.layers if module not in base_layers)
     if missing:
         have = sorted({module.rsplit(".", 1)[-1] for module in base_layers})
@@ -169,6 +175,43 @@ def check_fits(adapter: PeftAdapter, base_layers: Mapping[str, tuple[int, int]],
             raise refuse(f"{module} has rank {rank}, above the model's max_lora_rank {max_rank}")
 
 
+# Model types with Llama's linear layers: self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj.
+LLAMA_SHAPED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def llama_layer_shapes(
+    n_layer: int, n_embd: int, n_head: int, n_head_kv: int, head_dim: int, n_ff: int
+) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear layer of a Llama, by its Hugging Face module path."""
+    shapes = {
+        "self_attn.q_proj": (n_head * head_dim, n_embd),
+        "self_attn.k_proj": (n_head_kv * head_dim, n_embd),
+        "self_attn.v_proj": (n_head_kv * head_dim, n_embd),
+        "self_attn.o_proj": (n_embd, n_head * head_dim),
+        "mlp.gate_proj": (n_ff, n_embd),
+        "mlp.up_proj": (n_ff, n_embd),
+        "mlp.down_proj": (n_embd, n_ff),
+    }
+    return {
+        f"model.layers.{layer}.{name}": shape for layer in range(n_layer) for name, shape in shapes.items()
+    }
+
+
+def config_layer_shapes(config: Mapping) -> dict[str, tuple[int, int]] | None:
+    """The linear layers of a Hugging Face config.json's model, where it is Llama-shaped; else None."""
+    if config.get("model_type") not in LLAMA_SHAPED:
+        return None
+    n_head = int(config["num_attention_heads"])
+    return llama_layer_shapes(
+        n_layer=int(config["num_hidden_layers"]),
+        n_embd=int(config["hidden_size"]),
+        n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // n_head),
+        n_ff=int(config["intermediate_size"]),
+    )
+
+
 def unknown_adapter(name: str, known: list[str], model_uid: str = "") -> NotFound:
     """The error for a request naming an adapter the model does not have."""
     return NotFound(
@@ -177,3 +220,48 @@ def unknown_adapter(name: str, known: list[str], model_uid: str = "") -> NotFoun
         reason=Reason.ADAPTER_NOT_FOUND,
         metadata={"adapter": name, **({"model_uid": model_uid} if model_uid else {})},
     )
+
+
+class LibraryAdapters:
+    """The adapters of an engine whose library loads and batches them itself (vLLM, SGLang):
+    their names, paths and ranks, checked here before the library ever sees them.
+
+    The library applies an adapter at its own scale (lora_alpha / r): a scale other than 1 is
+    refused rather than silently ignored."""
+
+    def __init__(self, library: str, max_rank: int):
+        self.library, self.max_rank = library, max_rank
+        self._lock = threading.Lock()
+        self._paths: dict[str, str] = {}
+        self._ranks: dict[str, int] = {}
+
+    def load(self, module: LoraModule, path: str, base_layers: Mapping[str, tuple[int, int]] | None) -> int:
+        """Check the adapter (against base_layers when known) and keep it; its rank."""
+        if module.scale != 1.0:
+            raise FailedPrecondition(
+                f"adapter {module.name!r}: {self.library} applies an adapter at its own scale "
+                f"(lora_alpha / r), so scale {module.scale} cannot be honoured here: leave scale unset",
+                reason=Reason.ADAPTER_INCOMPATIBLE,
+            )
+        adapter = read_peft_adapter(module.name, Path(path))
+        check_fits(adapter, base_layers, self.max_rank)
+        with self._lock:
+            self._paths[module.name], self._ranks[module.name] = path, adapter.rank
+        return adapter.rank
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self._paths:
+                raise unknown_adapter(name, sorted(self._paths))
+            del self._paths[name], self._ranks[name]
+
+    def path(self, name: str) -> str:
+        """The adapter a request names, or NOT_FOUND."""
+        with self._lock:
+            if name not in self._paths:
+                raise unknown_adapter(name, sorted(self._paths))
+            return self._paths[name]
+
+    def ranks(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._ranks)

@@ -17,6 +17,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.base import (
     Chunk,
     Constraint,
@@ -34,6 +35,7 @@ from llmgrpc.engines.library_engine import (
     choice_grammar,
     whole_numbers_as_ints,
 )
+from llmgrpc.engines.lora import LoraModule
 
 # SGLang's grammar backend: llguidance, as on the Transformers and llama.cpp engines.
 GRAMMAR_BACKEND = "llguidance"
@@ -42,10 +44,18 @@ GRAMMAR_BACKEND = "llguidance"
 def engine_kwargs(plan: LoadPlan, weights: str) -> dict[str, Any]:
     """sglang.Engine keyword arguments for a plan: the model, then the engine options."""
     options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"mem_fraction_static"}))
+    lora = {}
+    if plan.lora_modules or options.get("enable_lora"):  # in SGLang's words
+        lora = {
+            "enable_lora": True,
+            "max_loras_per_batch": plan.max_loras,
+            "max_lora_rank": plan.max_lora_rank,
+        }
     return {
         "model_path": weights,
         "max_running_requests": plan.max_batch_size,
         "grammar_backend": GRAMMAR_BACKEND,
+        **lora,
         **options,
     }
 
@@ -147,9 +157,29 @@ class SGLangEngine(LibraryEngine):
         # The model's raw logprobs, before temperature, as on every engine (SGLang's default
         # is after it); its scheduler processes read it from the environment they inherit.
         os.environ.setdefault("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
-        engine = sglang.Engine(**engine_kwargs(plan, weights))
+        kwargs = engine_kwargs(plan, weights)
+        engine = sglang.Engine(**kwargs)
         context_length = int(engine.tokenizer_manager.context_len)
-        return cls(engine, context_length, plan.device)
+        served = cls(engine, context_length, plan.device)
+        if kwargs.get("enable_lora"):
+            served.serve_adapters(plan.max_lora_rank, weights)
+        return served
+
+    def load_adapter(self, module: LoraModule, path: str) -> int:
+        """Checked here, then loaded by SGLang's load_lora_adapter; requests name it as lora_path."""
+        rank = self.served_adapters().load(module, path, self.base_layers)
+        result = self.engine.load_lora_adapter(lora_name=module.name, lora_path=path)
+        if getattr(result, "success", True) is False:
+            self.adapters.unload(module.name)
+            raise FailedPrecondition(
+                f"SGLang refused adapter {module.name!r}: {getattr(result, 'error_message', '')}",
+                reason=Reason.ADAPTER_INCOMPATIBLE,
+            )
+        return rank
+
+    def unload_adapter(self, name: str) -> None:
+        super().unload_adapter(name)
+        self.engine.unload_lora_adapter(lora_name=name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         truncated = await self.prompt_ids(request)
@@ -160,6 +190,7 @@ class SGLangEngine(LibraryEngine):
             if request.prompt_token_ids is not None
             else {"prompt": request.prompt}
         )
+        lora = {"lora_path": request.adapter} if self.adapter_path(request.adapter) else {}
         delta = _Delta()
         logprobs_seen = 0  # SGLang's logprob lists grow with the output, like its default text
 
@@ -170,6 +201,7 @@ class SGLangEngine(LibraryEngine):
                 stream=True,
                 rid=request.request_id,
                 **logprob_args(request.sampling),
+                **lora,
             )
             nonlocal logprobs_seen
             async for output in stream:

@@ -36,6 +36,7 @@ from llmgrpc.engines.library_engine import (
     LibraryEngine,
     whole_numbers_as_ints,
 )
+from llmgrpc.engines.lora import LoraModule
 
 # vLLM's structured-output backend: llguidance, the library of the Transformers and llama.cpp
 # engines (vLLM's "auto" picks xgrammar, whose grammar dialect is another).
@@ -58,6 +59,10 @@ def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
         options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if options.pop("ray_address", None) is not None:
         options["distributed_executor_backend"] = "ray"
+    if plan.lora_modules:
+        options.setdefault("enable_lora", True)
+    if options.get("enable_lora"):
+        options.update(max_loras=plan.max_loras, max_lora_rank=plan.max_lora_rank)
     return {"model": weights, "tokenizer": weights, "max_num_seqs": plan.max_batch_size, **options}
 
 
@@ -170,7 +175,28 @@ class VllmEngine(LibraryEngine):
                 reason=Reason.ENGINE_START_FAILED,
             ) from None
         context_length = int(engine.model_config.max_model_len)
-        return cls(engine, context_length, plan.device)
+        served = cls(engine, context_length, plan.device)
+        if args.get("enable_lora"):
+            served.serve_adapters(plan.max_lora_rank, weights)
+        return served
+
+    def load_adapter(self, module: LoraModule, path: str) -> int:
+        rank = self.served_adapters().load(module, path, self.base_layers)
+        self._lora_ids.setdefault(module.name, len(self._lora_ids) + 1)  # vLLM's int id, never reused
+        return rank
+
+    def lora_request(self, name: str) -> Any:
+        """vLLM's LoRARequest for a request's adapter (None: the base model)."""
+        path = self.adapter_path(name)
+        if path is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(name, self._lora_ids[name], path)
+
+    def __init__(self, engine: Any, context_length: int, device: str):
+        super().__init__(engine, context_length, device)
+        self._lora_ids: dict[str, int] = {}
 
     def stats(self) -> EngineStats:
         stats = super().stats()
@@ -193,6 +219,7 @@ class VllmEngine(LibraryEngine):
         )
         if sampling.constraint is not None:
             self._check_format(sampling.constraint, params)
+        lora_request = self.lora_request(request.adapter)
         truncated = await self.prompt_ids(request)
         prompt: Any = (
             {"prompt_token_ids": truncated if truncated is not None else list(request.prompt_token_ids or ())}
@@ -203,7 +230,9 @@ class VllmEngine(LibraryEngine):
         async def chunks() -> AsyncIterator[Chunk]:
             generated = 0
             last_token: int | None = None
-            async for output in self.engine.generate(prompt, params, request.request_id):
+            async for output in self.engine.generate(
+                prompt, params, request.request_id, lora_request=lora_request
+            ):
                 completion = output.outputs[0]
                 token_ids = list(completion.token_ids)
                 generated += len(token_ids)

@@ -34,6 +34,7 @@ TEXT_INPUT, STREAM, SAMPLING_PARAMETERS, EXCLUDE_INPUT = (
 TEXT_OUTPUT = "text_output"
 # Each input's data type; all hold one element (shape [1], or [1, 1] with a batch dimension).
 INPUT_TYPES = {TEXT_INPUT: "BYTES", STREAM: "BOOL", SAMPLING_PARAMETERS: "BYTES", EXCLUDE_INPUT: "BOOL"}
+LORA_NAME = "lora_name"  # in sampling_parameters: a LoRA adapter of the model (Triton vLLM backend)
 FINAL_RESPONSE = "triton_final_response"
 ENABLE_EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 
@@ -195,6 +196,15 @@ def apply_sampling_parameters(text: bytes, request: generate_pb2.GenerateRequest
     parameters = parse_json(text, SAMPLING_PARAMETERS)
     if not isinstance(parameters, dict):
         raise invalid_inference(SAMPLING_PARAMETERS, "must be a JSON object of vLLM sampling parameters")
+    # The Triton vLLM backend's way to name a LoRA adapter; the model name's base:adapter is the other.
+    lora_name = parameters.pop(LORA_NAME, None)
+    if lora_name is not None:
+        if not isinstance(lora_name, str) or (request.adapter and lora_name != request.adapter):
+            raise invalid_inference(
+                f"{SAMPLING_PARAMETERS}.{LORA_NAME}",
+                f"{lora_name!r} is not valid: an adapter's name (or the one the model name gives after ':')",
+            )
+        request.adapter = lora_name
     unknown = sorted(set(parameters) - set(SAMPLING_FIELDS))
     if unknown:
         raise invalid_inference(
@@ -229,7 +239,9 @@ class Inference:
 
     @classmethod
     def from_pb(cls, pb_request: pb.ModelInferRequest) -> Inference:
-        check_model_uid(pb_request.model_name)
+        """model_name is a model's uid, or uid:adapter for one of its LoRA adapters."""
+        model_uid, _, adapter = pb_request.model_name.partition(":")
+        check_model_uid(model_uid)
         inputs = read_inputs(pb_request)
         if TEXT_INPUT not in inputs:
             raise invalid_inference(f"inputs[{TEXT_INPUT}]", "required: the prompt, BYTES of shape [1]")
@@ -237,7 +249,7 @@ class Inference:
             prompt = bytes(inputs[TEXT_INPUT]).decode("utf-8")
         except UnicodeDecodeError:
             raise invalid_inference(f"inputs[{TEXT_INPUT}]", "not valid UTF-8 text") from None
-        request = generate_pb2.GenerateRequest(model_uid=pb_request.model_name, prompt=prompt)
+        request = generate_pb2.GenerateRequest(model_uid=model_uid, prompt=prompt, adapter=adapter)
         if SAMPLING_PARAMETERS in inputs:
             apply_sampling_parameters(bytes(inputs[SAMPLING_PARAMETERS]), request)
         check_generate(request)

@@ -112,6 +112,18 @@ class Metrics:
             buckets=LOAD_BUCKETS,
             registry=r,
         )
+        self.lora_requests = Counter(
+            "llmgrpc:lora_requests",
+            "Generate requests that named a LoRA adapter, when they ended",
+            ["model_uid", "adapter"],
+            registry=r,
+        )
+        self.lora_generation_tokens = Counter(
+            "llmgrpc:lora_generation_tokens",
+            "Tokens generated under a LoRA adapter",
+            ["model_uid", "adapter"],
+            registry=r,
+        )
         self._http = None
 
     def watch(self, manager: EngineManager) -> None:
@@ -131,9 +143,10 @@ class Metrics:
         self.rpc_duration.labels(service, method).observe(seconds)
 
     async def track_generation(
-        self, model_uid: str, responses: AsyncIterator[generate_pb2.GenerateResponse]
+        self, model_uid: str, responses: AsyncIterator[generate_pb2.GenerateResponse], adapter: str = ""
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        """Pass a Generate stream through, timing its tokens (first, between, last) and counting them."""
+        """Pass a Generate stream through, timing its tokens (first, between, last) and counting them
+        (also per LoRA adapter, when it names one)."""
         started = last = time.monotonic()
         generated = 0
         finished = None
@@ -159,6 +172,9 @@ class Metrics:
                     finished = response
                 yield response
         finally:
+            if adapter and (finished is not None or generated):
+                self.lora_requests.labels(model_uid, adapter).inc()
+                self.lora_generation_tokens.labels(model_uid, adapter).inc(generated)
             if finished is not None:
                 self.e2e_latency.labels(model_uid).observe(time.monotonic() - started)
                 self.prompt_tokens.labels(model_uid).inc(finished.usage.prompt_tokens)
@@ -215,8 +231,24 @@ class _ModelCollector(Collector):
             "1 per launched model, with its family, engine, device and state",
             labels=["model_uid", "model_name", "engine", "device", "state"],
         )
+        # The Inference Extension's LoRA affinity signal, as vLLM exports it: one sample per model,
+        # its value the time it was taken, its labels the adapters decoding and queued now.
+        lora = GaugeMetricFamily(
+            "llmgrpc:lora_requests_info",
+            "LoRA adapters with Generate requests decoding (running_lora_adapters) and queued "
+            "(waiting_lora_adapters), comma-separated, and the adapters resident at once (max_lora)",
+            labels=["model_uid", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
         models = list(self._models())
         for model in models:
+            running_adapters, waiting_adapters = model.adapters.busy()
+            labels = [
+                model.uid,
+                str(model.adapters.max_loras),
+                ",".join(running_adapters),
+                ",".join(waiting_adapters),
+            ]
+            lora.add_metric(labels, time.time())
             uid = model.uid
             running.add_metric([uid], model.gate.running)
             waiting.add_metric([uid], model.gate.waiting)
@@ -235,4 +267,4 @@ class _ModelCollector(Collector):
             "Launched models whose weights are in memory (READY; not UNLOADED, FAILED or LOADING)",
             value=sum(model.state.name == "READY" for model in models),
         )
-        return [running, waiting, kv_cache, memory, load, info, loaded]
+        return [running, waiting, kv_cache, memory, load, info, loaded, lora]

@@ -3,7 +3,7 @@
 Each prompt becomes a ``GenerateRequest`` (model_id is the model_uid) handed to the same
 ``EngineManager.generate`` the llmgrpc.v1 GenerateService calls; Tokenize is the manager's
 tokenize, so its count is the prompt's token count Generate reports. Parameters llmgrpc has
-no counterpart for (typical_p, length penalties, per-token details, prefixes and adapters)
+no counterpart for (typical_p, length penalties, per-token details, prompt-tuning prefixes)
 are refused with INVALID_ARGUMENT rather than ignored.
 """
 
@@ -35,7 +35,7 @@ def _invalid(what: str, violations: list[FieldViolation]) -> InvalidArgument:
     return InvalidArgument(f"invalid {what}: {summary}", violations, reason=Reason.INVALID_FIELD)
 
 
-def _unsupported(params: pb.Parameters, prefix_id: bool, adapter_id: bool) -> list[FieldViolation]:
+def _unsupported(params: pb.Parameters, prefix_id: bool) -> list[FieldViolation]:
     """The parameters llmgrpc cannot honour, each named."""
     violations = []
 
@@ -44,8 +44,6 @@ def _unsupported(params: pb.Parameters, prefix_id: bool, adapter_id: bool) -> li
 
     if prefix_id:
         refuse("prefix_id", "prompt-tuning prefixes are not supported")
-    if adapter_id:
-        refuse("adapter_id", "adapters are not supported")
     if params.sampling.typical_p:
         refuse("params.sampling.typical_p", "typical sampling is not supported: must be 0")
     if params.stopping.include_stop_sequence:
@@ -93,9 +91,10 @@ class Generation:
 
     @classmethod
     def from_pb(
-        cls, model_id: str, text: str, params: pb.Parameters, *, prefix_id: bool, adapter_id: bool
+        cls, model_id: str, text: str, params: pb.Parameters, *, prefix_id: bool, adapter_id: str
     ) -> Generation:
-        violations = _unsupported(params, prefix_id, adapter_id)
+        """adapter_id: a LoRA adapter of the model, by name (GenerateRequest.adapter)."""
+        violations = _unsupported(params, prefix_id)
         if violations:
             raise _invalid("generation request", violations)
         check_model_uid(model_id)
@@ -105,6 +104,7 @@ class Generation:
             prompt=text,
             max_tokens=stopping.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
             stop=stopping.stop_sequences,
+            adapter=adapter_id,
         )
         seed = 0
         if params.method == pb.GREEDY:
@@ -216,7 +216,7 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
                 prompt.text,
                 request.params,
                 prefix_id=request.HasField("prefix_id"),
-                adapter_id=request.HasField("adapter_id"),
+                adapter_id=request.adapter_id,
             )
             for prompt in request.requests
         ]
@@ -238,7 +238,7 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
             request.request.text,
             request.params,
             prefix_id=request.HasField("prefix_id"),
-            adapter_id=request.HasField("adapter_id"),
+            adapter_id=request.adapter_id,
         )
         if generation.input_text:
             yield pb.GenerationResponse(text=generation.request.prompt, seed=generation.seed)
@@ -247,9 +247,8 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
                 yield piece
 
     async def Tokenize(self, request: pb.BatchedTokenizeRequest, context):
-        violations = _unsupported(
-            pb.Parameters(), request.HasField("prefix_id"), request.HasField("adapter_id")
-        )
+        # An adapter changes no tokenizer: adapter_id is allowed and changes nothing here.
+        violations = _unsupported(pb.Parameters(), request.HasField("prefix_id"))
         if request.return_offsets:
             violations.append(FieldViolation("return_offsets", "offsets are not supported"))
         if violations:

@@ -73,7 +73,7 @@ class FakeAsyncLLM:
     def from_engine_args(cls, engine_args):
         return cls(engine_args)
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, lora_request=None):
         self.requests.append((prompt, params, request_id))
         if self.fail_with:
             raise self.fail_with
@@ -162,6 +162,7 @@ class FakeSGLangEngine:
         self.tokenizer_manager = FakeTokenizerManager()
         self.calls: list[dict] = []
         self.shut_down = False
+        self.loras: dict[str, str] = {}
 
     async def async_generate(self, stream: bool = False, **kwargs):
         assert stream is True
@@ -191,6 +192,12 @@ class FakeSGLangEngine:
                 yield {"text": piece, "output_ids": [token], "meta_info": meta}
             else:
                 yield {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+    def load_lora_adapter(self, lora_name: str, lora_path: str):
+        self.loras[lora_name] = lora_path
+
+    def unload_lora_adapter(self, lora_name: str):
+        del self.loras[lora_name]
 
     def shutdown(self):
         self.shut_down = True

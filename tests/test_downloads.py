@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import grpc
+import lora_files
 import pytest
-from conftest import RunningServer
+from conftest import TINY, RunningServer
 from fleet import live_workers, socket_folders
 from hub_stand_in import HUGGINGFACE, MODELSCOPE, HubStandIn, closed_port_url
 from rpc_helpers import wait_until
@@ -116,8 +117,15 @@ def tiny_gguf(cache_dir: Path, tiny_files: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hub(tiny_files: Path) -> HubStandIn:
+def hub_adapter(cache_dir: Path, tmp_path_factory) -> Path:
+    """A PEFT adapter of the tiny model, which the stand-in serves as a hub repository."""
+    return lora_files.good_adapters(cache_dir, tmp_path_factory.mktemp("hub-adapters"))["tiny-lora-a"]
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_files: Path, hub_adapter: Path) -> HubStandIn:
     with HubStandIn() as stand_in:
+        stand_in.add_folder(HUGGINGFACE, f"{ORG}/tiny-lora", hub_adapter)
         tiny = {p.name: p.read_bytes() for p in tiny_files.iterdir() if p.is_file()}
         # A pickle and a README sit beside the safetensors, as on the real hub: neither is fetched.
         extras = {"pytorch_model.bin": b"pickle, never fetched", "README.md": b"# tiny"}
@@ -653,3 +661,28 @@ def test_progress_lines():
     progress = models_pb2.LoadProgress(phase="downloading", done_bytes=5 * MIB, total_bytes=20 * MIB)
     assert client_cli.progress_line(progress, width=8) == "downloading [##      ]  25% 5.0 MiB / 20.0 MiB"
     assert client_cli.progress_line(models_pb2.LoadProgress(phase="loading weights")) == "loading weights"
+
+
+def test_a_lora_adapter_named_by_hub_id_is_downloaded_into_the_hubs_cache(
+    hub_client: Client, hub: HubStandIn, hub_env: Path, hub_adapter: Path, tiny_files: Path
+):
+    """lora_modules' path as a hub id goes through the models' download path: the adapter's two
+    files come from the hub into its cache, and the adapter answers as peft's merged model does."""
+    hub.clear()
+    module = models_pb2.LoraModule(name="from-hub", path=f"{ORG}/tiny-lora")
+    hub_client.launch(TINY, model_uid="hub-lora", lora_modules=[module], timeout=240)
+    try:
+        fetched = sorted(r.path.rsplit("/", 1)[1] for r in hub.seen("GET", "/resolve/"))
+        assert fetched == ["adapter_config.json", "adapter_model.safetensors"]  # not its README
+        snapshot = next((hub_env / "hf" / "hub" / f"models--{ORG}--tiny-lora" / "snapshots").iterdir())
+        assert (snapshot / "adapter_model.safetensors").is_file()
+        tokens = [
+            token
+            for message in hub_client.generate(
+                "hub-lora", "Hello there", max_tokens=8, min_tokens=8, temperature=0, adapter="from-hub"
+            )
+            for token in message.token_ids
+        ]
+        assert tokens == lora_files.peft_greedy(tiny_files, hub_adapter, "Hello there", 8)
+    finally:
+        hub_client.terminate("hub-lora")

@@ -12,7 +12,7 @@ import grpc
 import lora_files
 import pytest
 from conftest import RunningServer
-from rpc_helpers import rpc_error
+from rpc_helpers import rpc_error, scrape, value, wait_until
 from status_details import bad_request, error_info
 
 from llmgrpc.clients import Client
@@ -42,6 +42,7 @@ def server(adapter_dir: Path, cache_dir: Path):
         shutdown_grace_s=2,
         allowed_model_dirs=[adapter_dir],
         auth_tokens={ADMIN: "admin", INFERENCE: "inference"},
+        metrics_port=0,
     )
     running = RunningServer(settings)
     yield running
@@ -281,3 +282,110 @@ def test_malformed_adapter_fields_are_invalid_argument_naming_the_field(admin, l
     error = rpc_error(lambda: list(admin.generate(launched, "Hi", adapter="base:a")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {v.field for v in bad_request(error).field_violations} == {"adapter"}
+
+
+def test_metrics_count_requests_and_tokens_per_adapter_and_show_the_running_ones(server, admin, launched):
+    port = server.server.metrics_port
+    before = scrape(port)
+    greedy(admin, launched, PROMPTS[0], "tiny-lora-b")
+    after = scrape(port)
+    labels = {"model_uid": launched, "adapter": "tiny-lora-b"}
+    assert (
+        value(after, "llmgrpc:lora_requests_total", **labels)
+        - value(before, "llmgrpc:lora_requests_total", **labels)
+        == 1
+    )
+    assert (
+        value(after, "llmgrpc:lora_generation_tokens_total", **labels)
+        - value(before, "llmgrpc:lora_generation_tokens_total", **labels)
+        == COUNT
+    )
+
+    def info_labels() -> dict:
+        samples = scrape(port)["llmgrpc:lora_requests_info"]
+        return next(dict(key) for key in samples if dict(key)["model_uid"] == launched)
+
+    assert info_labels()["max_lora"] == "4"
+    stream = admin.generate(launched, PROMPTS[1], max_tokens=300, min_tokens=300, adapter="tiny-lora-a")
+    next(stream)
+    assert wait_until(lambda: info_labels()["running_lora_adapters"] == "tiny-lora-a")
+    stream.cancel()
+    assert wait_until(lambda: info_labels()["running_lora_adapters"] == "")
+
+
+def test_kserve_and_tgis_name_adapters_in_their_own_words(server, admin, launched):
+    """KServe: the model name base:adapter, or the Triton vLLM backend's lora_name sampling
+    parameter; TGIS: adapter_id. Each gives what Generate gives with the adapter."""
+    import json
+
+    from llmgrpc.kserve.v2 import grpc_service_pb2 as kserve_pb
+    from llmgrpc.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+    from llmgrpc.server.kserve_convert import encode_bytes
+    from llmgrpc.tgis.v1 import generation_pb2 as tgis_pb
+    from llmgrpc.tgis.v1 import generation_pb2_grpc as tgis_grpc
+
+    def text(adapter: str) -> str:
+        stream = admin.generate(
+            launched, PROMPTS[0], max_tokens=COUNT, min_tokens=COUNT, temperature=0, adapter=adapter
+        )
+        return "".join(message.text for message in stream)
+
+    expected, base = text("tiny-lora-a"), text("")
+    assert expected != base
+    auth = (("authorization", f"Bearer {ADMIN}"),)
+    sampling = {"temperature": 0, "max_tokens": COUNT, "min_tokens": COUNT}
+
+    def infer(model_name: str, parameters: dict) -> str:
+        request = kserve_pb.ModelInferRequest(model_name=model_name)
+        request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+        request.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
+        request.inputs.add(name="exclude_input_in_output", datatype="BOOL", shape=[1])
+        request.raw_input_contents.extend(
+            [encode_bytes(PROMPTS[0].encode()), encode_bytes(json.dumps(parameters).encode()), b"\x01"]
+        )
+        response = stub.ModelInfer(request, metadata=auth, timeout=120)
+        raw = response.raw_output_contents[0]
+        return raw[4 : 4 + int.from_bytes(raw[:4], "little")].decode()
+
+    with grpc.insecure_channel(server.endpoint) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        assert infer(f"{launched}:tiny-lora-a", sampling) == expected
+        assert infer(launched, {**sampling, "lora_name": "tiny-lora-a"}) == expected
+        assert infer(launched, sampling) == base
+        error = rpc_error(infer, f"{launched}:nope", sampling)
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "tiny-lora-a" in error.details()
+
+        tgis = tgis_grpc.GenerationServiceStub(channel)
+        params = tgis_pb.Parameters(
+            method=tgis_pb.GREEDY,
+            stopping=tgis_pb.StoppingCriteria(max_new_tokens=COUNT, min_new_tokens=COUNT),
+        )
+        batch = tgis_pb.BatchedGenerationRequest(
+            model_id=launched,
+            adapter_id="tiny-lora-a",
+            requests=[tgis_pb.GenerationRequest(text=PROMPTS[0])],
+            params=params,
+        )
+        assert tgis.Generate(batch, metadata=auth, timeout=120).responses[0].text == expected
+
+
+def test_llamacpp_takes_a_gguf_lora_file_as_it_is(
+    admin, launched, engine, adapter_dir, cache_dir, peft_tokens
+):
+    """A GGUF LoRA made by the converter (as llama.cpp's convert_lora_to_gguf.py makes one) loads
+    without conversion and answers as peft's merged model does."""
+    if engine != "llama.cpp":
+        pytest.skip("GGUF LoRA files are llama.cpp's")
+    import json
+
+    from llmgrpc.engines.lora import read_peft_adapter
+    from llmgrpc.engines.weights.gguf_lora import write_gguf_lora
+
+    config = json.loads((lora_files.base_files(cache_dir) / "config.json").read_text())
+    adapter = read_peft_adapter("c", adapter_dir / "tiny-lora-c")
+    path = adapter_dir / "tiny-lora-c.gguf"
+    write_gguf_lora(adapter, path, "llama", config["num_attention_heads"], config["num_key_value_heads"])
+    loaded = admin.load_adapter(launched, "c-gguf", str(path))
+    assert loaded.rank == 8
+    assert greedy(admin, launched, PROMPTS[2], "c-gguf") == peft_tokens[("tiny-lora-c", PROMPTS[2])]
+    admin.unload_adapter(launched, "c-gguf")

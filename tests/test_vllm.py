@@ -16,10 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import jsonschema
+import lora_files
 import pytest
 from conftest import TINY, RunningServer
 from fleet import ServeProcess
@@ -29,6 +31,7 @@ from test_structured_output import SCHEMA
 
 from llmgrpc.clients import Client
 from llmgrpc.server.settings import Settings
+from llmgrpc.v1 import models_pb2
 
 VLLM_PYTHON = os.environ.get("LLMGRPC_TEST_VLLM_PYTHON", "")
 
@@ -56,9 +59,21 @@ RAY_MODEL_WORKER_TITLE = b"ray::RayWorkerProc"
 
 
 @pytest.fixture(scope="module")
-def server(cache_dir: Path) -> Iterator[RunningServer]:
+def adapter_dir(tmp_path_factory, cache_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("adapters")
+    lora_files.good_adapters(cache_dir, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(cache_dir: Path, adapter_dir: Path) -> Iterator[RunningServer]:
     settings = Settings(
-        port=0, cache_dir=cache_dir, device="cpu", worker_python={"vLLM": VLLM_PYTHON}, max_running_requests=8
+        port=0,
+        cache_dir=cache_dir,
+        device="cpu",
+        worker_python={"vLLM": VLLM_PYTHON},
+        max_running_requests=16,
+        allowed_model_dirs=[adapter_dir],
     )
     server = RunningServer(settings)
     try:
@@ -348,3 +363,47 @@ def test_chat_on_vllm_renders_the_models_own_template(client: Client, cache_dir:
         assert last.usage.prompt_tokens == len(expected)
     finally:
         client.terminate("chat-on-vllm")
+
+
+def test_twelve_concurrent_streams_over_base_and_two_peft_adapters_each_equal_peft_alone(
+    client: Client, adapter_dir: Path, cache_dir: Path
+):
+    """vLLM's own LoRA (enable_lora, a LoRARequest per request) over the same PEFT adapters as the
+    other engines: 4 streams each on the base, A and B at once, each the tokens peft's merged
+    model generates alone."""
+    names = ("tiny-lora-a", "tiny-lora-b")
+    uid = "tiny-lora-on-vllm"
+    client.launch(
+        TINY,
+        model_engine="vLLM",
+        model_uid=uid,
+        engine_options=VLLM_OPTIONS,
+        lora_modules=[models_pb2.LoraModule(name=name, path=str(adapter_dir / name)) for name in names],
+        timeout=900,
+    )
+    try:
+        base = lora_files.base_files(cache_dir)
+        prompts = ["Hello there", "The quick brown fox jumps over the lazy dog", "1 2 3"]
+        count = 12
+        jobs = [(adapter, prompts[i % len(prompts)]) for adapter in ("", *names) for i in range(4)]
+        expected = {
+            job: lora_files.peft_greedy(base, adapter_dir / job[0] if job[0] else None, job[1], count)
+            for job in set(jobs)
+        }
+
+        def greedy(job: tuple[str, str]) -> list[int]:
+            adapter, prompt = job
+            return token_ids(
+                client, uid, prompt, max_tokens=count, min_tokens=count, temperature=0, adapter=adapter
+            )
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            outputs = list(pool.map(greedy, jobs))
+        for job, tokens in zip(jobs, outputs, strict=True):
+            assert tokens == expected[job], job
+        assert expected[("tiny-lora-a", prompts[0])] != expected[("", prompts[0])]
+        assert {a.name: a.rank for a in client.list_adapters(uid)} == dict.fromkeys(names, 8)
+        error = rpc_error(lambda: list(client.generate(uid, "Hi", max_tokens=2, adapter="nope")))
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "tiny-lora-a" in error.details()
+    finally:
+        client.terminate(uid)

@@ -26,24 +26,6 @@ from llmgrpc.engines.lora import PeftAdapter, read_peft_adapter
 from llmgrpc.engines.weights.gguf_convert import LLAMA_LAYER_NAMES, permute_for_rope, write_atomically
 
 
-def llama_layer_shapes(
-    n_layer: int, n_embd: int, n_head: int, n_head_kv: int, head_dim: int, n_ff: int
-) -> dict[str, tuple[int, int]]:
-    """(out, in) of each linear layer of a Llama, by its Hugging Face module path."""
-    shapes = {
-        "self_attn.q_proj": (n_head * head_dim, n_embd),
-        "self_attn.k_proj": (n_head_kv * head_dim, n_embd),
-        "self_attn.v_proj": (n_head_kv * head_dim, n_embd),
-        "self_attn.o_proj": (n_embd, n_head * head_dim),
-        "mlp.gate_proj": (n_ff, n_embd),
-        "mlp.up_proj": (n_ff, n_embd),
-        "mlp.down_proj": (n_embd, n_ff),
-    }
-    return {
-        f"model.layers.{layer}.{name}": shape for layer in range(n_layer) for name, shape in shapes.items()
-    }
-
-
 def write_gguf_lora(
     adapter: PeftAdapter, output: Path, architecture: str, n_head: int, n_head_kv: int
 ) -> Path:

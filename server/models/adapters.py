@@ -39,7 +39,17 @@ class ServedAdapter:
     module: LoraModule
     state: AdapterState = AdapterState.LOADING
     rank: int = 0
-    in_flight: int = 0
+    waiting: int = 0  # Generate streams queued for a batch slot
+    running: int = 0  # and decoding
+
+    @property
+    def in_flight(self) -> int:
+        return self.waiting + self.running
+
+    def decoding(self, started: bool) -> None:
+        """One of its streams got a batch slot (started), or gave it back."""
+        step = 1 if started else -1
+        self.waiting, self.running = self.waiting - step, self.running + step
 
     def to_pb(self, resident: bool) -> models_pb2.AdapterDescription:
         return models_pb2.AdapterDescription(
@@ -88,24 +98,26 @@ class ModelAdapters:
         return adapter
 
     @contextlib.contextmanager
-    def stream(self, name: str, model_uid: str) -> Iterator[None]:
-        """Count a Generate stream of adapter name (none for the base) while it runs."""
+    def stream(self, name: str, model_uid: str) -> Iterator[ServedAdapter | None]:
+        """Count a Generate stream of adapter name (none for the base) as waiting while it lasts;
+        ServedAdapter.decoding moves it to running while it has a batch slot."""
         if not name:
-            yield
+            yield None
             return
         adapter = self.ready(name, model_uid)
-        adapter.in_flight += 1
+        adapter.waiting += 1
         try:
-            yield
+            yield adapter
         finally:
-            adapter.in_flight -= 1
+            adapter.waiting -= 1
+
+    def busy(self) -> tuple[list[str], list[str]]:
+        """The adapters with streams decoding, and those with streams queued."""
+        adapters = self.by_name.values()
+        return [a.module.name for a in adapters if a.running], [a.module.name for a in adapters if a.waiting]
 
     def to_pb(self, resident: set[str]) -> list[models_pb2.AdapterDescription]:
         return [adapter.to_pb(name in resident) for name, adapter in self.by_name.items()]
-
-
-def modules_from_pb(modules) -> tuple[LoraModule, ...]:
-    return tuple(LoraModule.from_pb(module) for module in modules)
 
 
 async def load_adapter(model: LaunchedModel, module: LoraModule) -> ServedAdapter:
@@ -156,4 +168,4 @@ async def unload_adapter(model: LaunchedModel, name: str) -> ServedAdapter:
     del model.adapters.by_name[name]  # no new stream can name it from here
     workers = [replica.worker for replica in model.replicas if replica.worker is not None]
     await asyncio.gather(*(worker.unload_adapter(name) for worker in workers), return_exceptions=True)
-    return dataclasses.replace(adapter, in_flight=0)
+    return dataclasses.replace(adapter, waiting=0, running=0)

@@ -22,6 +22,7 @@ from llmgrpc.clients.errors import (
 from llmgrpc.engines.chat import attach_tool_calls
 from llmgrpc.server.launched import LaunchedModel, ModelState, Replica
 from llmgrpc.server.metrics import Metrics
+from llmgrpc.server.models.adapters import ServedAdapter
 from llmgrpc.server.models.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle
 from llmgrpc.server.models.table import ModelTable
 from llmgrpc.v1 import generate_pb2
@@ -39,7 +40,8 @@ class Routing:
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """The request's stream from a READY replica, timed and counted (Metrics.track_generation)
         here, where every protocol's Generate passes, and nowhere else."""
-        return self.metrics.track_generation(request.model_uid, self._generate(request, timeout))
+        responses = self._generate(request, timeout)
+        return self.metrics.track_generation(request.model_uid, responses, request.adapter)
 
     async def _generate(
         self, request: generate_pb2.GenerateRequest, timeout: float | None
@@ -54,8 +56,8 @@ class Routing:
             _check_chat_abilities(model, request)
         queued = time.monotonic()
         # Counted from here, queued or decoding: UnloadAdapter refuses while any stream of it is in flight.
-        with model.adapters.stream(request.adapter, model.uid):
-            in_slot = self._generate_in_slot(model, request, deadline, queued)
+        with model.adapters.stream(request.adapter, model.uid) as adapter:
+            in_slot = self._generate_in_slot(model, request, deadline, queued, adapter)
             async with contextlib.aclosing(in_slot) as responses:
                 async for response in responses:
                     yield response
@@ -66,6 +68,7 @@ class Routing:
         request: generate_pb2.GenerateRequest,
         deadline: float | None,
         queued: float,
+        adapter: ServedAdapter | None,
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         wants_tool_calls = bool(request.tools) and request.tool_choice != "none"
         answer: list[str] = []
@@ -74,6 +77,8 @@ class Routing:
             replica = self._ready_replica(model)
             assert replica.worker is not None
             replica.in_flight += 1
+            if adapter is not None:
+                adapter.decoding(True)
             try:
                 async for response in replica.worker.generate(request, deadline):
                     if wants_tool_calls:  # a whole answer of calls becomes tool_calls
@@ -87,6 +92,8 @@ class Routing:
                 raise
             finally:
                 replica.in_flight -= 1
+                if adapter is not None:
+                    adapter.decoding(False)
                 model.last_active = time.monotonic()
 
     async def tokenize(
