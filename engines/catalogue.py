@@ -1,8 +1,11 @@
 """Which engines exist, what they need, and why one cannot run: without importing any.
 
 The server uses this table to list engines and to validate launches; a worker uses it to
-import the one engine it runs. Availability is checked by ``llmgrpc.engines.probe``,
-run in each engine's own Python environment.
+import the one engine it runs. Each engine's ``EngineInfo`` holds all of its own policy: its
+options and their rules (``llmgrpc.engines.options``), which the server applies once, on
+admission, so that engines load the plan they are given without checking it again.
+Availability is checked by ``llmgrpc.engines.probe``, run in each engine's own Python
+environment.
 
 Engines defined outside llmgrpc join the table as plugins: ``load_plugins`` imports each
 ``"module:attribute"`` naming an ``EngineInfo`` (its ``module`` holds the engine class as
@@ -15,89 +18,18 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import Engine
+from llmgrpc.engines.options import EngineOption
 
 # Bounds shared by several engines' options.
 MAX_THREADS = 1024
 MAX_CONTEXT_TOKENS = 2**24
 MAX_GPUS = 256
-
-
-@dataclass(frozen=True)
-class EngineOption:
-    """One engine_options key an engine takes: its JSON type, what it does, and its valid values.
-
-    Numbers must lie in [minimum, maximum] (or (minimum, maximum] with exclusive_minimum);
-    strings with choices must be one of them. validate_engine_options checks all of it on the
-    server, before a worker starts, so a value the engine would refuse is refused first.
-    """
-
-    name: str
-    kind: type  # bool, int, float or str
-    help: str
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-    choices: tuple[str, ...] = ()
-    # (option, value): setting this one means that option has that value; another is refused.
-    implies: tuple[str, str] | None = None
-
-    def describe(self) -> str:
-        """The option for a message or a listing: "n_threads (an int in [1, 1024]: what it does)"."""
-        return f"{self.name} ({self.valid_values()}: {self.help})"
-
-    def valid_values(self) -> str:
-        """What the option takes, as words that follow "must be": "one of f16, f32", "an int in [1, 8]"."""
-        if self.choices:
-            return f"one of {', '.join(self.choices)}"
-        article = "an" if self.kind is int else "a"
-        if self.minimum is None and self.maximum is None:
-            return f"{article} {self.kind.__name__}"
-        low = "-inf" if self.minimum is None else _shown(self.minimum)
-        high = "inf" if self.maximum is None else _shown(self.maximum)
-        return f"{article} {self.kind.__name__} in {'(' if self.exclusive_minimum else '['}{low}, {high}]"
-
-    def accepts(self, value: object) -> bool:
-        """Whether value, as JSON gave it, is of this option's type and among its valid values."""
-        if isinstance(value, bool) is not (self.kind is bool):
-            return False
-        if self.kind not in (int, float):
-            return isinstance(value, self.kind) and (not self.choices or value in self.choices)
-        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
-            return False
-        # JSON (and so protobuf Struct) numbers are floats: accept whole ones for int options.
-        if self.kind is int and isinstance(value, float) and not value.is_integer():
-            return False
-        if self.minimum is not None and (
-            value <= self.minimum if self.exclusive_minimum else value < self.minimum
-        ):
-            return False
-        return self.maximum is None or value <= self.maximum
-
-
-def _shown(value: object) -> str:
-    """value for a message: numbers to 6 significant digits (never a 300-digit echo), text clipped."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int) and abs(value) < 10**15:
-        return str(value)
-    if isinstance(value, (int, float)):
-        try:
-            return f"{float(value):.6g}"
-        except OverflowError:  # an int beyond any float
-            return "a number above 1e308" if value > 0 else "a number below -1e308"
-    return _clipped(repr(value))
-
-
-def _clipped(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 # The dtype option of the engines that choose their own precision (vLLM, SGLang).
 # vLLM's and SGLang's own switch for LoRA adapters.
@@ -143,6 +75,21 @@ class EngineInfo:
     # (weights and KV cache), and its default; empty: the engine takes what the model needs.
     memory_fraction_option: str = ""
     memory_fraction_default: float = 0.0
+    # The engine's rules between its options, and between them and the device a launch runs on
+    # ("cpu" or "cuda"), beyond each option's own type and range: raise InvalidArgument.
+    option_rules: Callable[[Mapping[str, object], str], None] | None = None
+    # Whether a launch's options put its model workers on other hosts too (vLLM on a Ray
+    # cluster): placement then checks only this host's share of the GPUs.
+    spans_hosts: Callable[[Mapping[str, object]], bool] | None = None
+
+    def check_option_rules(self, options: Mapping[str, object], device: str) -> None:
+        """Apply the engine's option_rules for a launch on device ("cpu" or "cuda"); the server
+        calls it once the device is known, after validate_engine_options."""
+        if self.option_rules is not None:
+            self.option_rules(options, device)
+
+    def runs_across_hosts(self, options: Mapping[str, object]) -> bool:
+        return self.spans_hosts is not None and self.spans_hosts(options)
 
     def load_class(self) -> type[Engine]:
         """Import the engine's module (heavy: only worker processes call this)."""
@@ -153,253 +100,282 @@ class EngineInfo:
         return f"pip install 'llmgrpc[{self.extra}]'"
 
 
-ENGINES: tuple[EngineInfo, ...] = (
-    EngineInfo(
-        name="Transformers",
-        key="transformers",
-        module="llmgrpc.engines.transformers_engine",
-        extra="transformers",
-        required_modules=("torch", "transformers", "tokenizers", "safetensors"),
-        formats=("pytorch",),
-        options=(
-            EngineOption(
-                "dtype",
-                str,
-                "auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
-                choices=("auto", "float32", "bfloat16", "float16"),
-            ),
-            EngineOption(
-                "n_threads", int, "CPU threads for torch (default: all cores)", minimum=1, maximum=MAX_THREADS
-            ),
-            EngineOption(
-                "context_length",
-                int,
-                "longest prompt plus output, at most the model's own",
-                minimum=2,
-                maximum=MAX_CONTEXT_TOKENS,
-            ),
-            EngineOption("attn_implementation", str, "sdpa (default) or eager", choices=("sdpa", "eager")),
-            EngineOption(
-                "trust_remote_code", bool, "run the repository's own code (needs allow_trust_remote_code)"
-            ),
-            EngineOption(
-                "decode",
-                str,
-                "plain (CPU default: batched KV cache in buffers that grow now and then, sized to the "
-                "sequences), compiled (CUDA default: static KV cache and a decode step compiled with CUDA "
-                "graphs) or static (static KV cache of context_length, not compiled; on the CPU each step "
-                "attends to all of it)",
-                choices=("plain", "static", "compiled"),
-            ),
-            EngineOption(
-                "cpu_matmul",
-                str,
-                "onednn (default: linear layers through oneDNN, weights reordered once at load; about "
-                "3 times faster than torch's own CPU matmul at decode batch sizes; not with decode compiled, "
-                "which lowers them itself) or torch",
-                choices=("onednn", "torch"),
-            ),
+def _transformers_option_rules(options: Mapping[str, object], device: str) -> None:
+    """decode static and compiled (compiled: the default on CUDA) attend with sdpa only."""
+    decode = options.get("decode", "compiled" if device == "cuda" else "plain")
+    if decode != "plain" and options.get("attn_implementation", "sdpa") != "sdpa":
+        default = "" if "decode" in options else f" (decode {decode} is the default on {device})"
+        raise InvalidArgument(
+            f"engine_options.decode static and compiled need attn_implementation sdpa{default}",
+            [
+                FieldViolation(
+                    "engine_options.attn_implementation", "sdpa, or unset, with decode static or compiled"
+                )
+            ],
+            reason=Reason.ENGINE_OPTION_INVALID,
+        )
+
+
+TRANSFORMERS = EngineInfo(
+    name="Transformers",
+    key="transformers",
+    module="llmgrpc.engines.transformers_engine",
+    extra="transformers",
+    required_modules=("torch", "transformers", "tokenizers", "safetensors"),
+    formats=("pytorch",),
+    option_rules=_transformers_option_rules,
+    options=(
+        EngineOption(
+            "dtype",
+            str,
+            "auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
+            choices=("auto", "float32", "bfloat16", "float16"),
         ),
-    ),
-    EngineInfo(
-        name="llama.cpp",
-        key="llama.cpp",
-        module="llmgrpc.engines.llamacpp_engine",
-        extra="llamacpp",
-        required_modules=("llama_cpp", "gguf"),
-        formats=("ggufv2",),
-        options=(
-            EngineOption(
-                "n_threads",
-                int,
-                "CPU threads for a step of one token, one stream decoding (default: all cores); "
-                "alone, it sets n_threads_batch too",
-                minimum=1,
-                maximum=MAX_THREADS,
-            ),
-            EngineOption(
-                "n_threads_batch",
-                int,
-                "CPU threads for a larger step: several streams decoding together, or a prompt "
-                "(default: all cores)",
-                minimum=1,
-                maximum=MAX_THREADS,
-            ),
-            EngineOption(
-                "context_length",
-                int,
-                "KV cache size in tokens, shared by all sequences; each may use context_length divided by "
-                "the batch size (default: 4096 per sequence, at most the model's trained context)",
-                minimum=2,
-                maximum=MAX_CONTEXT_TOKENS,
-            ),
-            EngineOption(
-                "n_gpu_layers",
-                int,
-                "layers offloaded to a CUDA GPU (default: -1, all, on CUDA; 0 on the CPU)",
-                minimum=-1,
-                maximum=10_000,
-            ),
-            EngineOption(
-                "kv_cache_type",
-                str,
-                "f16 (default) or f32: element type of the KV cache",
-                choices=("f16", "f32"),
-            ),
-            EngineOption(
-                "flash_attention", bool, "use flash attention (default: where llama.cpp supports it)"
-            ),
-            EngineOption(
-                "kv_unified",
-                bool,
-                "one KV buffer for all sequences instead of one stream each (default: false, which keeps "
-                "each request's attention independent of the others)",
-            ),
+        EngineOption(
+            "n_threads", int, "CPU threads for torch (default: all cores)", minimum=1, maximum=MAX_THREADS
         ),
-    ),
-    EngineInfo(
-        name="vLLM",
-        key="vllm",
-        module="llmgrpc.engines.vllm_engine",
-        extra="vllm",
-        required_modules=("vllm",),
-        formats=("pytorch",),
-        options=(
-            EngineOption(
-                "tensor_parallel_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS
-            ),
-            EngineOption(
-                "pipeline_parallel_size",
-                int,
-                "stages to split the model's layers over, each on tensor_parallel_size GPUs",
-                minimum=1,
-                maximum=MAX_GPUS,
-            ),
-            EngineOption(
-                "distributed_executor_backend",
-                str,
-                "where vLLM runs its model workers: mp, processes on this host (its default); ray, the "
-                "nodes of a Ray cluster (docs/multi-node.md)",
-                choices=("mp", "ray"),
-            ),
-            EngineOption(
-                "ray_address",
-                str,
-                "the Ray cluster to run the model workers on (its head's host:port); implies "
-                "distributed_executor_backend ray",
-                implies=("distributed_executor_backend", "ray"),
-            ),
-            EngineOption(
-                "gpu_memory_utilization",
-                float,
-                "fraction of GPU memory vLLM may take (weights and KV cache)",
-                minimum=0,
-                maximum=1,
-                exclusive_minimum=True,
-            ),
-            EngineOption(
-                "max_model_len",
-                int,
-                "context length (default: the model's)",
-                minimum=1,
-                maximum=MAX_CONTEXT_TOKENS,
-            ),
-            LIBRARY_DTYPE,
-            EngineOption("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
-            ENABLE_LORA,
-            EngineOption(
-                "max_num_seqs",
-                int,
-                "sequences decoded together (default: the server's max_running_requests)",
-                minimum=1,
-                maximum=65_536,
-            ),
-            EngineOption(
-                "kv_cache_dtype",
-                str,
-                "auto, or fp8 (fp8_e4m3, fp8_e5m2): element type of the KV cache",
-                choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
-            ),
-            EngineOption(
-                "kv_cache_memory_bytes",
-                int,
-                "KV cache size in bytes (on the CPU backend, instead of VLLM_CPU_KVCACHE_SPACE)",
-                minimum=1,
-                maximum=2**50,
-            ),
+        EngineOption(
+            "context_length",
+            int,
+            "longest prompt plus output, at most the model's own",
+            minimum=2,
+            maximum=MAX_CONTEXT_TOKENS,
         ),
-        # The PyPI wheels run on CUDA only; a CPU build of vLLM reports the CPU platform.
-        platform_check="vllm_platform",
-        # vLLM's CPU layout expects cores of its own: its engine core and its model worker
-        # process wait on each other by spinning on sched_yield, and OpenMP threads spin between
-        # kernels. On a host it shares (with this server, its clients, health probes) that
-        # spinning starved every other process of the CPU while a stream decoded (an idle 10 ms
-        # sleeper went unscheduled for 25 s on 2 cores). So on the CPU: the model runs inside
-        # the engine core process (no spinning queue between two processes), and OpenMP
-        # threads sleep after a short spin.
-        cpu_environment=(("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("GOMP_SPINCOUNT", "10000")),
-        parallel_size_option="tensor_parallel_size",
-        pipeline_size_option="pipeline_parallel_size",
-        memory_fraction_option="gpu_memory_utilization",
-        memory_fraction_default=0.9,  # vLLM's own default
-        support_note=(
-            "run by this project's tests on vLLM 0.32.0 built for the CPU (make test-vllm); "
-            "not yet on a CUDA GPU"
+        EngineOption("attn_implementation", str, "sdpa (default) or eager", choices=("sdpa", "eager")),
+        EngineOption(
+            "trust_remote_code", bool, "run the repository's own code (needs allow_trust_remote_code)"
         ),
-    ),
-    EngineInfo(
-        name="SGLang",
-        key="sglang",
-        module="llmgrpc.engines.sglang_engine",
-        extra="sglang",
-        required_modules=("sglang",),
-        formats=("pytorch",),
-        options=(
-            EngineOption("tp_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS),
-            ENABLE_LORA,
-            EngineOption(
-                "pp_size",
-                int,
-                "stages to split the model's layers over, each on tp_size GPUs",
-                minimum=1,
-                maximum=MAX_GPUS,
-            ),
-            EngineOption(
-                "mem_fraction_static",
-                float,
-                "fraction of GPU memory for weights and KV cache",
-                minimum=0,
-                maximum=1,
-                exclusive_minimum=True,
-            ),
-            EngineOption(
-                "context_length",
-                int,
-                "context length (default: the model's)",
-                minimum=1,
-                maximum=MAX_CONTEXT_TOKENS,
-            ),
-            LIBRARY_DTYPE,
-            EngineOption(
-                "kv_cache_dtype",
-                str,
-                "auto, fp8_e5m2 or fp8_e4m3: element type of the KV cache",
-                choices=("auto", "fp8_e5m2", "fp8_e4m3"),
-            ),
+        EngineOption(
+            "decode",
+            str,
+            "plain (CPU default: batched KV cache in buffers that grow now and then, sized to the "
+            "sequences), compiled (CUDA default: static KV cache and a decode step compiled with CUDA "
+            "graphs) or static (static KV cache of context_length, not compiled; on the CPU each step "
+            "attends to all of it)",
+            choices=("plain", "static", "compiled"),
         ),
-        needs_cuda=True,
-        parallel_size_option="tp_size",
-        pipeline_size_option="pp_size",
-        # SGLang's default depends on its version and the GPU; the server passes the fraction it
-        # counted (see llmgrpc.server.placement), so what is counted is what SGLang reserves.
-        memory_fraction_option="mem_fraction_static",
-        memory_fraction_default=0.88,
-        support_note=(
-            "written against SGLang's public API (Engine.async_generate, abort_request) and tested "
-            "against a double of it; not yet run by this project on a real SGLang"
+        EngineOption(
+            "cpu_matmul",
+            str,
+            "onednn (default: linear layers through oneDNN, weights reordered once at load; about "
+            "3 times faster than torch's own CPU matmul at decode batch sizes; not with decode compiled, "
+            "which lowers them itself) or torch",
+            choices=("onednn", "torch"),
         ),
     ),
 )
+
+
+LLAMA_CPP = EngineInfo(
+    name="llama.cpp",
+    key="llama.cpp",
+    module="llmgrpc.engines.llamacpp_engine",
+    extra="llamacpp",
+    required_modules=("llama_cpp", "gguf"),
+    formats=("ggufv2",),
+    options=(
+        EngineOption(
+            "n_threads",
+            int,
+            "CPU threads for a step of one token, one stream decoding (default: all cores); "
+            "alone, it sets n_threads_batch too",
+            minimum=1,
+            maximum=MAX_THREADS,
+        ),
+        EngineOption(
+            "n_threads_batch",
+            int,
+            "CPU threads for a larger step: several streams decoding together, or a prompt "
+            "(default: all cores)",
+            minimum=1,
+            maximum=MAX_THREADS,
+        ),
+        EngineOption(
+            "context_length",
+            int,
+            "KV cache size in tokens, shared by all sequences; each may use context_length divided by "
+            "the batch size (default: 4096 per sequence, at most the model's trained context)",
+            minimum=2,
+            maximum=MAX_CONTEXT_TOKENS,
+        ),
+        EngineOption(
+            "n_gpu_layers",
+            int,
+            "layers offloaded to a CUDA GPU (default: -1, all, on CUDA; 0 on the CPU)",
+            minimum=-1,
+            maximum=10_000,
+        ),
+        EngineOption(
+            "kv_cache_type",
+            str,
+            "f16 (default) or f32: element type of the KV cache",
+            choices=("f16", "f32"),
+        ),
+        EngineOption("flash_attention", bool, "use flash attention (default: where llama.cpp supports it)"),
+        EngineOption(
+            "kv_unified",
+            bool,
+            "one KV buffer for all sequences instead of one stream each (default: false, which keeps "
+            "each request's attention independent of the others)",
+        ),
+    ),
+)
+
+
+# vLLM's multi-node way, which placement asks of it (EngineInfo.spans_hosts).
+def runs_on_ray(options: Mapping[str, object]) -> bool:
+    """Whether a launch's engine options put its model workers on a Ray cluster's nodes (vLLM's
+    multi-node way): ray_address, which implies the ray backend, or that backend itself."""
+    return "ray_address" in options or options.get("distributed_executor_backend") == "ray"
+
+
+VLLM = EngineInfo(
+    name="vLLM",
+    key="vllm",
+    module="llmgrpc.engines.vllm_engine",
+    extra="vllm",
+    required_modules=("vllm",),
+    formats=("pytorch",),
+    spans_hosts=runs_on_ray,
+    options=(
+        EngineOption(
+            "tensor_parallel_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS
+        ),
+        EngineOption(
+            "pipeline_parallel_size",
+            int,
+            "stages to split the model's layers over, each on tensor_parallel_size GPUs",
+            minimum=1,
+            maximum=MAX_GPUS,
+        ),
+        EngineOption(
+            "distributed_executor_backend",
+            str,
+            "where vLLM runs its model workers: mp, processes on this host (its default); ray, the "
+            "nodes of a Ray cluster (docs/multi-node.md)",
+            choices=("mp", "ray"),
+        ),
+        EngineOption(
+            "ray_address",
+            str,
+            "the Ray cluster to run the model workers on (its head's host:port); implies "
+            "distributed_executor_backend ray",
+            implies=("distributed_executor_backend", "ray"),
+        ),
+        EngineOption(
+            "gpu_memory_utilization",
+            float,
+            "fraction of GPU memory vLLM may take (weights and KV cache)",
+            minimum=0,
+            maximum=1,
+            exclusive_minimum=True,
+        ),
+        EngineOption(
+            "max_model_len",
+            int,
+            "context length (default: the model's)",
+            minimum=1,
+            maximum=MAX_CONTEXT_TOKENS,
+        ),
+        LIBRARY_DTYPE,
+        EngineOption("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
+        ENABLE_LORA,
+        EngineOption(
+            "max_num_seqs",
+            int,
+            "sequences decoded together (default: the server's max_running_requests)",
+            minimum=1,
+            maximum=65_536,
+        ),
+        EngineOption(
+            "kv_cache_dtype",
+            str,
+            "auto, or fp8 (fp8_e4m3, fp8_e5m2): element type of the KV cache",
+            choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        ),
+        EngineOption(
+            "kv_cache_memory_bytes",
+            int,
+            "KV cache size in bytes (on the CPU backend, instead of VLLM_CPU_KVCACHE_SPACE)",
+            minimum=1,
+            maximum=2**50,
+        ),
+    ),
+    # The PyPI wheels run on CUDA only; a CPU build of vLLM reports the CPU platform.
+    platform_check="vllm_platform",
+    # vLLM's CPU layout expects cores of its own: its engine core and its model worker
+    # process wait on each other by spinning on sched_yield, and OpenMP threads spin between
+    # kernels. On a host it shares (with this server, its clients, health probes) that
+    # spinning starved every other process of the CPU while a stream decoded (an idle 10 ms
+    # sleeper went unscheduled for 25 s on 2 cores). So on the CPU: the model runs inside
+    # the engine core process (no spinning queue between two processes), and OpenMP
+    # threads sleep after a short spin.
+    cpu_environment=(("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("GOMP_SPINCOUNT", "10000")),
+    parallel_size_option="tensor_parallel_size",
+    pipeline_size_option="pipeline_parallel_size",
+    memory_fraction_option="gpu_memory_utilization",
+    memory_fraction_default=0.9,  # vLLM's own default
+    support_note=(
+        "run by this project's tests on vLLM 0.32.0 built for the CPU (make test-vllm); not yet on a CUDA GPU"
+    ),
+)
+
+
+SGLANG = EngineInfo(
+    name="SGLang",
+    key="sglang",
+    module="llmgrpc.engines.sglang_engine",
+    extra="sglang",
+    required_modules=("sglang",),
+    formats=("pytorch",),
+    options=(
+        EngineOption("tp_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS),
+        ENABLE_LORA,
+        EngineOption(
+            "pp_size",
+            int,
+            "stages to split the model's layers over, each on tp_size GPUs",
+            minimum=1,
+            maximum=MAX_GPUS,
+        ),
+        EngineOption(
+            "mem_fraction_static",
+            float,
+            "fraction of GPU memory for weights and KV cache",
+            minimum=0,
+            maximum=1,
+            exclusive_minimum=True,
+        ),
+        EngineOption(
+            "context_length",
+            int,
+            "context length (default: the model's)",
+            minimum=1,
+            maximum=MAX_CONTEXT_TOKENS,
+        ),
+        LIBRARY_DTYPE,
+        EngineOption(
+            "kv_cache_dtype",
+            str,
+            "auto, fp8_e5m2 or fp8_e4m3: element type of the KV cache",
+            choices=("auto", "fp8_e5m2", "fp8_e4m3"),
+        ),
+    ),
+    needs_cuda=True,
+    parallel_size_option="tp_size",
+    pipeline_size_option="pp_size",
+    # SGLang's default depends on its version and the GPU; the server passes the fraction it
+    # counted (see llmgrpc.server.placement), so what is counted is what SGLang reserves.
+    memory_fraction_option="mem_fraction_static",
+    memory_fraction_default=0.88,
+    support_note=(
+        "written against SGLang's public API (Engine.async_generate, abort_request) and tested "
+        "against a double of it; not yet run by this project on a real SGLang"
+    ),
+)
+
+
+ENGINES: tuple[EngineInfo, ...] = (TRANSFORMERS, LLAMA_CPP, VLLM, SGLANG)
 
 _BY_KEY = {info.key: info for info in ENGINES}
 PLUGINS_ENV = "LLMGRPC_ENGINE_PLUGINS"
@@ -432,42 +408,6 @@ def load_plugins(plugins: Iterable[str]) -> list[EngineInfo]:
 def load_plugins_from_environment() -> list[EngineInfo]:
     """The plugins the server passed to this process (a probe or a worker)."""
     return load_plugins(json.loads(os.environ.get(PLUGINS_ENV) or "[]"))
-
-
-def validate_engine_options(info: EngineInfo, options: dict) -> None:
-    """Refuse engine_options the engine does not take, of the wrong JSON type, out of range or
-    not one of the option's choices, naming the option and what it takes."""
-    known = {option.name: option for option in info.options}
-    for name, value in options.items():
-        option = known.get(name)
-        if option is None:
-            valid = "; ".join(each.describe() for each in info.options)
-            raise InvalidArgument(
-                f"engine_options.{_clipped(name)} is not an option of {info.name}; "
-                f"valid options: {valid or 'none'}",
-                reason=Reason.ENGINE_OPTION_INVALID,
-            )
-        if not option.accepts(value):
-            raise InvalidArgument(
-                f"engine_options.{name} must be {option.valid_values()}, got {_shown(value)}",
-                reason=Reason.ENGINE_OPTION_INVALID,
-            )
-    for name in options:
-        implied = known[name].implies
-        if implied is not None and implied[0] in options and options[implied[0]] != implied[1]:
-            other, value = implied
-            raise InvalidArgument(
-                f"engine_options.{name} means {other} {value}, and {other} {_shown(options[other])} "
-                "contradicts it",
-                [FieldViolation(f"engine_options.{other}", f"must be {value}, or unset, with {name}")],
-                reason=Reason.ENGINE_OPTION_INVALID,
-            )
-
-
-def runs_on_ray(options: Mapping[str, object]) -> bool:
-    """Whether a launch's engine options put its model workers on a Ray cluster's nodes (vLLM's
-    multi-node way): ray_address, which implies the ray backend, or that backend itself."""
-    return "ray_address" in options or options.get("distributed_executor_backend") == "ray"
 
 
 def engine_info(name: str) -> EngineInfo:

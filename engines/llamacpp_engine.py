@@ -55,7 +55,6 @@ import numpy as np
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llmgrpc.engines.base import EngineStats, LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
-from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.chat import Chat, chat_prompt_ids
 from llmgrpc.engines.constraints import tokenizer_from_llama_cpp
 from llmgrpc.engines.cpu_threads import llama_cpp_threads, usable_cores
@@ -300,8 +299,14 @@ class LlamaCppRunner(ModelRunner):
 
 
 def _int_option(options: dict, name: str, default: int) -> int:
+    """An int option for one of llama.cpp's C int fields. The server checked its range; one that
+    reached a worker unchecked is refused here rather than wrapped by ctypes (2**32 + 4 threads
+    would become 4)."""
     value = options.get(name)
-    return default if value is None else int(value)
+    value = default if value is None else int(value)
+    if not -(2**31) <= value < 2**31:
+        raise InvalidArgument(f"engine_options.{name} {value} does not fit llama.cpp's C int")
+    return value
 
 
 class LlamaCppEngine(BatchedEngine):
@@ -311,10 +316,7 @@ class LlamaCppEngine(BatchedEngine):
 
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> LlamaCppEngine:
-        options = plan.engine_options
-        # Checked by the server too; here as well because ctypes wraps an int too large for its
-        # C field (2**32 + 4 threads would become 4) instead of refusing it.
-        validate_engine_options(engine_info("llama.cpp"), options)
+        options = plan.engine_options  # as the server admitted them (engines.catalogue, LLAMA_CPP)
         n_seq_max = plan.max_batch_size
         if not 1 <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
             raise InvalidArgument(
@@ -326,16 +328,9 @@ class LlamaCppEngine(BatchedEngine):
         # n_threads alone sets both, as it always has; n_threads_batch refines the second.
         given = options.get("n_threads") is not None
         n_threads_batch = _int_option(options, "n_threads_batch", n_threads if given else batched)
-        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
-            if value < 1:
-                raise InvalidArgument(f"engine_options.{name} must be at least 1, got {value}")
         on_gpu = plan.device.startswith("cuda")
         n_gpu_layers = _int_option(options, "n_gpu_layers", -1 if on_gpu else 0)
         kv_cache_type = options.get("kv_cache_type", "f16")
-        if kv_cache_type not in KV_CACHE_TYPES:
-            raise InvalidArgument(
-                f"engine_options.kv_cache_type {kv_cache_type!r} is not one of: {', '.join(KV_CACHE_TYPES)}"
-            )
         flash_attention = options.get("flash_attention")
         kv_unified = bool(options.get("kv_unified", False))
         if not os.path.isfile(weights):

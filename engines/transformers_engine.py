@@ -33,7 +33,6 @@ from transformers.cache_utils import Cache, DynamicLayer
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.base import EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
-from llmgrpc.engines.catalogue import engine_info, validate_engine_options
 from llmgrpc.engines.chat import Chat, hugging_face_chat_ids
 from llmgrpc.engines.constraints import tokenizer_from_hugging_face
 from llmgrpc.engines.cpu_threads import usable_cores
@@ -542,8 +541,7 @@ class TransformersEngine(BatchedEngine):
 
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> TransformersEngine:
-        options = plan.engine_options
-        validate_engine_options(engine_info("transformers"), options)  # the server checked too
+        options = plan.engine_options  # as the server admitted them (engines.catalogue, TRANSFORMERS)
         # A broken folder would fail deep inside transformers (a JSONDecodeError, a division by zero).
         read_model_config(Path(weights))
         check_tokenizer_files(Path(weights))
@@ -552,17 +550,9 @@ class TransformersEngine(BatchedEngine):
         dtype_name = options.get("dtype", "auto")
         if dtype_name == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        elif dtype_name in DTYPES:
-            dtype = DTYPES[dtype_name]
         else:
-            raise InvalidArgument(
-                f"engine_options.dtype {dtype_name!r} is not one of: auto, {', '.join(DTYPES)}"
-            )
+            dtype = DTYPES[dtype_name]
         attention = options.get("attn_implementation", "sdpa")
-        if attention not in ("sdpa", "eager"):
-            raise InvalidArgument(
-                f"engine_options.attn_implementation {attention!r} is not one of: sdpa, eager"
-            )
 
         report("loading weights", 0, 0)
         # The server passes trust_remote_code only where the operator allows it (allow_trust_remote_code).
@@ -598,15 +588,9 @@ class TransformersEngine(BatchedEngine):
             use_onednn_linears(model)
         if decode == "plain":
             runner: HuggingFaceRunner = DynamicCacheRunner(model, tokenizer, context_length)
-        elif decode in ("static", "compiled"):
-            if attention != "sdpa":
-                raise InvalidArgument(
-                    "engine_options.decode static and compiled need attn_implementation sdpa"
-                )
+        else:  # static or compiled, with sdpa attention
             compiled = decode == "compiled"
             runner = StaticCacheRunner(model, tokenizer, context_length, plan.max_batch_size, compiled)
-        else:
-            raise InvalidArgument(f"engine_options.decode {decode!r} is not one of: plain, static, compiled")
 
         report("warming up", 0, 0)  # also compiles the decode step, when it is compiled
         runner.prefill([(0, runner.tokenize("warm up"))])

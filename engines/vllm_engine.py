@@ -30,7 +30,7 @@ from llmgrpc.engines.base import (
     TokenLogprob,
     Usage,
 )
-from llmgrpc.engines.catalogue import engine_info, runs_on_ray, validate_engine_options
+from llmgrpc.engines.catalogue import runs_on_ray
 from llmgrpc.engines.library_engine import (
     FINISH_REASONS,
     LibraryEngine,
@@ -49,10 +49,9 @@ CPU_KV_CACHE_BYTES = 4 * 2**30
 
 
 def engine_args(plan: LoadPlan, weights: str) -> dict[str, Any]:
-    """AsyncEngineArgs keyword arguments for a plan: the model, then the engine options
-    (checked against the catalogue, as the server did). ray_address is not one of vLLM's: it goes
+    """AsyncEngineArgs keyword arguments for a plan: the model, then the engine options (as the
+    server admitted them, see engines.catalogue's VLLM). ray_address is not one of vLLM's: it goes
     to the environment (see process_environment) and means distributed_executor_backend ray."""
-    validate_engine_options(engine_info("vllm"), plan.engine_options)
     options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"gpu_memory_utilization"}))
     memory_told = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & options.keys()
     if plan.device == "cpu" and not memory_told:

@@ -29,7 +29,7 @@ from llmgrpc.clients.errors import (
     Reason,
     ResourceExhausted,
 )
-from llmgrpc.engines.catalogue import EngineInfo, runs_on_ray
+from llmgrpc.engines.catalogue import EngineInfo
 from llmgrpc.server.resources import check_fits
 
 GIB = 1024**3
@@ -329,7 +329,7 @@ def _counts_to_try(
     # On a Ray cluster the count may exceed this host's GPUs: only this host's share is checked
     # here (the model's bytes over count GPUs, on as many of them as it has); other nodes' memory
     # is Ray's.
-    if count is not None and count > gpus_here and not runs_on_ray(options):
+    if count is not None and count > gpus_here and not info.runs_across_hosts(options):
         raise FailedPrecondition(
             f"{count} GPUs were asked for but the {info.name} environment sees {gpus_here}",
             reason=Reason.DEVICE_UNAVAILABLE,

@@ -25,7 +25,8 @@ from llmgrpc.clients import Client
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines import model_folder
 from llmgrpc.engines.base import LoadPlan, SamplingParams, SpecRef
-from llmgrpc.engines.catalogue import ENGINES, engine_info, validate_engine_options
+from llmgrpc.engines.catalogue import ENGINES, engine_info
+from llmgrpc.engines.options import validate_engine_options
 from llmgrpc.engines.sampling import Sampler
 from llmgrpc.server import logs
 from llmgrpc.worker.service import Worker
@@ -52,6 +53,26 @@ def test_an_engine_option_out_of_range_is_invalid_and_says_the_range(client: Cli
     name = next(iter(options))
     assert f"engine_options.{name}" in error.details() and valid in error.details()
     assert not re.search(r"\d{20}", error.details()), "a huge number is echoed digit by digit"
+
+
+def test_an_engines_rules_between_its_options_refuse_the_launch_before_any_worker(client: Client):
+    options = {"decode": "static", "attn_implementation": "eager"}
+    error = rpc_error(client.launch, TINY, model_engine="transformers", engine_options=options, timeout=120)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert reason(error) == Reason.ENGINE_OPTION_INVALID
+    assert "engine_options.decode static and compiled need attn_implementation sdpa" in error.details()
+
+
+def test_an_engines_option_rules_follow_the_device_the_launch_runs_on():
+    transformers = engine_info("transformers")
+    transformers.check_option_rules({"attn_implementation": "eager"}, "cpu")  # decode plain by default
+    with pytest.raises(InvalidArgument) as caught:
+        transformers.check_option_rules({"attn_implementation": "eager"}, "cuda")  # decode compiled
+    assert caught.value.reason == Reason.ENGINE_OPTION_INVALID
+    assert "(decode compiled is the default on cuda)" in str(caught.value)
+    assert [v.field for v in caught.value.violations] == ["engine_options.attn_implementation"]
+    assert engine_info("vllm").runs_across_hosts({"ray_address": "10.0.0.1:6379"})
+    assert not engine_info("llama.cpp").runs_across_hosts({"n_threads": 2})
 
 
 def test_a_llamacpp_thread_count_beyond_32_bits_is_refused_not_wrapped(client: Client):

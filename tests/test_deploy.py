@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rpc_helpers import wait_until
 
 from llmgrpc.clients import Client
-from llmgrpc.engines.catalogue import engine_info, validate_engine_options
+from llmgrpc.engines.catalogue import engine_info
+from llmgrpc.engines.options import validate_engine_options
 from llmgrpc.server.models_file import parse_models
 from llmgrpc.server.registry import Registry
 from llmgrpc.server.settings import Settings

@@ -20,6 +20,8 @@ from llmgrpc.engines.base import (
     SamplingParams,
     SpecRef,
 )
+from llmgrpc.engines.catalogue import engine_info
+from llmgrpc.engines.options import validate_engine_options
 from llmgrpc.engines.sglang_engine import SGLangEngine
 from llmgrpc.engines.vllm_engine import VllmEngine
 
@@ -337,8 +339,11 @@ def test_vllm_ray_address_runs_the_workers_on_that_ray_cluster():
     assert "ray_address" not in args
     assert args["distributed_executor_backend"] == "ray" and args["pipeline_parallel_size"] == 2
     assert process_environment(ray, {}, {0, 1}) == {"RAY_ADDRESS": "10.0.0.1:6379"}
+    # A contradicting backend never reaches engine_args: the server's one check refuses it.
     with pytest.raises(InvalidArgument) as refused:
-        engine_args(plan(ray_address="10.0.0.1:6379", distributed_executor_backend="mp"), "/models/x")
+        validate_engine_options(
+            engine_info("vllm"), {"ray_address": "10.0.0.1:6379", "distributed_executor_backend": "mp"}
+        )
     assert refused.value.violations[0].field == "engine_options.distributed_executor_backend"
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.base import LoadPlan
-from llmgrpc.engines.catalogue import engine_info, validate_engine_options
+from llmgrpc.engines.catalogue import engine_info
 from llmgrpc.engines.lora import LoraModule
 from llmgrpc.engines.model_folder import CONFIG_FILE, read_model_config
+from llmgrpc.engines.options import validate_engine_options
 from llmgrpc.engines.weights import hubs
 from llmgrpc.engines.weights.adapters import is_local
 from llmgrpc.server import placement, resources
@@ -69,6 +70,7 @@ class Admission:
         words = placement.GpuWords(model.device, request.n_gpu, request.gpu_idx)
         inventory = await self._gpu_inventory(info.name, words)
         on_gpus = placement.uses_gpus(words, inventory, info.name)
+        info.check_option_rules(request.engine_options, "cuda" if on_gpus else "cpu")
         model.selection = selection
         need = await asyncio.to_thread(self._estimate_need, selection, request, on_gpus)
         # No await from here until this launch is counted in: concurrent launches each see
