@@ -10,12 +10,14 @@ round is reported, with the ratio adapters / base (the target is at least 0.8).
 
 Usage: python benchmarks/lora.py [--work build/bench-lora] [--rounds 3] [--max-tokens 64]
            [--threads 2] [--quick]
-Writes a Markdown table to stdout and WORK/lora.md.
+Writes a Markdown table to stdout and WORK/lora.md, and puts it in docs/benchmarks.md (section
+"LoRA adapters", after the suite's own, which make bench writes first).
 """
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import models
 
@@ -23,6 +25,16 @@ from llmgrpc.clients import Client
 from llmgrpc.engines.weights import tiny_adapters
 from llmgrpc.v1 import models_pb2
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+SECTION = "## LoRA adapters"
+EXPLANATION = (
+    "`benchmarks/lora.py` (part of `make bench`): bench-llama-100m, 16 streams sampling {max_tokens} "
+    "tokens each, all on the base model against the same spread over 4 rank-8 adapters on q/k/v/o "
+    "(4 streams each), {threads} threads, median of {rounds} rounds; target: at least 0.8x. "
+    "Transformers multiplies every row by all resident adapters in two matrix products a layer "
+    "(one pass); llama.cpp applies adapters per context, so a step runs one `llama_decode` per "
+    "adapter present (docs/engines.md, *LoRA adapters*)."
+)
 STREAMS = 16
 ADAPTERS = ("tiny-lora-a", "tiny-lora-b", "tiny-lora-c", "tiny-lora-d")
 
@@ -80,7 +92,24 @@ def main() -> None:
     ]
     text = "\n".join(table) + "\n"
     (work / "lora.md").write_text(text)
+    explanation = EXPLANATION.format(threads=args.threads, max_tokens=max_tokens, rounds=rounds)
+    put_section(DOCS, SECTION, f"{SECTION}\n\n{explanation}\n\n{text}")
     print(text, end="")
+
+
+def put_section(path: Path, title: str, text: str) -> None:
+    """Replace the section titled title in the Markdown file at path (up to the next "## "), or
+    put it before "## Machine and versions"."""
+    document = path.read_text()
+    start = document.find(title + "\n")
+    if start < 0:
+        start = end = document.find("## Machine and versions")
+    else:
+        end = document.find("\n## ", start + len(title))
+        end = len(document) if end < 0 else end + 1
+    if start < 0:
+        start = end = len(document)
+    path.write_text(document[:start] + text + "\n" + document[end:])
 
 
 if __name__ == "__main__":
