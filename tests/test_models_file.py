@@ -100,6 +100,12 @@ def test_json_is_read_too(tmp_path):
         ([{"model_name": "a", "device": "cpu", "n_gpu": 2}], "GPUs cannot be asked for with device cpu"),
         ([{"model_name": "a", "model_uid": "no spaces"}], "model_uid: 'no spaces' is not valid"),
         ([{"model_name": "a"}, {"model_name": "a"}], "model_uid 'a' is launched twice"),
+        ([{"model_name": "a", "lora_modules": "x=/a"}], "lora_modules must be a list"),
+        ([{"model_name": "a", "lora_modules": [{"name": "x", "where": "/a"}]}], "is not name=path or"),
+        ([{"model_name": "a", "lora_modules": ["x=relative"]}], "lora_modules[0].path: 'relative'"),
+        ([{"model_name": "a", "lora_modules": ["x=/a", "x=/b"]}], "lora_modules[1].name: 'x' is given twice"),
+        ([{"model_name": "a", "max_loras": 0}], "max_loras: 0 is not valid: 1 to 64"),
+        ([{"model_name": "a", "max_lora_rank": "big"}], "max_lora_rank must be a whole number"),
         (["tiny-llama-3.1"], "models[0]: each model is a mapping"),
         ({"model_name": "a"}, "models must be a list"),
     ],
@@ -205,3 +211,45 @@ def test_a_model_that_fails_to_launch_stops_the_server_with_the_reason(tmp_path,
     assert last_line.startswith("llmgrpc: launching bad failed:"), finished.stderr[-2000:]
     assert "Q9_X" in last_line and "Traceback" not in finished.stderr
     assert "is ready on" not in finished.stdout
+
+
+def test_lora_words_are_xinferences():
+    """lora_modules as xinference's name=path or as mappings with a scale; max_loras, max_lora_rank."""
+    (launch,) = parse_models(
+        {
+            "models": [
+                {
+                    "model_name": "tiny-llama-3.1",
+                    "lora_modules": [
+                        "sql=/models/sql-lora",
+                        {"name": "chat", "path": "owner/chat", "scale": 0.5},
+                    ],
+                    "max_loras": 2,
+                    "max_lora_rank": 32,
+                }
+            ]
+        }
+    )
+    assert [(m.name, m.path, m.scale) for m in launch.lora_modules] == [
+        ("sql", "/models/sql-lora", 1.0),
+        ("chat", "owner/chat", 0.5),
+    ]
+    assert (launch.max_loras, launch.max_lora_rank) == (2, 32)
+
+
+def test_the_launch_command_takes_lora_modules_as_xinference_writes_them():
+    from llmgrpc.server.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "launch",
+            "--model-name",
+            "tiny-llama-3.1",
+            "--lora-modules",
+            "a=/x",
+            "b=owner/b",
+            "--max-loras",
+            "1",
+        ]
+    )
+    assert args.lora_modules == ["a=/x", "b=owner/b"] and args.max_loras == 1
