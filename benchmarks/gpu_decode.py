@@ -2,7 +2,7 @@
 
 Builds a model of Llama-3.1-8B's shape with random bf16 weights directly on the GPU (no
 download), measures the device's memory bandwidth with a device-to-device copy, then
-times the engine's compiled static-cache runner (engines/transformers_engine.py, the
+times the engine's compiled static-cache runner (engines/transformers_static.py, the
 CUDA default) at batch 1 and 16: decode tokens/s next to the roofline (bytes read per
 decode step / bandwidth), time to first token, and GPU memory held next to the server's
 estimate. Prints a Markdown report.
@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmgrpc.engines.transformers_engine import StaticCacheRunner
+from llmgrpc.engines.transformers_static import StaticCacheRunner
 from llmgrpc.engines.weights import tiny_model
 from llmgrpc.server import resources
 

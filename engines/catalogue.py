@@ -31,7 +31,6 @@ MAX_THREADS = 1024
 MAX_CONTEXT_TOKENS = 2**24
 MAX_GPUS = 256
 
-# The dtype option of the engines that choose their own precision (vLLM, SGLang).
 # vLLM's and SGLang's own switch for LoRA adapters.
 ENABLE_LORA = EngineOption(
     "enable_lora",
@@ -39,8 +38,26 @@ ENABLE_LORA = EngineOption(
     "serve LoRA adapters (on by itself when lora_modules are given; set it to load adapters at run "
     "time into a model launched without any)",
 )
+# The dtype option of the engines that choose their own precision (vLLM, SGLang).
 LIBRARY_DTYPE = EngineOption(
     "dtype", str, "auto, bfloat16, float16 or float32", choices=("auto", "bfloat16", "float16", "float32")
+)
+
+# The step budget of the engines behind the continuous batcher (Transformers, llama.cpp).
+MAX_NUM_BATCHED_TOKENS = EngineOption(
+    "max_num_batched_tokens",
+    int,
+    "tokens one step computes: the decoding requests' first, then prompt parts (in chunks of "
+    "32) take the rest; bounds how long a long prompt delays the others' next token "
+    "(default 256)",
+    minimum=1,
+    maximum=MAX_CONTEXT_TOKENS,
+)
+# The prefix cache switch of the engines that keep one (Transformers, llama.cpp).
+PREFIX_CACHE = EngineOption(
+    "prefix_cache",
+    bool,
+    "keep finished sequences' KV and start a prompt from its longest cached prefix (default true)",
 )
 
 
@@ -162,6 +179,16 @@ TRANSFORMERS = EngineInfo(
             "which lowers them itself) or torch",
             choices=("onednn", "torch"),
         ),
+        MAX_NUM_BATCHED_TOKENS,
+        PREFIX_CACHE,
+        EngineOption(
+            "prefix_cache_tokens",
+            int,
+            "tokens of finished sequences' KV the prefix cache keeps, least recently used out first "
+            "(default: as many as fit in 1 GiB)",
+            minimum=0,
+            maximum=MAX_CONTEXT_TOKENS,
+        ),
     ),
 )
 
@@ -194,7 +221,7 @@ LLAMA_CPP = EngineInfo(
             "context_length",
             int,
             "KV cache size in tokens, shared by all sequences; each may use context_length divided by "
-            "the batch size (default: 4096 per sequence, at most the model's trained context)",
+            "cache_slots (default: 4096 per sequence, at most the model's trained context)",
             minimum=2,
             maximum=MAX_CONTEXT_TOKENS,
         ),
@@ -217,6 +244,25 @@ LLAMA_CPP = EngineInfo(
             bool,
             "one KV buffer for all sequences instead of one stream each (default: false, which keeps "
             "each request's attention independent of the others)",
+        ),
+        MAX_NUM_BATCHED_TOKENS,
+        PREFIX_CACHE,
+        EngineOption(
+            "cache_slots",
+            int,
+            "sequences the context holds: one per request decoding at once, any more keep finished "
+            "conversations' KV for the prefix cache (default: max_running_requests); each has "
+            "context_length divided by cache_slots",
+            minimum=1,
+            maximum=256,
+        ),
+        EngineOption(
+            "slot_prompt_similarity",
+            float,
+            "the share of a free slot's cached tokens a new prompt must begin with to be given that "
+            "slot; below it, the least recently used free slot (default 0.5)",
+            minimum=0,
+            maximum=1,
         ),
     ),
 )

@@ -44,7 +44,6 @@ sequence at a time. All calls into the context come from the batcher's one threa
 from __future__ import annotations
 
 import ctypes
-import heapq
 import logging
 import os
 from pathlib import Path
@@ -53,13 +52,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from llmgrpc.engines.base import EngineStats, LoadPlan, ProgressReport
+from llmgrpc.engines.base import EngineStats, GenerationRequest, LoadPlan, ProgressReport, SamplingParams
 from llmgrpc.engines.batching import BatchedEngine, ModelRunner
 from llmgrpc.engines.chat import Chat, chat_prompt_ids
 from llmgrpc.engines.constraints import tokenizer_from_llama_cpp
 from llmgrpc.engines.cpu_threads import llama_cpp_threads, usable_cores
 from llmgrpc.engines.llamacpp_build import import_llama_cpp
+from llmgrpc.engines.llamacpp_slots import SlotTable
 from llmgrpc.engines.lora import LoraModule
+from llmgrpc.engines.prefix_cache import KvEventLog
 
 if TYPE_CHECKING:
     from llmgrpc.engines.llamacpp_lora import LoraLlamaCppRunner
@@ -99,14 +100,14 @@ llama_cpp.llama_log_set(_route_log, ctypes.c_void_p(0))
 class LlamaCppRunner(ModelRunner):
     """Forward passes of one llama.cpp context; batcher sequence ids map to llama.cpp slots."""
 
-    def __init__(self, model: llama_cpp.llama_model_p, context: llama_cpp.llama_context_p, n_seq_max: int):
+    def __init__(self, model: llama_cpp.llama_model_p, context: llama_cpp.llama_context_p, slots: SlotTable):
         self.model = model
         self.context = context
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.memory = llama_cpp.llama_get_memory(context)
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         # Per sequence: a stream's size, or an equal share of the unified buffer.
-        per_sequence = int(llama_cpp.llama_n_ctx(context)) // n_seq_max
+        per_sequence = int(llama_cpp.llama_n_ctx(context)) // len(slots.slots)
         self.context_length = min(per_sequence, int(llama_cpp.llama_n_ctx_seq(context)))
         self.eos_token_ids = frozenset(self._end_of_generation_ids())
         self._pieces = [self._piece(token) for token in range(self.vocab_size)]
@@ -120,9 +121,11 @@ class LlamaCppRunner(ModelRunner):
         self._batch_capacity = int(llama_cpp.llama_n_batch(context))
         # One sequence id per token: each token here belongs to exactly one sequence.
         self._batch = llama_cpp.llama_batch_init(self._batch_capacity, 0, 1)
-        self._free_slots = list(range(n_seq_max))  # a heap: the lowest free slot goes first
+        self.slots = slots
         self._slot_of: dict[int, int] = {}
-        self._next_position: dict[int, int] = {}
+        self._held: dict[int, list[int]] = {}  # per sequence: the tokens its slot holds KV for
+        self._slot_adapter: dict[int, str] = {}  # per sequence: the adapter its KV is computed under
+        self._spoiled: set[int] = set()  # sequences whose KV a failed llama_decode left unknown
 
     def _end_of_generation_ids(self) -> set[int]:
         vocab = self.vocab
@@ -195,23 +198,25 @@ class LlamaCppRunner(ModelRunner):
     def grammar_tokenizer(self):
         return tokenizer_from_llama_cpp(self.vocab, self.vocab_size, self.eos_token_ids)
 
+    def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
+        # KV computed under an adapter serves only prompts for that adapter.
+        slot, kept = self.slots.take(prompt_ids, request.adapter, reuse=request.cache_prompt)
+        if kept and not llama_cpp.llama_memory_seq_rm(self.memory, slot, kept, -1):
+            kept = 0  # this memory cannot drop part of a sequence (a recurrent model): start cold
+        if not kept:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        self._slot_of[sequence_id] = slot
+        self._held[sequence_id] = list(prompt_ids[:kept])
+        self._slot_adapter[sequence_id] = request.adapter
+        return kept
+
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        # A sequence's first part takes a slot; later parts carry on at its next position.
-        new = [sequence_id for sequence_id, _ in sequences if sequence_id not in self._slot_of]
-        if len(new) > len(self._free_slots):
-            raise ResourceExhausted(
-                f"{len(new)} new sequences but only {len(self._free_slots)} llama.cpp slots are free"
-            )
-        for sequence_id in new:
-            self._slot_of[sequence_id] = heapq.heappop(self._free_slots)
-            self._next_position[sequence_id] = 0
+        # Each sequence carries on at its next position: after its cached prefix, or its last part.
         try:
             return self._prefill(sequences)
         except BaseException:
-            # These sequences fail (the batcher tells their callers); a half-fed part leaves
-            # cells behind, so free their slots now (release is idempotent).
-            for sequence_id, _ in sequences:
-                self.release(sequence_id)
+            # A half-fed part leaves cells behind: these sequences' slots keep nothing.
+            self._spoiled.update(sequence_id for sequence_id, _ in sequences)
             raise
 
     def _prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
@@ -243,7 +248,11 @@ class LlamaCppRunner(ModelRunner):
         by_slot = sorted(range(len(ids)), key=lambda row: self._slot_of[ids[row]])
         for index, row in enumerate(by_slot):
             self._put(index, ids[row], last_tokens[ids[row]], wants_logits=True)
-        self._run(len(ids))
+        try:
+            self._run(len(ids))
+        except BaseException:
+            self._spoiled.update(ids)
+            raise
         # Every token of the step asked for logits, so llama.cpp's output buffer holds their rows
         # in batch order: a view of it, not a copy (a step of 16 sequences of a 128k vocabulary
         # would copy 8 MB). It stays valid until the next call into the context.
@@ -257,20 +266,26 @@ class LlamaCppRunner(ModelRunner):
 
     def release(self, sequence_id: int) -> None:
         slot = self._slot_of.pop(sequence_id, None)
-        self._next_position.pop(sequence_id, None)
+        held = self._held.pop(sequence_id, [])
+        adapter = self._slot_adapter.pop(sequence_id, "")
         if slot is None:
             return
-        llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
-        heapq.heappush(self._free_slots, slot)
+        if sequence_id in self._spoiled:
+            self._spoiled.discard(sequence_id)
+            held = []
+        if not held or not self.slots.enabled:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        self.slots.give_back(slot, held, adapter)
 
     def _put(self, index: int, sequence_id: int, token: int, wants_logits: bool) -> None:
         batch = self._batch
+        held = self._held[sequence_id]
         batch.token[index] = token
-        batch.pos[index] = self._next_position[sequence_id]
+        batch.pos[index] = len(held)
         batch.n_seq_id[index] = 1
         batch.seq_id[index][0] = self._slot_of[sequence_id]
         batch.logits[index] = wants_logits
-        self._next_position[sequence_id] += 1
+        held.append(token)
 
     def _run(self, count: int) -> None:
         self._batch.n_tokens = count
@@ -317,11 +332,13 @@ class LlamaCppEngine(BatchedEngine):
     @classmethod
     def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> LlamaCppEngine:
         options = plan.engine_options  # as the server admitted them (engines.catalogue, LLAMA_CPP)
-        n_seq_max = plan.max_batch_size
-        if not 1 <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
+        # The context's sequences: one per request decoding at once, and any more kept as cache.
+        n_seq_max = _int_option(options, "cache_slots", plan.max_batch_size)
+        if not plan.max_batch_size <= n_seq_max <= llama_cpp.llama_max_parallel_sequences():
             raise InvalidArgument(
-                f"llama.cpp decodes at most {llama_cpp.llama_max_parallel_sequences()} sequences together, "
-                f"but the batch size is {n_seq_max}: lower max_running_requests"
+                f"llama.cpp keeps at most {llama_cpp.llama_max_parallel_sequences()} sequences in a context, "
+                f"and at least one per request decoding at once ({plan.max_batch_size}), but it was asked "
+                f"for {n_seq_max}: set engine_options.cache_slots or max_running_requests within that"
             )
         single, batched = llama_cpp_threads(usable_cores())
         n_threads = _int_option(options, "n_threads", single)
@@ -376,13 +393,21 @@ class LlamaCppEngine(BatchedEngine):
         except BaseException:
             llama_cpp.llama_model_free(model)
             raise
+        slots = SlotTable(
+            n_seq_max,
+            KvEventLog(),
+            enabled=bool(options.get("prefix_cache", True)),
+            similarity=float(options.get("slot_prompt_similarity", 0.5)),
+        )
         from llmgrpc.engines.llamacpp_lora import LoraLlamaCppRunner  # it builds on this module
 
         converted = Path(plan.cache_dir) / "lora-gguf"
-        runner = LoraLlamaCppRunner(model, context, n_seq_max, plan.max_lora_rank, converted)
+        runner = LoraLlamaCppRunner(model, context, slots, plan.max_lora_rank, converted)
         try:
             report("warming up", 0, 0)
-            runner.prefill([(0, runner.tokenize("warm up"))])
+            warm_up = runner.tokenize("warm up")
+            runner.admit(0, warm_up, GenerationRequest("warm-up", SamplingParams(), cache_prompt=False))
+            runner.prefill([(0, warm_up)])
             runner.decode({0: 0})
             runner.release(0)
         except BaseException:
@@ -392,7 +417,7 @@ class LlamaCppEngine(BatchedEngine):
         if wants_gpu and not llama_cpp.llama_supports_gpu_offload():
             log.warning("%s asked for, but this llama.cpp build runs on the CPU only", plan.device)
             wants_gpu = False
-        return cls(runner, n_seq_max, plan.device if wants_gpu else "cpu")
+        return cls(runner, plan.max_batch_size, plan.device if wants_gpu else "cpu")
 
     def load_adapter(self, module: LoraModule, path: str) -> int:
         return self.runner.load_adapter(module, path)

@@ -30,6 +30,7 @@ import numpy as np
 
 from llmgrpc.clients.errors import FailedPrecondition, Reason
 from llmgrpc.engines.llamacpp_engine import LlamaCppRunner, llama_cpp
+from llmgrpc.engines.llamacpp_slots import SlotTable
 from llmgrpc.engines.lora import (
     LoraModule,
     check_fits,
@@ -48,8 +49,8 @@ class _Loaded:
 class LoraLlamaCppRunner(LlamaCppRunner):
     """A llama.cpp runner whose sequences may each name a LoRA adapter."""
 
-    def __init__(self, model, context, n_seq_max: int, max_rank: int, converted_dir: Path):
-        super().__init__(model, context, n_seq_max)
+    def __init__(self, model, context, slots: SlotTable, max_rank: int, converted_dir: Path):
+        super().__init__(model, context, slots)
         self.max_rank = max_rank
         self.converted_dir = converted_dir
         self.lock = threading.Lock()

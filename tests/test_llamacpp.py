@@ -19,6 +19,7 @@ from conftest import TINY
 from rpc_helpers import collect
 
 from llmgrpc.clients import Client  # noqa: E402
+from llmgrpc.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from llmgrpc.engines.weights import gguf_convert  # noqa: E402
 from llmgrpc.v1 import generate_pb2, models_pb2  # noqa: E402
 
@@ -150,11 +151,15 @@ def test_prefill_longer_than_one_batch_is_split_and_equals_prefill_alone(in_proc
     rng = np.random.default_rng(0)
     # Two prompts of 1500 tokens: 3000 do not fit one llama_decode (2048), so the second is cut in two.
     prompts = [[0, *rng.integers(5, runner.vocab_size, 1499).tolist()] for _ in range(2)]
+    cold = GenerationRequest("cold", SamplingParams(), cache_prompt=False)
+    runner.admit(1, prompts[0], cold)
+    runner.admit(2, prompts[1], cold)
     together = runner.prefill([(1, prompts[0]), (2, prompts[1])])
     next_together = runner.decode({1: 7, 2: 7}).copy()  # a view of llama.cpp's buffer until the next call
     runner.release(1)
     runner.release(2)
     for row, prompt in enumerate(prompts):
+        runner.admit(3, prompt, cold)
         alone = runner.prefill([(3, prompt)])
         next_alone = runner.decode({3: 7})
         runner.release(3)

@@ -253,7 +253,8 @@ def test_a_prompt_prefilled_in_parts_gives_the_greedy_tokens_of_transformers_gen
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmgrpc.engines.transformers_engine import DynamicCacheRunner, StaticCacheRunner
+    from llmgrpc.engines.transformers_plain import DynamicCacheRunner
+    from llmgrpc.engines.transformers_static import StaticCacheRunner
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_files)
     model = AutoModelForCausalLM.from_pretrained(tiny_files, dtype=torch.float32).eval()

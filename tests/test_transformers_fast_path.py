@@ -65,7 +65,8 @@ def test_the_plain_path_gives_each_sequence_the_greedy_tokens_of_transformers_ge
 
     from llmgrpc.engines.base import GenerationRequest, SamplingParams
     from llmgrpc.engines.batching import ContinuousBatcher
-    from llmgrpc.engines.transformers_engine import DynamicCacheRunner, use_onednn_linears
+    from llmgrpc.engines.onednn import use_onednn_linears
+    from llmgrpc.engines.transformers_plain import DynamicCacheRunner
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_files)
     model = AutoModelForCausalLM.from_pretrained(tiny_files, dtype=torch.float32).eval()
@@ -121,7 +122,7 @@ def test_prompts_prefilled_together_get_the_logits_each_gets_alone(tiny_files):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmgrpc.engines.transformers_engine import DynamicCacheRunner
+    from llmgrpc.engines.transformers_plain import DynamicCacheRunner
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_files)
     model = AutoModelForCausalLM.from_pretrained(tiny_files, dtype=torch.float32).eval()
