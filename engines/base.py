@@ -330,6 +330,8 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # the fraction, 0 to 1, of its KV-cache capacity live sequences hold
     resident_adapters: list[str] = field(default_factory=list)  # LoRA weights where the forward reads them
     adapter_ranks: dict[str, int] = field(default_factory=dict)  # every adapter the engine holds
+    prefix_cache_queries: int = 0  # prompt tokens looked up in its prefix cache since it loaded
+    prefix_cache_hits: int = 0  # of those, tokens found there
 
 
 # report(phase, done, total): progress of a load, e.g. ("downloading", 1_000, 5_000).

@@ -57,6 +57,7 @@ class ModelRunner(abc.ABC):
     context_length: int
     vocab_size: int
     eos_token_ids: frozenset[int]
+    caches_prefixes = False  # whether admit may find a prompt's prefix already held
 
     @abc.abstractmethod
     def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
@@ -152,6 +153,7 @@ class ContinuousBatcher:
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens or self.PREFILL_CHUNK_TOKENS
         self.peak_batch_size = 0
+        self.prefix_cache_queries = self.prefix_cache_hits = 0  # in tokens
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -344,6 +346,9 @@ class ContinuousBatcher:
             return
         sequence.prefilled = sequence.cached = cached
         self._prefilling[sequence.id] = sequence
+        if self.runner.caches_prefixes and sequence.request.cache_prompt:
+            self.prefix_cache_queries += len(sequence.prompt_ids)
+            self.prefix_cache_hits += cached
 
     def _send(self, sequence: _Sequence, item: Chunk | BaseException) -> None:
         """Queue item for sequence's caller; it goes out with the rest of the step (_flush)."""
@@ -522,6 +527,8 @@ class BatchedEngine(Engine):
             running_requests=self.batcher.running_requests,
             peak_batch_size=self.batcher.peak_batch_size,
             kv_cache_usage=self.batcher.kv_cache_usage,
+            prefix_cache_queries=self.batcher.prefix_cache_queries,
+            prefix_cache_hits=self.batcher.prefix_cache_hits,
             gpu_memory_bytes=self.gpu_memory_bytes(),
         )
 

@@ -198,6 +198,10 @@ class LlamaCppRunner(ModelRunner):
     def grammar_tokenizer(self):
         return tokenizer_from_llama_cpp(self.vocab, self.vocab_size, self.eos_token_ids)
 
+    @property
+    def caches_prefixes(self) -> bool:
+        return self.slots.enabled
+
     def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
         # KV computed under an adapter serves only prompts for that adapter.
         slot, kept = self.slots.take(prompt_ids, request.adapter, reuse=request.cache_prompt)

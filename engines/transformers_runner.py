@@ -81,6 +81,10 @@ class HuggingFaceRunner(ModelRunner):
     def grammar_tokenizer(self):
         return tokenizer_from_hugging_face(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
+    @property
+    def caches_prefixes(self) -> bool:
+        return self.prefix_store.capacity_tokens > 0
+
     def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
         """Start from the stored KV of the longest cached prefix of the prompt, if any (computed
         under the same adapter)."""

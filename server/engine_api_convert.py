@@ -200,7 +200,7 @@ def chunk_to_pb(
         token_ids=response.token_ids,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        cached_tokens=0,  # llmgrpc keeps no prefix cache across requests yet
+        cached_tokens=response.usage.cached_prompt_tokens,  # known with the last tokens
         index=index,
     )
     logprobs = logprobs_to_pb(response)
@@ -222,7 +222,7 @@ def complete_to_pb(
         finish_reason=FINISH_REASONS.get(last.finish_reason, "stop"),
         prompt_tokens=last.usage.prompt_tokens,
         completion_tokens=last.usage.completion_tokens,
-        cached_tokens=0,
+        cached_tokens=last.usage.cached_prompt_tokens,
         index=index,
     )
     if logprobs:

@@ -305,6 +305,8 @@ class LaunchedModel:
             peak_batch_size=max(s.peak_batch_size for s in stats),
             gpu_memory_bytes=sum(s.gpu_memory_bytes for s in stats),
             kv_cache_usage=sum(s.kv_cache_usage for s in stats) / len(stats),
+            prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+            prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
         )
 
     @property

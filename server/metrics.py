@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from llmgrpc.server import resources
@@ -223,6 +223,18 @@ class _ModelCollector(Collector):
             "Fraction (0 to 1) of the engines' KV-cache capacity held by live sequences",
             labels=["model_uid"],
         )
+        # vLLM's prefix_cache_queries and prefix_cache_hits: hits over queries is the share of
+        # prompt tokens served from the prefix cache.
+        cache_queries = CounterMetricFamily(
+            "llmgrpc:prefix_cache_queries",
+            "Prompt tokens looked up in the engines' prefix caches",
+            labels=["model_uid"],
+        )
+        cache_hits = CounterMetricFamily(
+            "llmgrpc:prefix_cache_hits",
+            "Prompt tokens found in the engines' prefix caches, and not prefilled",
+            labels=["model_uid"],
+        )
         load = GaugeMetricFamily(
             "llmgrpc:model_load_seconds", "How long each READY model took to load", labels=["model_uid"]
         )
@@ -252,10 +264,13 @@ class _ModelCollector(Collector):
             uid = model.uid
             running.add_metric([uid], model.gate.running)
             waiting.add_metric([uid], model.gate.waiting)
-            kv_cache.add_metric([uid], model.engine_stats.kv_cache_usage)
+            stats = model.engine_stats
+            kv_cache.add_metric([uid], stats.kv_cache_usage)
+            cache_queries.add_metric([uid], stats.prefix_cache_queries)
+            cache_hits.add_metric([uid], stats.prefix_cache_hits)
             pids = [replica.pid for replica in model.replicas if replica.pid]
             memory.add_metric([uid, "rss"], sum(resources.process_memory_bytes(pid) for pid in pids))
-            memory.add_metric([uid, "gpu"], model.engine_stats.gpu_memory_bytes)
+            memory.add_metric([uid, "gpu"], stats.gpu_memory_bytes)
             memory.add_metric([uid, "estimated"], model.estimated_bytes)
             load.add_metric([uid], model.load_seconds)
             described = model.to_pb()  # names from the request while the spec is being chosen
@@ -267,4 +282,4 @@ class _ModelCollector(Collector):
             "Launched models whose weights are in memory (READY; not UNLOADED, FAILED or LOADING)",
             value=sum(model.state.name == "READY" for model in models),
         )
-        return [running, waiting, kv_cache, memory, load, info, loaded, lora]
+        return [running, waiting, kv_cache, cache_queries, cache_hits, memory, load, info, loaded, lora]

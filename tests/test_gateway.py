@@ -410,3 +410,20 @@ def test_the_models_file_gives_a_model_its_own_listener():
     assert launch.engine_api_port == 50061
     with pytest.raises(ModelsFileError, match="engine_api_port must be a port"):
         parse_models({"models": [{"model_name": INSTRUCT, "engine_api_port": "x"}]})
+
+
+@pytest.mark.parametrize("uid", list(UIDS))
+def test_a_prompt_sharing_a_served_prefix_reports_its_cached_tokens(served, uid):
+    server, _ = served
+    prefix = [20 + (7 * n) % 600 for n in range(300)]
+
+    def cached_tokens(input_ids: list[int]) -> int:
+        request = pb.GenerateRequest(
+            tokenized=pb.TokenizedInput(input_ids=input_ids),
+            sampling_params=pb.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        )
+        (answer,) = _stub(server, uid).Generate(request, timeout=60)
+        return answer.complete.cached_tokens
+
+    cached_tokens([*prefix, 5])
+    assert cached_tokens([*prefix, 6, 7]) >= 300

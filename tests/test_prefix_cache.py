@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rpc_helpers import collect
+from rpc_helpers import collect, scrape, value, wait_until
 
 from llmgrpc.clients import Client
 
@@ -124,3 +124,22 @@ def test_any_interleaving_of_prompts_sharing_prefixes_gives_the_cold_outputs(cli
         outputs = list(pool.map(lambda n: run(client, cached_model, prompts[n])[0], order))
     for n, output in zip(order, outputs, strict=True):
         assert output == cold(client, cached_model, prompts[n])
+
+
+def test_metrics_count_the_prompt_tokens_looked_up_and_found(start_server):
+    server = start_server(metrics_port=0, device="cpu")
+    with Client(server.endpoint) as client:
+        uid = launch(client, "transformers", "cache-metrics")
+        prompt = words(6, 500)
+        run(client, uid, prompt)
+        run(client, uid, [*prompt, 21])
+
+        def counted() -> tuple[float, float]:
+            samples = scrape(server.server.metrics_port)
+            return (
+                value(samples, "llmgrpc:prefix_cache_queries_total", model_uid=uid),
+                value(samples, "llmgrpc:prefix_cache_hits_total", model_uid=uid),
+            )
+
+        # The engine's numbers reach the server with its next stats call.
+        assert wait_until(lambda: counted() == (1001, 500), timeout=30), counted()

@@ -386,6 +386,8 @@ class EngineStats(_message.Message):
     KV_CACHE_USAGE_FIELD_NUMBER: _builtins.int
     RESIDENT_ADAPTERS_FIELD_NUMBER: _builtins.int
     ADAPTER_RANKS_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _builtins.int
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _builtins.int
     context_length: _builtins.int
     """The longest sequence (prompt and output) the loaded model takes, in tokens."""
     device: _builtins.str
@@ -400,6 +402,12 @@ class EngineStats(_message.Message):
     """The fraction, 0 to 1, of the engine's KV-cache capacity that live
     sequences hold; 0 where the engine does not report it.
     """
+    prefix_cache_queries: _builtins.int
+    """Prompt tokens the engine looked up in its prefix cache since it loaded
+    (requests with cache_prompt, on an engine that keeps one).
+    """
+    prefix_cache_hits: _builtins.int
+    """Of those, the tokens it found there and did not prefill."""
     @_builtins.property
     def resident_adapters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The adapters whose weights are resident in the engine now."""
@@ -419,10 +427,12 @@ class EngineStats(_message.Message):
         kv_cache_usage: _builtins.float = ...,
         resident_adapters: _abc.Iterable[_builtins.str] | None = ...,
         adapter_ranks: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        prefix_cache_queries: _builtins.int = ...,
+        prefix_cache_hits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_ranks", b"adapter_ranks", "context_length", b"context_length", "device", b"device", "gpu_memory_bytes", b"gpu_memory_bytes", "kv_cache_usage", b"kv_cache_usage", "peak_batch_size", b"peak_batch_size", "resident_adapters", b"resident_adapters", "running_requests", b"running_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_ranks", b"adapter_ranks", "context_length", b"context_length", "device", b"device", "gpu_memory_bytes", b"gpu_memory_bytes", "kv_cache_usage", b"kv_cache_usage", "peak_batch_size", b"peak_batch_size", "prefix_cache_hits", b"prefix_cache_hits", "prefix_cache_queries", b"prefix_cache_queries", "resident_adapters", b"resident_adapters", "running_requests", b"running_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
