@@ -18,6 +18,7 @@ An engine serves one loaded model inside a worker process. Its whole contract:
   one in ``GenerationRequest.adapter``. ``LoadPlan.lora_modules`` are loaded the same way,
   after ``load``, before the model is READY.
 - ``engine.stats()`` reports what the manager shows in ``GetModel``.
+- ``engine.kv_events()``: the log of what its prefix cache stores and evicts, or None.
 - ``engine.close()`` frees the model.
 
 Engines import their heavy libraries (torch, llama_cpp, vllm, sglang) inside their own
@@ -38,6 +39,7 @@ from typing import Any
 from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.chat import Chat, tool_call_schema
 from llmgrpc.engines.lora import LoraModule
+from llmgrpc.engines.prefix_cache import KvEventLog
 from llmgrpc.v1 import generate_pb2
 
 
@@ -374,6 +376,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats:
         """Current numbers for GetModel."""
+
+    def kv_events(self) -> KvEventLog | None:
+        """What its prefix cache stores and evicts (engines.prefix_cache), if it keeps one."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:

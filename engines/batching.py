@@ -7,9 +7,10 @@ stop rules, and aborting a request at the next step after its caller goes away. 
 runner calls but ``tokenize`` happen on the batcher's one thread, so runners need no locking.
 
 No request may stall the others for long: a prompt is tokenized and checked before it
-reaches the batcher's thread (a multi-megabyte one takes seconds), and a long prompt is
-prefilled in parts of at most ``prefill_chunk_tokens``, one part per step, between the
-decode steps of the sequences already running.
+reaches the batcher's thread (a multi-megabyte one takes seconds), and each step has a
+token budget (``max_num_batched_tokens``, vLLM's word): the decoding sequences' tokens go
+first, and prompt parts take what is left, so a long prompt is prefilled a budget's worth
+at a time between the decode steps of the sequences already running.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from llmgrpc.engines.base import (
 )
 from llmgrpc.engines.chat import Chat
 from llmgrpc.engines.constraints import ConstraintState, GrammarCompiler
+from llmgrpc.engines.prefix_cache import KvEventLog
 from llmgrpc.engines.sampling import Sampler, token_logprobs
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 
@@ -58,6 +60,7 @@ class ModelRunner(abc.ABC):
     vocab_size: int
     eos_token_ids: frozenset[int]
     caches_prefixes = False  # whether admit may find a prompt's prefix already held
+    kv_events: KvEventLog | None = None  # what a prefix cache stores and evicts
 
     @abc.abstractmethod
     def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
@@ -142,16 +145,28 @@ class _Sequence:
 class ContinuousBatcher:
     """Serves generate() calls on one runner, decoding all live sequences together."""
 
-    # Prompt tokens prefilled per step: long enough to keep prefill efficient, short enough
-    # that the sequences decoding beside a long prompt wait for one part, not the whole.
+    # Prompts are cut at multiples of this many tokens, whatever runs beside them.
     PREFILL_CHUNK_TOKENS = 512
+    # The engines' step budget and chunk, unless engine_options.max_num_batched_tokens says
+    # otherwise (measured: docs/engines.md, "The step budget").
+    DEFAULT_STEP_TOKENS = 256
+    ENGINE_CHUNK_TOKENS = 32
     # Prompts tokenized at once, off the batcher's thread: a huge one occupies one thread.
     TOKENIZER_THREADS = 2
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int, prefill_chunk_tokens: int | None = None):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_batch_size: int,
+        prefill_chunk_tokens: int | None = None,
+        max_num_batched_tokens: int | None = None,
+    ):
+        """prefill_chunk_tokens: where prompts are cut; max_num_batched_tokens: a step's token
+        budget (default: one chunk)."""
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens or self.PREFILL_CHUNK_TOKENS
+        self.max_num_batched_tokens = max_num_batched_tokens or self.prefill_chunk_tokens
         self.peak_batch_size = 0
         self.prefix_cache_queries = self.prefix_cache_hits = 0  # in tokens
         self._ids = itertools.count(1)
@@ -366,35 +381,41 @@ class ContinuousBatcher:
         self._outgoing = {}
 
     def _step(self) -> None:
+        decoded = 0
         if self._active:
             batch = list(self._active.values())
+            decoded = len(batch)
             self.peak_batch_size = max(self.peak_batch_size, len(batch))
             logits = self.runner.decode({s.id: s.output_ids[-1] for s in batch})
             masks = self._masks(batch)
             for sequence, row in zip(batch, logits, strict=True):
                 self._advance(sequence, row, masks.get(sequence.id))
         if self._prefilling:
-            self._prefill_next_parts()
+            self._prefill_next_parts(self.max_num_batched_tokens - decoded)
 
-    def _prefill_next_parts(self) -> None:
-        """Feed the runner at most prefill_chunk_tokens prompt tokens (the first waiting prompt's
-        next part, then whichever others fit); a sequence whose prompt is all in starts decoding.
+    def _prefill_next_parts(self, budget: int) -> None:
+        """Feed the runner prompt parts of at most budget tokens in all (the first waiting
+        prompt's next chunk in any case, so that prompts always advance, then whatever fits);
+        a sequence whose prompt is all in starts decoding.
 
-        Each prompt is cut at multiples of prefill_chunk_tokens, whatever runs beside it, so
-        its output does not depend on its neighbours; one fed only in part goes to the back,
-        so a long prompt never holds up the short ones that arrive after it.
+        Each prompt is cut at multiples of prefill_chunk_tokens, whatever runs beside it (a
+        part is one chunk or several in a row), so its output does not depend on its
+        neighbours; one fed only in part goes to the back, so a long prompt never holds up
+        the short ones that arrive after it.
         """
-        chunk, budget = self.prefill_chunk_tokens, self.prefill_chunk_tokens
+        chunk = self.prefill_chunk_tokens
         fed: list[tuple[_Sequence, list[int]]] = []
         for sequence in self._prefilling.values():
-            # Up to the next multiple of chunk: a prompt found partly in the cache is cut where
-            # it would be cut cold.
-            end = (sequence.prefilled // chunk + 1) * chunk
-            part = sequence.prompt_ids[sequence.prefilled : end]
-            if fed and len(part) > budget:
+            start, length = sequence.prefilled, len(sequence.prompt_ids)
+            # To the next multiple of chunk (a prompt found partly in the prefix cache is cut
+            # where it would be cut cold), then on by whole chunks while the budget lasts.
+            end = min((start // chunk + 1) * chunk, length)
+            if fed and end - start > budget:
                 continue
-            fed.append((sequence, part))
-            budget -= len(part)
+            while end < length and min(end + chunk, length) - start <= budget:
+                end = min(end + chunk, length)
+            fed.append((sequence, sequence.prompt_ids[start:end]))
+            budget -= end - start
             if budget <= 0:
                 break
         logits = self.runner.prefill([(sequence.id, part) for sequence, part in fed])
@@ -505,11 +526,25 @@ class BatchedEngine(Engine):
     """
 
     def __init__(
-        self, runner: ModelRunner, max_batch_size: int, device: str, prefill_chunk_tokens: int | None = None
+        self,
+        runner: ModelRunner,
+        max_batch_size: int,
+        device: str,
+        prefill_chunk_tokens: int | None = None,
+        max_num_batched_tokens: int | None = None,
     ):
         self.runner = runner
         self.device = device
-        self.batcher = ContinuousBatcher(runner, max_batch_size, prefill_chunk_tokens)
+        self.batcher = ContinuousBatcher(runner, max_batch_size, prefill_chunk_tokens, max_num_batched_tokens)
+
+    @classmethod
+    def step_budget(cls, options: dict) -> dict[str, int]:
+        """The batcher's chunk and step budget for these engine options (keyword arguments)."""
+        budget = int(options.get("max_num_batched_tokens") or ContinuousBatcher.DEFAULT_STEP_TOKENS)
+        return {
+            "prefill_chunk_tokens": min(ContinuousBatcher.ENGINE_CHUNK_TOKENS, budget),
+            "max_num_batched_tokens": budget,
+        }
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         return self.batcher.generate(request)
@@ -531,6 +566,9 @@ class BatchedEngine(Engine):
             prefix_cache_hits=self.batcher.prefix_cache_hits,
             gpu_memory_bytes=self.gpu_memory_bytes(),
         )
+
+    def kv_events(self) -> KvEventLog | None:
+        return self.runner.kv_events
 
     def gpu_memory_bytes(self) -> int:
         return 0

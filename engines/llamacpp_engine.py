@@ -202,6 +202,10 @@ class LlamaCppRunner(ModelRunner):
     def caches_prefixes(self) -> bool:
         return self.slots.enabled
 
+    @property
+    def kv_events(self) -> KvEventLog:
+        return self.slots.events
+
     def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
         # KV computed under an adapter serves only prompts for that adapter.
         slot, kept = self.slots.take(prompt_ids, request.adapter, reuse=request.cache_prompt)
@@ -421,7 +425,8 @@ class LlamaCppEngine(BatchedEngine):
         if wants_gpu and not llama_cpp.llama_supports_gpu_offload():
             log.warning("%s asked for, but this llama.cpp build runs on the CPU only", plan.device)
             wants_gpu = False
-        return cls(runner, plan.max_batch_size, plan.device if wants_gpu else "cpu")
+        device = plan.device if wants_gpu else "cpu"
+        return cls(runner, plan.max_batch_size, device, **cls.step_budget(options))
 
     def load_adapter(self, module: LoraModule, path: str) -> int:
         return self.runner.load_adapter(module, path)

@@ -143,7 +143,7 @@ class TransformersEngine(BatchedEngine):
         runner.release(0)
         if decode == "plain":  # the static runners' compiled step and CUDA graph have no adapter path yet
             runner.lora = LoraSlots(model, plan.max_loras, plan.max_lora_rank)
-        return cls(runner, plan.max_batch_size, str(device))
+        return cls(runner, plan.max_batch_size, str(device), **cls.step_budget(options))
 
     def load_adapter(self, module: LoraModule, path: str) -> int:
         if self.runner.lora is None:

@@ -85,6 +85,10 @@ class HuggingFaceRunner(ModelRunner):
     def caches_prefixes(self) -> bool:
         return self.prefix_store.capacity_tokens > 0
 
+    @property
+    def kv_events(self) -> KvEventLog:
+        return self.prefix_store.events
+
     def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
         """Start from the stored KV of the longest cached prefix of the prompt, if any (computed
         under the same adapter)."""

@@ -20,8 +20,8 @@ What each RPC answers (see ``engine_api_state`` for routing and health):
 Generate (tokenized or text input, ``n`` samples tagged by index, chunks then a
 GenerateComplete per sample), Abort (cancels the calls of those request ids: the engine
 drops them at its next step), HealthCheck, GetModelInfo, GetServerInfo, GetLoads and
-GetTokenizer from the launched model; SubscribeKvEvents, Embed, FlushCache and the
-profiler RPCs answer UNIMPLEMENTED saying why.
+GetTokenizer from the launched model, SubscribeKvEvents from its engine's prefix cache;
+Embed, FlushCache and the profiler RPCs answer UNIMPLEMENTED saying why.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as pb_grpc
 
@@ -49,10 +50,6 @@ from llmgrpc.server.tokenizer_archive import chunks, zip_folder
 from llmgrpc.v1 import generate_pb2
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
-NO_PREFIX_CACHE = (
-    "llmgrpc keeps no KV prefix cache across requests yet, so it has no cache events to stream and "
-    "nothing to flush; a gateway routes on its own prefix tree and GetLoads instead"
-)
 
 
 @dataclass
@@ -208,12 +205,21 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
         for chunk in chunks(data):
             yield chunk
 
-    async def SubscribeKvEvents(self, request, context):
-        raise Unimplemented(f"SubscribeKvEvents: {NO_PREFIX_CACHE}")
-        yield  # a server-streaming RPC
+    async def SubscribeKvEvents(self, request: common_pb2.SubscribeKvEventsRequest, context):
+        model = self.route.model(self.manager)
+        streams = await self.manager.kv_events(model.uid, request.start_sequence_number)
+        several = len(streams) > 1
+        async for index, data in _merged(streams):
+            batch = common_pb2.KvEventBatch.FromString(data)
+            if several:  # each replica is a cache of its own, as a data-parallel rank is
+                batch.dp_rank = index
+            yield batch
 
     async def FlushCache(self, request, context):
-        raise Unimplemented(f"FlushCache: {NO_PREFIX_CACHE}")
+        raise Unimplemented(
+            "FlushCache: llmgrpc's prefix caches empty themselves, least recently used first; "
+            "terminate or unload the model to drop its cache at once"
+        )
 
     async def Embed(self, request: pb.EmbedRequest, context):
         raise Unimplemented("Embed: llmgrpc serves generative models only; it computes no embeddings")

@@ -138,3 +138,6 @@ class EngineManager:
 
     async def describe(self, model_uid: str, timeout: float | None) -> worker_pb2.DescribeResponse:
         return await self.routing.describe(model_uid, timeout)
+
+    async def kv_events(self, model_uid: str, start_sequence_number: int) -> list[AsyncIterator[bytes]]:
+        return await self.routing.kv_events(model_uid, start_sequence_number)

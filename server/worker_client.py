@@ -231,6 +231,14 @@ class WorkerProcess:
             self.stub.UnloadAdapter(worker_pb2.UnloadAdapterRequest(name=name), metadata=_request_id())
         )
 
+    async def kv_events(self, start_sequence_number: int) -> AsyncIterator[bytes]:
+        """The engine's prefix-cache event batches (serialized smg KvEventBatch), as they happen."""
+        call = self.stub.WatchKvEvents(
+            worker_pb2.WatchKvEventsRequest(start_sequence_number=start_sequence_number)
+        )
+        async for response in self._relay(call):
+            yield response.kv_event_batch
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit (close its standard input), then kill it if it lingers."""
         self.generate_streams.close_all()

@@ -309,9 +309,6 @@ def test_what_llmgrpc_cannot_honour_is_refused_by_name(served, sampling, field):
 def test_what_llmgrpc_does_not_implement_says_why(served):
     stub = _stub(served[0], "gw-pt")
     calls = {
-        "SubscribeKvEvents": lambda: list(
-            stub.SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=10)
-        ),
         "Embed": lambda: stub.Embed(pb.EmbedRequest(), timeout=10),
         "FlushCache": lambda: stub.FlushCache(common_pb2.FlushCacheRequest(), timeout=10),
         "StartProfile": lambda: stub.StartProfile(common_pb2.StartProfileRequest(), timeout=10),
@@ -427,3 +424,33 @@ def test_a_prompt_sharing_a_served_prefix_reports_its_cached_tokens(served, uid)
 
     cached_tokens([*prefix, 5])
     assert cached_tokens([*prefix, 6, 7]) >= 300
+
+
+@pytest.mark.parametrize("uid", list(UIDS))
+def test_kv_events_announce_the_blocks_a_finished_request_left_in_the_cache(served, uid):
+    server, client = served
+    prompt = [20 + (11 * n) % 600 for n in range(40)]
+    events = _stub(server, uid).SubscribeKvEvents(common_pb2.SubscribeKvEventsRequest(), timeout=60)
+    collect(client.generate(uid, prompt, max_tokens=4, temperature=0, ignore_eos=True))
+    stored: dict[tuple[int, ...], common_pb2.KvBlocksStored] = {}
+    try:
+        for batch in events:  # from the first batch kept: what earlier requests stored comes too
+            for event in batch.events:
+                if event.HasField("stored"):
+                    stored.update({tuple(block.token_ids): event.stored for block in event.stored.blocks})
+            if tuple(prompt[16:32]) in stored:
+                break
+    finally:
+        events.cancel()
+    first, second = stored[tuple(prompt[:16])], stored[tuple(prompt[16:32])]
+    assert all(block.block_size == 16 for block in [*first.blocks, *second.blocks])
+    # The second block's parent is the first: the block before it in its event, or the event's parent.
+    blocks = list(second.blocks)
+    position = [list(block.token_ids) for block in blocks].index(prompt[16:32])
+    parent = blocks[position - 1].block_hash if position else second.parent_block_hash
+    assert parent == _block_hash(first, prompt[:16])
+
+
+def _block_hash(event: common_pb2.KvBlocksStored, token_ids: list[int]) -> int:
+    (block,) = [block for block in event.blocks if list(block.token_ids) == token_ids]
+    return block.block_hash

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from llmgrpc.clients.errors import FailedPrecondition, Reason, Unavailable
+from llmgrpc.clients.errors import FailedPrecondition, Reason, Unavailable, Unimplemented
 from llmgrpc.engines import model_facts, weights
 from llmgrpc.engines.base import Engine, EngineStats, GenerationRequest, LoadPlan, ProgressReport
 from llmgrpc.engines.catalogue import engine_info, load_plugins_from_environment
@@ -41,7 +41,7 @@ from llmgrpc.engines.weights.adapters import resolve_adapter
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
 from llmgrpc.v1 import generate_pb2, models_pb2
-from llmgrpc.worker import frames, generate_socket
+from llmgrpc.worker import frames, generate_socket, kv_events
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("llmgrpc.worker")
@@ -191,6 +191,20 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         path = resolve_adapter(module, self.plan, report)
         report("loading adapters", 0, 0)
         return engine.load_adapter(module, path)
+
+    @grpc_errors
+    async def WatchKvEvents(
+        self, request: worker_pb2.WatchKvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.WatchKvEventsResponse]:
+        engine = self._loaded()
+        log = engine.kv_events()
+        if log is None:
+            raise Unimplemented(
+                f"the {type(engine).__name__} engine publishes no prefix-cache events "
+                "(the Transformers and llama.cpp engines do)"
+            )
+        async for batch in kv_events.watch(log, request.start_sequence_number):
+            yield worker_pb2.WatchKvEventsResponse(kv_event_batch=batch.SerializeToString())
 
     def _loaded(self) -> Engine:
         if self.engine is None:

@@ -119,6 +119,17 @@ class Routing:
         assert worker is not None
         return await worker.describe(timeout)
 
+    async def kv_events(self, model_uid: str, start_sequence_number: int) -> list[AsyncIterator[bytes]]:
+        """The prefix-cache event streams of the model's READY replicas, by replica index (each a
+        serialized smg KvEventBatch per batch; see worker.kv_events)."""
+        model = await self._ready_for_call(model_uid, None)
+        ready = [replica for replica in model.replicas if replica.state is ModelState.READY]
+        return [
+            replica.worker.kv_events(start_sequence_number)
+            for replica in sorted(ready, key=lambda replica: replica.index)
+            if replica.worker is not None
+        ]
+
     async def _ready_for_call(self, model_uid: str, timeout: float | None) -> LaunchedModel:
         """A READY model for a call that does not decode (it takes no admission slot)."""
         model = self.table.get(model_uid)

@@ -26,6 +26,52 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class WatchKvEventsRequest(_message.Message):
+    """Asks for the prefix cache's events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_SEQUENCE_NUMBER_FIELD_NUMBER: _builtins.int
+    start_sequence_number: _builtins.int
+    """Only the batches numbered after this one (0: every batch still kept)."""
+    def __init__(
+        self,
+        *,
+        start_sequence_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_sequence_number", b"start_sequence_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKvEventsRequest: _TypeAlias = WatchKvEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchKvEventsResponse(_message.Message):
+    """One batch of prefix-cache events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KV_EVENT_BATCH_FIELD_NUMBER: _builtins.int
+    kv_event_batch: _builtins.bytes
+    """A serialized smg.grpc.common.KvEventBatch (smg-grpc-proto), as the server
+    relays it to the gateway.
+    """
+    def __init__(
+        self,
+        *,
+        kv_event_batch: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_event_batch", b"kv_event_batch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKvEventsResponse: _TypeAlias = WatchKvEventsResponse  # noqa: Y015
+
+@_typing.final
 class LoadAdapterRequest(_message.Message):
     """An adapter to load."""
 

@@ -86,6 +86,11 @@ class WorkerServiceStub:
                 request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.WatchKvEvents = channel.unary_stream(
+                '/llmgrpc.worker.v1.WorkerService/WatchKvEvents',
+                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.WatchKvEventsRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.WatchKvEventsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -168,6 +173,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKvEvents(self, request, context):
+        """WatchKvEvents streams what the engine's prefix cache stores and evicts
+        (for the vLLM engine contract's SubscribeKvEvents): the batches after
+        start_sequence_number, then each new one as it happens. UNIMPLEMENTED for
+        an engine that publishes none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +225,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'WatchKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvEvents,
+                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.WatchKvEventsRequest.FromString,
+                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.WatchKvEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -440,6 +460,33 @@ class WorkerService:
             '/llmgrpc.worker.v1.WorkerService/UnloadAdapter',
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.UnloadAdapterRequest.SerializeToString,
             llmgrpc_dot_worker_dot_v1_dot_worker__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmgrpc.worker.v1.WorkerService/WatchKvEvents',
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.WatchKvEventsRequest.SerializeToString,
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.WatchKvEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,12 @@ class WorkerServiceStub:
     """UnloadAdapter removes an adapter from the engine (the server has made sure
     no stream uses it).
     """
+    WatchKvEvents: _grpc.UnaryStreamMultiCallable[_worker_pb2.WatchKvEventsRequest, _worker_pb2.WatchKvEventsResponse]
+    """WatchKvEvents streams what the engine's prefix cache stores and evicts
+    (for the vLLM engine contract's SubscribeKvEvents): the batches after
+    start_sequence_number, then each new one as it happens. UNIMPLEMENTED for
+    an engine that publishes none.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -130,6 +136,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_worker_pb2.UnloadAdapterRequest, _worker_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
     """UnloadAdapter removes an adapter from the engine (the server has made sure
     no stream uses it).
+    """
+    WatchKvEvents: _aio.UnaryStreamMultiCallable[_worker_pb2.WatchKvEventsRequest, _worker_pb2.WatchKvEventsResponse]  # type: ignore[assignment]
+    """WatchKvEvents streams what the engine's prefix cache stores and evicts
+    (for the vLLM engine contract's SubscribeKvEvents): the batches after
+    start_sequence_number, then each new one as it happens. UNIMPLEMENTED for
+    an engine that publishes none.
     """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -225,6 +237,18 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_worker_pb2.UnloadAdapterResponse, _abc.Awaitable[_worker_pb2.UnloadAdapterResponse]]:
         """UnloadAdapter removes an adapter from the engine (the server has made sure
         no stream uses it).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchKvEvents(
+        self,
+        request: _worker_pb2.WatchKvEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.WatchKvEventsResponse], _abc.AsyncIterator[_worker_pb2.WatchKvEventsResponse]]:
+        """WatchKvEvents streams what the engine's prefix cache stores and evicts
+        (for the vLLM engine contract's SubscribeKvEvents): the batches after
+        start_sequence_number, then each new one as it happens. UNIMPLEMENTED for
+        an engine that publishes none.
         """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
