@@ -133,6 +133,7 @@ bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/protocols.py $(BENCH_ARGS)
 	$(PY) benchmarks/constrained.py $(BENCH_ARGS)
 	$(PY) benchmarks/lora.py $(BENCH_ARGS)
+	$(PY) benchmarks/multiturn.py $(BENCH_ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP) install -q -e ".[bench]"
