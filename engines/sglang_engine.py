@@ -221,7 +221,11 @@ class SGLangEngine(LibraryEngine):
                 reason = meta.get("finish_reason")
                 if reason:
                     chunk.finish_reason = FINISH_REASONS.get(reason.get("type", ""), FinishReason.STOP)
-                    chunk.usage = Usage(int(meta.get("prompt_tokens", 0)), completion_tokens)
+                    chunk.usage = Usage(
+                        int(meta.get("prompt_tokens", 0)),
+                        completion_tokens,
+                        int(meta.get("cached_tokens", 0)),  # served by SGLang's radix cache
+                    )
                     if chunk.finish_reason is FinishReason.STOP and reason.get("matched") is not None:
                         chunk.stop = reason["matched"]  # the stop string, or the token id
                 yield chunk

@@ -248,7 +248,9 @@ class VllmEngine(LibraryEngine):
                     chunk.finish_reason = FINISH_REASONS.get(
                         completion.finish_reason or "", FinishReason.STOP
                     )
-                    chunk.usage = Usage(len(output.prompt_token_ids or ()), generated)
+                    # num_cached_tokens: the prompt tokens vLLM's own prefix cache served.
+                    cached = getattr(output, "num_cached_tokens", None) or 0
+                    chunk.usage = Usage(len(output.prompt_token_ids or ()), generated, cached)
                     if chunk.finish_reason is FinishReason.STOP:
                         # vLLM's stop_reason: the stop string or token id; None for end-of-text.
                         stop_reason = getattr(completion, "stop_reason", None)

@@ -134,6 +134,15 @@ def test_greedy_tokens_equal_the_transformers_engine(client: Client):
     assert len(on_vllm) > 1  # streamed as it decodes, not in one piece
 
 
+def test_vllms_prefix_cache_serves_a_shared_prefix_and_says_so(client: Client):
+    prefix = [20 + (13 * n) % 600 for n in range(600)]
+    sampling = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    list(client.generate(VLLM_UID, [*prefix, 30], **sampling))
+    *_, last = client.generate(VLLM_UID, [*prefix, 31, 32], **sampling)
+    # vLLM caches whole blocks: most of the shared 600 tokens, at least.
+    assert 300 <= last.usage.cached_prompt_tokens <= 600
+
+
 def test_structured_output_holds_for_20_seeds(client: Client):
     schema = SCHEMA
     for seed in range(20):
