@@ -13,6 +13,10 @@ fails (exit 1) when the victim's p99 beside the 4 MB prompt or the stop strings 
 than --limit times (default 2) its p99 alone.
 
     python benchmarks/neighbour.py [--tokens 400] [--runs 3] [--json neighbour.json]
+        [--engine llama.cpp] [--engine-option max_num_batched_tokens=256 ...]
+
+--engine or --engine-option launch the model on that engine with those options (llama.cpp: the
+Q8_0 GGUF) beside the server's default one, and measure it instead.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import grpc
 from soak import Server, percentile, wait_ready
 
+from llmgrpc.clients import Client
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
 
 FOUR_MB = 4_000_000
@@ -91,11 +96,27 @@ def neighbour(endpoint: str, request: bytes, until, outcomes) -> None:
     outcomes.put(dict(asyncio.run(calls())))
 
 
-async def measure(endpoint: str, model_uid: str, tokens: int, runs: int) -> dict:
+def launch(endpoint: str, model_name: str, engine: str, options: dict) -> str:
+    """The model on engine with options, launched and READY; its uid."""
+    gguf = {"model_format": "ggufv2", "quantization": "Q8_0"} if engine == "llama.cpp" else {}
+    uid = f"{model_name}-neighbour"
+    with Client(endpoint) as client:
+        client.launch(
+            model_name, model_engine=engine, model_uid=uid, engine_options=options, timeout=600, **gguf
+        )
+    return uid
+
+
+async def measure(
+    endpoint: str, model_uid: str, tokens: int, runs: int, engine: str = "", options: dict | None = None
+) -> dict:
     async with grpc.aio.insecure_channel(endpoint) as victim_channel:
         await wait_ready(victim_channel)
         victim_stub = generate_pb2_grpc.GenerateServiceStub(victim_channel)
         models = models_pb2_grpc.ModelServiceStub(victim_channel)
+        if engine or options:
+            engine = engine or "Transformers"
+            model_uid = await asyncio.to_thread(launch, endpoint, model_uid, engine, options or {})
         model = (await models.GetModel(models_pb2.GetModelRequest(model_uid=model_uid))).model
         await victim(victim_stub, model_uid, 8)  # warm up
         report = {}
@@ -136,11 +157,17 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="victim streams per case")
     parser.add_argument("--limit", type=float, default=2.0, help="largest p99 ratio to alone that passes")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--engine", default="", help="launch the model on this engine and measure it")
+    parser.add_argument(
+        "--engine-option", action="append", default=[], metavar="KEY=VALUE", help="engine option (JSON value)"
+    )
     args = parser.parse_args()
+    options = {key: json.loads(value) for key, value in (o.split("=", 1) for o in args.engine_option)}
 
     server = None if args.endpoint else Server(args.model, [])
     try:
-        report = asyncio.run(measure(args.endpoint or server.endpoint, args.model, args.tokens, args.runs))
+        endpoint = args.endpoint or server.endpoint
+        report = asyncio.run(measure(endpoint, args.model, args.tokens, args.runs, args.engine, options))
     finally:
         if server is not None:
             server.stop()
