@@ -474,12 +474,13 @@ def gateway_limits(results: dict) -> str:
     for streams in sorted(gateway["levels"]["smg"]):
         through, direct = gateway["levels"]["smg"][streams], gateway["levels"]["Generate"][streams]
         busy = max(r["outside_load"] for r in through + direct)
+        per_second = median([r["cpu_per_token"]["smg"] for r in through]) * stat(through, "tokens_per_s")
         said.append(
             f"at {streams} stream{'s' if streams > 1 else ''} smg spends {cpu_us(through, 'smg')} µs of CPU "
-            f"per token and the client {cpu_us(through, 'client')} µs reading HTTP (against "
-            f"{cpu_us(direct, 'client')} µs reading Generate), on cores the engine's threads also use; "
-            f"other processes kept up to {busy:.2f} cores busy during these levels (the suite's limit "
-            f"for a quiet level: {limit})"
+            f"per token ({per_second * 1000:.0f} ms a second) and the client {cpu_us(through, 'client')} µs "
+            f"reading HTTP (against {cpu_us(direct, 'client')} µs reading Generate), on cores the engine's "
+            f"threads also use; other processes kept up to {busy:.2f} cores busy during these levels (the "
+            f"suite's limit for a quiet level: {limit})"
         )
     text = "; ".join(said)
     return "- **Through smg.** " + text[0].upper() + text[1:] + "."
@@ -490,7 +491,7 @@ def indent(text: str) -> str:
 
 
 def gateway_section(results: dict) -> str:
-    gateway, config, m = results["gateway"], results["config"], results["machine"]
+    gateway, m = results["gateway"], results["machine"]
     through, direct = gateway["levels"]["smg"], gateway["levels"]["Generate"]
     rows = []
     for streams in sorted(through):
@@ -508,9 +509,17 @@ def gateway_section(results: dict) -> str:
                 f"{cpu_us(ours, 'server')} / {cpu_us(theirs, 'server')}",
             ]
         )
-    requests = config["overhead_requests"]
+    requests = gateway["requests_at_one_stream"]
+    busy = [r["outside_load"] for levels in (through, direct) for reps in levels.values() for r in reps]
+    alone = (
+        f"Measured apart from the rest of this report, on {gateway['date']} in "
+        f"{gateway['duration_s'] / 60:.1f} minutes, by `{gateway['command']}` (a server with only "
+        "this model). "
+        if "command" in gateway
+        else ""
+    )
     return (
-        f"`{gateway['uid']}` served by one llmgrpc server, on its own engine-contract listener "
+        alone + f"`{gateway['uid']}` served by one llmgrpc server, on its own engine-contract listener "
         f"(`--engine-api-ports`), reached two ways from the same client process: **Generate**, "
         "llmgrpc's own RPC over gRPC, and **smg**, the Shepherd Model Gateway's OpenAI "
         "`/v1/completions` streamed as server-sent events (read by aiohttp), which smg turns into "
@@ -526,9 +535,10 @@ def gateway_section(results: dict) -> str:
         "TTFT is to the first streamed "
         "text (both paths hold back an incomplete UTF-8 character the same way); *added* TTFT is "
         f"smg's p50 minus Generate's, per repetition. Everything (llmgrpc's server and worker, "
-        f"smg and the client) shared the {m['cores']} CPU cores of this machine with other work, as "
-        "the note at the top says: median [min–max] over repetitions. CPU is process CPU time per "
-        "token generated.\n\n"
+        f"smg and the client) shared the {m['cores']} CPU cores of this machine, with other work "
+        f"keeping {min(busy):.2f} to {max(busy):.2f} cores busy meanwhile (outside load, per "
+        "measurement): median [min–max] over repetitions. CPU is process CPU time per token "
+        "generated.\n\n"
         + table(
             [
                 "streams",
