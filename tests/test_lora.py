@@ -389,3 +389,20 @@ def test_llamacpp_takes_a_gguf_lora_file_as_it_is(
     assert loaded.rank == 8
     assert greedy(admin, launched, PROMPTS[2], "c-gguf") == peft_tokens[("tiny-lora-c", PROMPTS[2])]
     admin.unload_adapter(launched, "c-gguf")
+
+
+def test_an_adapter_loaded_at_run_time_survives_the_idle_unload_and_reload(
+    admin, adapter_dir, engine, peft_tokens
+):
+    """The worker that reloads an idle-unloaded model starts from the launch's plan: the server
+    loads the adapters added since into it before the model is READY again."""
+    uid = launch(admin, f"lora-idle-{engine}", engine, [], idle_unload_s=1.0)
+    try:
+        admin.load_adapter(uid, "late", str(adapter_dir / "tiny-lora-b"))
+        assert wait_until(lambda: admin.get_model(uid).state == models_pb2.MODEL_STATE_UNLOADED, timeout=60)
+        assert greedy(admin, uid, PROMPTS[1], "late") == peft_tokens[("tiny-lora-b", PROMPTS[1])]
+        assert [(a.name, a.state) for a in admin.list_adapters(uid)] == [
+            ("late", models_pb2.ADAPTER_STATE_READY)
+        ]
+    finally:
+        admin.terminate(uid)
