@@ -406,3 +406,28 @@ def test_an_adapter_loaded_at_run_time_survives_the_idle_unload_and_reload(
         ]
     finally:
         admin.terminate(uid)
+
+
+def test_the_prefix_cache_reuses_kv_only_under_the_adapter_that_computed_it(admin, launched, peft_tokens):
+    """A prompt cached under the base model (or another adapter) is prefilled again for an
+    adapter, so its output is the adapter's; the same prompt again under the same adapter is
+    served from the cache, with the same output."""
+    prompt = PROMPTS[1] + " and once more over the lazy dog, then home again"
+
+    def run(adapter: str) -> tuple[list[int], int]:
+        messages = list(
+            admin.generate(
+                launched, prompt, max_tokens=COUNT, min_tokens=COUNT, temperature=0, adapter=adapter
+            )
+        )
+        return [t for m in messages for t in m.token_ids], messages[-1].usage.cached_prompt_tokens
+
+    base_tokens, _ = run("")
+    base_again, cached_base = run("")
+    assert base_again == base_tokens and cached_base > 0  # the cache is on and holds this prompt
+    a_tokens, cached_a = run("tiny-lora-a")
+    assert cached_a == 0 and a_tokens != base_tokens
+    a_again, cached_a_again = run("tiny-lora-a")
+    assert cached_a_again > 0 and a_again == a_tokens
+    b_tokens, cached_b = run("tiny-lora-b")
+    assert cached_b == 0 and b_tokens != a_tokens
