@@ -106,20 +106,11 @@ class DynamicCacheRunner(HuggingFaceRunner):
 
     @torch.inference_mode()
     def release(self, sequence_id: int) -> None:
-        self._release_adapter(sequence_id)
-        if sequence_id not in self._order:
-            self._keep(sequence_id, None)
-            self._prefilling.pop(sequence_id, None)
+        if not self._leave(sequence_id, sequence_id in self._order):
             return
         row, last = self._order.index(sequence_id), len(self._order) - 1
-        if self.prefix_store.capacity_tokens:  # its columns end at the write column
-            held = slice(self._end - int(self._positions[row]), self._end)
-            kv = [
-                (keys[row : row + 1, :, held].clone(), values[row : row + 1, :, held].clone())
-                for keys, values in zip(self._keys, self._values, strict=True)
-            ]
-            self._keep(sequence_id, kv)
-        self._held.pop(sequence_id, None)
+        # Its columns end at the write column.
+        self._keep_row(sequence_id, zip(self._keys, self._values, strict=True), row, self._end)
         window = slice(self._start, self._end)
         if row != last:
             for buffer in (*self._keys, *self._values):

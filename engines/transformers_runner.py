@@ -141,6 +141,28 @@ class HuggingFaceRunner(ModelRunner):
         for sequence_id, token in last_tokens.items():
             self._held[sequence_id].append(token)
 
+    def _leave(self, sequence_id: int, in_a_row: bool) -> bool:
+        """What every runner does for a leaving sequence: its adapter slot goes back, and one not
+        in a row yet offers its prompt's KV to the prefix store. Returns in_a_row: the runner
+        then frees the row (after _keep_row)."""
+        self._release_adapter(sequence_id)
+        if not in_a_row:
+            self._keep(sequence_id, None)
+            self._prefilling.pop(sequence_id, None)
+        return in_a_row
+
+    def _keep_row(self, sequence_id: int, layers, row: int, end: int) -> None:
+        """Offer the KV of a sequence in a row of the batch's buffers (layers: each layer's keys
+        and values buffers), its columns ending at column end, to the prefix store."""
+        kv = None
+        if self.prefix_store.capacity_tokens:
+            held = slice(end - len(self._held.get(sequence_id, ())), end)
+            kv = [
+                (keys[row : row + 1, :, held].clone(), values[row : row + 1, :, held].clone())
+                for keys, values in layers
+            ]
+        self._keep(sequence_id, kv)
+
     def _keep(self, sequence_id: int, kv: LayerKV | None) -> None:
         """Offer a leaving sequence's KV (None: not in a row) to the prefix store."""
         held = self._held.pop(sequence_id, [])

@@ -142,20 +142,11 @@ class StaticCacheRunner(HuggingFaceRunner):
         return self._step(self._input_ids, self._position_ids, self._mask)
 
     def release(self, sequence_id: int) -> None:
-        self._release_adapter(sequence_id)
-        if sequence_id not in self._row_of:
-            self._keep(sequence_id, None)
-            self._prefilling.pop(sequence_id, None)
+        if not self._leave(sequence_id, sequence_id in self._row_of):
             return
         row = self._row_of.pop(sequence_id)
-        if self.prefix_store.capacity_tokens:  # its columns end at the write column
-            held = slice(self._column - self._length[sequence_id], self._column)
-            kv = [
-                (layer.keys[row : row + 1, :, held].clone(), layer.values[row : row + 1, :, held].clone())
-                for layer in self.cache.layers
-            ]
-            self._keep(sequence_id, kv)
-        self._held.pop(sequence_id, None)
+        layers = ((layer.keys, layer.values) for layer in self.cache.layers)
+        self._keep_row(sequence_id, layers, row, self._column)  # its columns end at the write column
         del self._length[sequence_id]
         self._valid[row] = False
         self._free_rows.append(row)
