@@ -476,11 +476,14 @@ def gateway_limits(results: dict) -> str:
         busy = max(r["outside_load"] for r in through + direct)
         per_second = median([r["cpu_per_token"]["smg"] for r in through]) * stat(through, "tokens_per_s")
         said.append(
-            f"at {streams} stream{'s' if streams > 1 else ''} smg spends {cpu_us(through, 'smg')} µs of CPU "
-            f"per token ({per_second * 1000:.0f} ms a second) and the client {cpu_us(through, 'client')} µs "
-            f"reading HTTP (against {cpu_us(direct, 'client')} µs reading Generate), on cores the engine's "
-            f"threads also use; other processes kept up to {busy:.2f} cores busy during these levels (the "
-            f"suite's limit for a quiet level: {limit})"
+            f"at {streams} stream{'s' if streams > 1 else ''} the model's worker spends "
+            f"{cpu_us(through, 'worker')} µs of CPU per token on smg's requests against "
+            f"{cpu_us(direct, 'worker')} µs on Generate's, the server {cpu_us(through, 'server')} against "
+            f"{cpu_us(direct, 'server')} µs; smg itself spends {cpu_us(through, 'smg')} µs "
+            f"({per_second * 1000:.0f} ms a second) and the client {cpu_us(through, 'client')} µs reading "
+            f"HTTP (against {cpu_us(direct, 'client')} µs reading Generate), on cores the engine's threads "
+            f"also use; other processes kept up to {busy:.2f} cores busy during these levels (the suite's "
+            f"limit for a quiet level: {limit})"
         )
     text = "; ".join(said)
     return "- **Through smg.** " + text[0].upper() + text[1:] + "."
