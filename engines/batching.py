@@ -1,6 +1,7 @@
 """Continuous batching: one thread decodes every live sequence of a model together.
 
-An engine supplies a ``ModelRunner`` (forward passes over its own KV state); the
+An engine supplies a ``ModelRunner`` (engines.model_runner: forward passes over its own KV
+state); the
 ``ContinuousBatcher`` owns everything else: admitting requests between steps,
 tokenizing, sampling each sequence with its own parameters and seed, settling text,
 stop rules, and aborting a request at the next step after its caller goes away. All
@@ -15,7 +16,6 @@ at a time between the decode steps of the sequences already running.
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import concurrent.futures
 import itertools
@@ -24,99 +24,24 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason, Unavailable
+from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason, Unavailable
 from llmgrpc.engines.base import (
     Chunk,
-    Engine,
-    EngineStats,
     FinishReason,
     GenerationRequest,
     TokenLogprob,
     Tokens,
     Usage,
 )
-from llmgrpc.engines.chat import Chat
 from llmgrpc.engines.constraints import ConstraintState, GrammarCompiler
-from llmgrpc.engines.prefix_cache import KvEventLog
+from llmgrpc.engines.model_runner import ModelRunner
 from llmgrpc.engines.sampling import Sampler, token_logprobs
 from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger(__name__)
-
-
-class ModelRunner(abc.ABC):
-    """Forward passes of one model for the batcher, each sequence keyed by an int id.
-
-    Called from the batcher's thread only, except ``tokenize``: it runs on other threads,
-    beside the other methods, so it must only read the tokenizer. Logits come back as
-    float32 numpy rows.
-    """
-
-    context_length: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    caches_prefixes = False  # whether admit may find a prompt's prefix already held
-    kv_events: KvEventLog | None = None  # what a prefix cache stores and evicts
-
-    @abc.abstractmethod
-    def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
-        """Token ids of a prompt, with the model's beginning-of-text token. Special-token
-        spellings in text ("<|eot_id|>") are ordinary text unless parse_special."""
-
-    @abc.abstractmethod
-    def detokenize(self, token_ids: list[int]) -> str:
-        """Text of generated token ids, special tokens left out."""
-
-    def chat_prompt_ids(self, chat: Chat) -> list[int]:
-        """Token ids of a conversation rendered by the model's own chat template, control tokens
-        only where the template writes them (engines.chat.chat_prompt_ids)."""
-        raise FailedPrecondition("this engine cannot render chat messages: send prompt instead")
-
-    def token_text(self, token_id: int) -> str:
-        """One token's text decoded alone, special tokens as written (for logprobs, Tokenize)."""
-        return self.detokenize([token_id])
-
-    def grammar_tokenizer(self) -> Any:
-        """llguidance's view of the tokenizer (engines.constraints), for structured output.
-        Called once, on the first request that asks for a format, from another thread."""
-        raise FailedPrecondition(f"{type(self).__name__} does not support structured_output")
-
-    def admit(self, sequence_id: int, prompt_ids: list[int], request: GenerationRequest) -> int:
-        """Start a sequence, once, before its first prefill part; from then on the runner knows
-        it, and ``release`` forgets it.
-
-        Returns how many leading tokens of prompt_ids the runner already holds KV for (a
-        prefix-cache hit, fewer than all so that the last token's logits are computed): the
-        batcher feeds only the rest. The default holds none."""
-        return 0
-
-    def can_admit(self, request: GenerationRequest) -> bool:
-        """Whether a sequence of request can start now; one that cannot waits, first in the queue,
-        while the others go ahead (e.g. its LoRA adapter needs a slot that running sequences hold)."""
-        return True
-
-    @abc.abstractmethod
-    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
-        """Feed each sequence the next part of its prompt; logits of each part's last token.
-
-        A sequence's first part starts it; a long prompt comes in several calls, in order.
-        A sequence is decoded only once its whole prompt is in (its first ``decode``).
-        """
-
-    @abc.abstractmethod
-    def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
-        """One step for every live sequence: feed each its last token, rows in key order.
-
-        The rows may be a view of the runner's own buffer: valid until its next call."""
-
-    @abc.abstractmethod
-    def release(self, sequence_id: int) -> None:
-        """Forget an admitted sequence, decoding, being prefilled or not yet fed at all, and
-        free its KV state (or keep it for a later prompt that shares its prefix)."""
 
 
 # What a caller's queue receives: a chunk, or the error that ends its stream.
@@ -149,7 +74,7 @@ class ContinuousBatcher:
     PREFILL_CHUNK_TOKENS = 512
     # The engines' step budget and chunk, unless engine_options.max_num_batched_tokens says
     # otherwise (measured: docs/engines.md, "The step budget").
-    DEFAULT_STEP_TOKENS = 256
+    DEFAULT_STEP_TOKENS = 128
     ENGINE_CHUNK_TOKENS = 32
     # Prompts tokenized at once, off the batcher's thread: a huge one occupies one thread.
     TOKENIZER_THREADS = 2
@@ -517,61 +442,3 @@ class ContinuousBatcher:
 def _put_each(items: list[_Output]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
-
-
-class BatchedEngine(Engine):
-    """An engine whose generation is a ModelRunner under a ContinuousBatcher.
-
-    Subclasses implement ``load`` and build themselves with ``cls(runner, ...)``.
-    """
-
-    def __init__(
-        self,
-        runner: ModelRunner,
-        max_batch_size: int,
-        device: str,
-        prefill_chunk_tokens: int | None = None,
-        max_num_batched_tokens: int | None = None,
-    ):
-        self.runner = runner
-        self.device = device
-        self.batcher = ContinuousBatcher(runner, max_batch_size, prefill_chunk_tokens, max_num_batched_tokens)
-
-    @classmethod
-    def step_budget(cls, options: dict) -> dict[str, int]:
-        """The batcher's chunk and step budget for these engine options (keyword arguments)."""
-        budget = int(options.get("max_num_batched_tokens") or ContinuousBatcher.DEFAULT_STEP_TOKENS)
-        return {
-            "prefill_chunk_tokens": min(ContinuousBatcher.ENGINE_CHUNK_TOKENS, budget),
-            "max_num_batched_tokens": budget,
-        }
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        return self.batcher.generate(request)
-
-    async def tokenize(self, text: str, parse_special: bool = False) -> Tokens:
-        return await self.batcher.tokenize(text, parse_special)
-
-    async def detokenize(self, token_ids: list[int]) -> str:
-        return await self.batcher.detokenize(token_ids)
-
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            context_length=self.runner.context_length,
-            device=self.device,
-            running_requests=self.batcher.running_requests,
-            peak_batch_size=self.batcher.peak_batch_size,
-            kv_cache_usage=self.batcher.kv_cache_usage,
-            prefix_cache_queries=self.batcher.prefix_cache_queries,
-            prefix_cache_hits=self.batcher.prefix_cache_hits,
-            gpu_memory_bytes=self.gpu_memory_bytes(),
-        )
-
-    def kv_events(self) -> KvEventLog | None:
-        return self.runner.kv_events
-
-    def gpu_memory_bytes(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        self.batcher.close()

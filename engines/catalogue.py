@@ -49,7 +49,7 @@ MAX_NUM_BATCHED_TOKENS = EngineOption(
     int,
     "tokens one step computes: the decoding requests' first, then prompt parts (in chunks of "
     "32) take the rest; bounds how long a long prompt delays the others' next token "
-    "(default 256)",
+    "(default 128)",
     minimum=1,
     maximum=MAX_CONTEXT_TOKENS,
 )

@@ -53,13 +53,14 @@ import numpy as np
 
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llmgrpc.engines.base import EngineStats, GenerationRequest, LoadPlan, ProgressReport, SamplingParams
-from llmgrpc.engines.batching import BatchedEngine, ModelRunner
+from llmgrpc.engines.batched_engine import BatchedEngine
 from llmgrpc.engines.chat import Chat, chat_prompt_ids
 from llmgrpc.engines.constraints import tokenizer_from_llama_cpp
 from llmgrpc.engines.cpu_threads import llama_cpp_threads, usable_cores
 from llmgrpc.engines.llamacpp_build import import_llama_cpp
 from llmgrpc.engines.llamacpp_slots import SlotTable
 from llmgrpc.engines.lora import LoraModule
+from llmgrpc.engines.model_runner import ModelRunner
 from llmgrpc.engines.prefix_cache import KvEventLog
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmgrpc.clients.errors import FailedPrecondition, InvalidArgument, Reason
 from llmgrpc.engines.base import EngineStats, GenerationRequest, LoadPlan, ProgressReport, SamplingParams
-from llmgrpc.engines.batching import BatchedEngine
+from llmgrpc.engines.batched_engine import BatchedEngine
 from llmgrpc.engines.cpu_threads import usable_cores
 from llmgrpc.engines.lora import LoraModule
 from llmgrpc.engines.model_folder import check_tokenizer_files, read_model_config

@@ -12,9 +12,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from llmgrpc.engines.base import GenerationRequest
-from llmgrpc.engines.batching import ModelRunner
 from llmgrpc.engines.chat import Chat, hugging_face_chat_ids
 from llmgrpc.engines.constraints import tokenizer_from_hugging_face
+from llmgrpc.engines.model_runner import ModelRunner
 from llmgrpc.engines.prefix_cache import KvEventLog, PrefixStore
 from llmgrpc.engines.transformers_lora import LoraSlots
 

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from llmgrpc.engines.batching import ModelRunner
+from llmgrpc.engines.model_runner import ModelRunner
 
 
 class CountingRunner(ModelRunner):

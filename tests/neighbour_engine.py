@@ -15,7 +15,7 @@ from pathlib import Path
 from doubles import CountingRunner
 
 from llmgrpc.engines.base import EngineStats
-from llmgrpc.engines.batching import BatchedEngine
+from llmgrpc.engines.batched_engine import BatchedEngine
 from llmgrpc.engines.catalogue import EngineInfo
 
 GATE_CHARACTERS = 1_000_000

@@ -21,7 +21,7 @@ from test_lifecycle import wait_until
 
 from llmgrpc.clients import Client
 from llmgrpc.engines.base import LoadPlan, SpecRef
-from llmgrpc.engines.batching import BatchedEngine
+from llmgrpc.engines.batched_engine import BatchedEngine
 from llmgrpc.server import generate_socket, logs, tracing
 from llmgrpc.server.settings import Settings
 from llmgrpc.v1 import generate_pb2, models_pb2

@@ -1,0 +1,69 @@
+"""An engine whose generation is a ModelRunner (engines.model_runner) under the continuous
+batcher (engines.batching): the Transformers and llama.cpp engines."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from llmgrpc.engines.base import Chunk, Engine, EngineStats, GenerationRequest, Tokens
+from llmgrpc.engines.batching import ContinuousBatcher
+from llmgrpc.engines.model_runner import ModelRunner
+from llmgrpc.engines.prefix_cache import KvEventLog
+
+
+class BatchedEngine(Engine):
+    """An engine whose generation is a ModelRunner under a ContinuousBatcher.
+
+    Subclasses implement ``load`` and build themselves with ``cls(runner, ...)``.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_batch_size: int,
+        device: str,
+        prefill_chunk_tokens: int | None = None,
+        max_num_batched_tokens: int | None = None,
+    ):
+        self.runner = runner
+        self.device = device
+        self.batcher = ContinuousBatcher(runner, max_batch_size, prefill_chunk_tokens, max_num_batched_tokens)
+
+    @classmethod
+    def step_budget(cls, options: dict) -> dict[str, int]:
+        """The batcher's chunk and step budget for these engine options (keyword arguments)."""
+        budget = int(options.get("max_num_batched_tokens") or ContinuousBatcher.DEFAULT_STEP_TOKENS)
+        return {
+            "prefill_chunk_tokens": min(ContinuousBatcher.ENGINE_CHUNK_TOKENS, budget),
+            "max_num_batched_tokens": budget,
+        }
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        return self.batcher.generate(request)
+
+    async def tokenize(self, text: str, parse_special: bool = False) -> Tokens:
+        return await self.batcher.tokenize(text, parse_special)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self.batcher.detokenize(token_ids)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            context_length=self.runner.context_length,
+            device=self.device,
+            running_requests=self.batcher.running_requests,
+            peak_batch_size=self.batcher.peak_batch_size,
+            kv_cache_usage=self.batcher.kv_cache_usage,
+            prefix_cache_queries=self.batcher.prefix_cache_queries,
+            prefix_cache_hits=self.batcher.prefix_cache_hits,
+            gpu_memory_bytes=self.gpu_memory_bytes(),
+        )
+
+    def kv_events(self) -> KvEventLog | None:
+        return self.runner.kv_events
+
+    def gpu_memory_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.batcher.close()
