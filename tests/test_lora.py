@@ -412,7 +412,8 @@ def test_the_prefix_cache_reuses_kv_only_under_the_adapter_that_computed_it(admi
     """A prompt cached under the base model (or another adapter) is prefilled again for an
     adapter, so its output is the adapter's; the same prompt again under the same adapter is
     served from the cache, with the same output."""
-    prompt = PROMPTS[1] + " and once more over the lazy dog, then home again"
+    # A beginning no other test sends: what an adapter finds cached of it is its own KV at most.
+    prompt = "Cache check: " + PROMPTS[1] + " and once more over the lazy dog, then home again"
 
     def run(adapter: str) -> tuple[list[int], int]:
         messages = list(
@@ -426,8 +427,8 @@ def test_the_prefix_cache_reuses_kv_only_under_the_adapter_that_computed_it(admi
     base_again, cached_base = run("")
     assert base_again == base_tokens and cached_base > 0  # the cache is on and holds this prompt
     a_tokens, cached_a = run("tiny-lora-a")
-    assert cached_a == 0 and a_tokens != base_tokens
+    assert cached_a <= 1 and a_tokens != base_tokens  # at most the beginning-of-text token
     a_again, cached_a_again = run("tiny-lora-a")
     assert cached_a_again > 0 and a_again == a_tokens
     b_tokens, cached_b = run("tiny-lora-b")
-    assert cached_b == 0 and b_tokens != a_tokens
+    assert cached_b <= 1 and b_tokens != a_tokens
