@@ -170,21 +170,28 @@ class PrefixStore:
         self._runs.append(best)
         return best, min(length, len(prompt_ids) - 1)
 
+    def covers(self, tokens: Sequence[int], adapter: str = "") -> bool:
+        """Whether a run already holds all of tokens (it is then the most recently used): storing
+        them again would copy their KV for nothing."""
+        for run in self._runs:
+            if run.adapter == adapter and common_prefix_length(run.tokens, tokens) == len(tokens):
+                self._runs.remove(run)
+                self._runs.append(run)
+                return True
+        return False
+
     def store(self, tokens: Sequence[int], kv: object, adapter: str = "") -> None:
         """Keep kv, the KV of tokens, evicting the least recently used runs to make room."""
         if not 0 < len(tokens) <= self.capacity_tokens:
+            return
+        if self.covers(tokens, adapter):
             return
         tokens = np.asarray(tokens, dtype=np.int64)
         extended = []
         for run in self._runs:
             if run.adapter != adapter:
                 continue
-            shared = common_prefix_length(run.tokens, tokens)
-            if shared == len(tokens):  # already covered
-                self._runs.remove(run)
-                self._runs.append(run)
-                return
-            if shared == len(run.tokens):  # the new run extends it
+            if common_prefix_length(run.tokens, tokens) == len(run.tokens):  # the new run extends it
                 extended.append(run)
         # Stored before the extended runs go: their shared blocks are never announced as removed.
         hashes = self.events.stored(tokens, adapter)

@@ -194,8 +194,9 @@ class HuggingFaceRunner(ModelRunner):
         """Offer the KV of a sequence in a row of the batch's buffers (layers: each layer's keys
         and values buffers), its columns ending at column end, to the prefix store."""
         kv = None
-        if self.prefix_store.capacity_tokens:
-            held = slice(end - len(self._held.get(sequence_id, ())), end)
+        tokens, adapter = self._held.get(sequence_id, []), self._adapter_of.get(sequence_id, "")
+        if self.prefix_store.capacity_tokens and not self.prefix_store.covers(tokens, adapter):
+            held = slice(end - len(tokens), end)
             kv = [
                 (keys[row : row + 1, :, held].clone(), values[row : row + 1, :, held].clone())
                 for keys, values in layers
