@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason, Unavailable
+from llmgrpc.clients.errors import FieldViolation, InvalidArgument, LlmgrpcError, Reason, Unavailable
 from llmgrpc.engines.base import (
     Chunk,
     FinishReason,
@@ -281,7 +281,8 @@ class ContinuousBatcher:
         try:
             cached = self.runner.admit(sequence.id, sequence.prompt_ids, sequence.request)
         except Exception as error:  # this request fails, not the batch
-            log.exception("admitting a sequence failed")
+            if not isinstance(error, LlmgrpcError):  # a caller's mistake (an unknown adapter) is no fault
+                log.exception("admitting a sequence failed")
             self._send(sequence, error)
             return
         sequence.prefilled = sequence.cached = cached
