@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import jsonschema
@@ -332,9 +333,13 @@ def test_abort_stops_the_engines_work_on_that_request(served):
     registry = server.server.metrics.registry
     for name in ("llmgrpc:num_requests_running", "llmgrpc:kv_cache_usage_perc"):
         assert registry.get_sample_value(name, {"model_uid": "gw-gguf"}) > 0, name
-    _stub(server, "gw-gguf").Abort(pb.AbortRequest(request_ids=["abort-me", "unknown"]), timeout=10)
-    with pytest.raises(grpc.RpcError) as raised:
-        list(stream)
+    # The gateway reads its streams as they come (one it does not read is ended by the unread
+    # watch instead: docs/operations.md), so this client does too while Abort is sent.
+    with ThreadPoolExecutor(1) as reader:
+        read = reader.submit(list, stream)
+        _stub(server, "gw-gguf").Abort(pb.AbortRequest(request_ids=["abort-me", "unknown"]), timeout=10)
+        with pytest.raises(grpc.RpcError) as raised:
+            read.result(timeout=60)
     assert raised.value.code() == grpc.StatusCode.CANCELLED
     assert "abort-me" in raised.value.details()
     assert wait_until(lambda: server.engine_stats("gw-gguf").running_requests == 0, timeout=10)
