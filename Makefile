@@ -126,6 +126,8 @@ soak: $(VENV)/.installed
 # model at 1 and 16 streams on llama.cpp and Transformers (table in build/bench-constrained).
 # Then benchmarks/lora.py: 16 streams spread over 4 LoRA adapters against all 16 on the base model,
 # on both engines (table in build/bench-lora).
+# Then benchmarks/multiturn.py: 10-turn conversations with and without the prefix cache, beside
+# xllamacpp (docs/benchmarks-multiturn.md).
 BENCH_ARGS ?=
 .PHONY: bench
 bench: $(VENV)/.bench-installed
