@@ -195,7 +195,10 @@ def _cancelled_generates(server: RunningServer) -> float:
     return server.server.metrics.registry.get_sample_value("llmgrpc:rpc_requests_total", labels) or 0.0
 
 
-@pytest.mark.parametrize("uid", list(UIDS))
+# On Transformers only: llama.cpp decodes the tiny model's 4,000 tokens (its context's worth)
+# before smg's client has read three events on a quiet machine, leaving nothing to cancel; its
+# cancellation is tested on the service (test_llamacpp.py) and through Abort below.
+@pytest.mark.parametrize("uid", ["gw-pt"])
 def test_a_client_leaving_mid_stream_stops_the_engine(served, gateways, uid):
     server, client = served
     eos = [
