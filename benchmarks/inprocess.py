@@ -25,7 +25,7 @@ import time
 from streams import Level, StreamRecord, prompts
 
 from llmgrpc.engines import weights
-from llmgrpc.engines.base import GenerationRequest, LoadPlan
+from llmgrpc.engines.base import GenerationRequest, LoadPlan, SamplingParams
 from llmgrpc.engines.catalogue import engine_info
 from llmgrpc.engines.cpu_threads import on_a_thread_of_its_own
 from llmgrpc.v1 import generate_pb2
@@ -65,7 +65,11 @@ def runner_level(runner, concurrency: int, max_tokens: int) -> Level:
     start = time.perf_counter()
     ids = list(range(1, concurrency + 1))
     records = {i: StreamRecord(sent=0.0, expected=max_tokens, finish="length") for i in ids}
-    rows = runner.prefill([(i, runner.tokenize(p)) for i, p in zip(ids, prompts(concurrency), strict=True)])
+    prompt_ids = {i: runner.tokenize(p) for i, p in zip(ids, prompts(concurrency), strict=True)}
+    cold = GenerationRequest("baseline", SamplingParams(), cache_prompt=False)  # one context, no cache
+    for sequence_id, tokens in prompt_ids.items():
+        runner.admit(sequence_id, tokens, cold)
+    rows = runner.prefill(list(prompt_ids.items()))
     last = {}
     for step in range(max_tokens):
         if step:
