@@ -10,8 +10,8 @@ round is reported, with the ratio adapters / base (the target is at least 0.8).
 
 Usage: python benchmarks/lora.py [--work build/bench-lora] [--rounds 3] [--max-tokens 64]
            [--threads 2] [--quick]
-Writes a Markdown table to stdout and WORK/lora.md, and puts it in docs/benchmarks.md (section
-"LoRA adapters", after the suite's own, which make bench writes first).
+Writes a Markdown table to stdout and WORK/lora.md, and (not with --quick) puts it in
+docs/benchmarks.md (section "LoRA adapters", after the suite's own, which make bench writes first).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def main() -> None:
     text = "\n".join(table) + "\n"
     (work / "lora.md").write_text(text)
     explanation = EXPLANATION.format(threads=args.threads, max_tokens=max_tokens, rounds=rounds)
-    put_section(DOCS, SECTION, f"{SECTION}\n\n{explanation}\n\n{text}")
+    if not args.quick:  # a smoke run's numbers stay out of the report
+        put_section(DOCS, SECTION, f"{SECTION}\n\n{explanation}\n\n{text}")
     print(text, end="")
 
 
