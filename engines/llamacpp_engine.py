@@ -125,7 +125,7 @@ class LlamaCppRunner(ModelRunner):
         self.slots = slots
         self._slot_of: dict[int, int] = {}
         self._held: dict[int, list[int]] = {}  # per sequence: the tokens its slot holds KV for
-        self._slot_adapter: dict[int, str] = {}  # per sequence: the adapter its KV is computed under
+        self._adapter_of: dict[int, str] = {}  # per sequence: the adapter it runs under ("": the base)
         self._spoiled: set[int] = set()  # sequences whose KV a failed llama_decode left unknown
 
     def _end_of_generation_ids(self) -> set[int]:
@@ -216,7 +216,7 @@ class LlamaCppRunner(ModelRunner):
             llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
         self._slot_of[sequence_id] = slot
         self._held[sequence_id] = list(prompt_ids[:kept])
-        self._slot_adapter[sequence_id] = request.adapter
+        self._adapter_of[sequence_id] = request.adapter
         return kept
 
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
@@ -276,7 +276,7 @@ class LlamaCppRunner(ModelRunner):
     def release(self, sequence_id: int) -> None:
         slot = self._slot_of.pop(sequence_id, None)
         held = self._held.pop(sequence_id, [])
-        adapter = self._slot_adapter.pop(sequence_id, "")
+        adapter = self._adapter_of.pop(sequence_id, "")
         if slot is None:
             return
         if sequence_id in self._spoiled:

@@ -55,7 +55,6 @@ class LoraLlamaCppRunner(LlamaCppRunner):
         self.converted_dir = converted_dir
         self.lock = threading.Lock()
         self._adapters: dict[str, _Loaded] = {}
-        self._adapter_of: dict[int, str] = {}  # sequence id -> adapter ("" or absent: the base)
         self._applied = ""  # the adapter set on the context now
 
     # LoadAdapter and UnloadAdapter (other threads).
@@ -97,7 +96,7 @@ class LoraLlamaCppRunner(LlamaCppRunner):
         with self.lock:
             if name not in self._adapters:
                 raise unknown_adapter(name, sorted(self._adapters))
-            if name in self._adapter_of.values():
+            if name in self._adapter_of.copy().values():  # a copy: the batcher's thread changes it
                 raise FailedPrecondition(
                     f"adapter {name!r} has sequences running", reason=Reason.ADAPTER_IN_USE
                 )
@@ -113,15 +112,10 @@ class LoraLlamaCppRunner(LlamaCppRunner):
     # The batcher's thread.
 
     def admit(self, sequence_id: int, prompt_ids: list[int], request) -> int:
-        if request.adapter:
-            if request.adapter not in self._adapters:
-                raise unknown_adapter(request.adapter, sorted(self._adapters))
-            self._adapter_of[sequence_id] = request.adapter
+        # The base runner records the sequence's adapter (_adapter_of) once it has a slot.
+        if request.adapter and request.adapter not in self._adapters:
+            raise unknown_adapter(request.adapter, sorted(self._adapters))
         return super().admit(sequence_id, prompt_ids, request)
-
-    def release(self, sequence_id: int) -> None:
-        self._adapter_of.pop(sequence_id, None)
-        super().release(sequence_id)
 
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
         groups = self._groups([sequence_id for sequence_id, _ in sequences])
