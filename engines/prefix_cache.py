@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,8 +180,10 @@ class PrefixStore:
                 return True
         return False
 
-    def store(self, tokens: Sequence[int], kv: object, adapter: str = "") -> None:
-        """Keep kv, the KV of tokens, evicting the least recently used runs to make room."""
+    def store(self, tokens: Sequence[int], kv: Callable[[], object], adapter: str = "") -> None:
+        """Keep the KV of tokens, evicting the least recently used runs to make room. kv makes it
+        (a copy out of the runner's buffers), called only when the store keeps it: not for tokens
+        a run already covers."""
         if not 0 < len(tokens) <= self.capacity_tokens:
             return
         if self.covers(tokens, adapter):
@@ -197,7 +199,7 @@ class PrefixStore:
         hashes = self.events.stored(tokens, adapter)
         for run in extended:
             self._drop(run)
-        self._runs.append(CachedRun(tokens, kv, adapter, hashes))
+        self._runs.append(CachedRun(tokens, kv(), adapter, hashes))
         self.tokens += len(tokens)
         while self.tokens > self.capacity_tokens:
             self._drop(self._runs[0])

@@ -5,6 +5,7 @@ static-cache one in transformers_static."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -192,30 +193,31 @@ class HuggingFaceRunner(ModelRunner):
 
     def _keep_row(self, sequence_id: int, layers, row: int, end: int) -> None:
         """Offer the KV of a sequence in a row of the batch's buffers (layers: each layer's keys
-        and values buffers), its columns ending at column end, to the prefix store."""
-        kv = None
-        tokens, adapter = self._held.get(sequence_id, []), self._adapter_of.get(sequence_id, "")
-        if self.prefix_store.capacity_tokens and not self.prefix_store.covers(tokens, adapter):
-            held = slice(end - len(tokens), end)
-            kv = [
+        and values buffers), its columns ending at column end, to the prefix store, which copies
+        it out only if it keeps it."""
+        held = slice(end - len(self._held.get(sequence_id, ())), end)
+        self._keep(
+            sequence_id,
+            lambda: [
                 (keys[row : row + 1, :, held].clone(), values[row : row + 1, :, held].clone())
                 for keys, values in layers
-            ]
-        self._keep(sequence_id, kv)
+            ],
+        )
 
-    def _keep(self, sequence_id: int, kv: LayerKV | None) -> None:
-        """Offer a leaving sequence's KV (None: not in a row) to the prefix store."""
+    def _keep(self, sequence_id: int, row_kv: Callable[[], LayerKV] | None) -> None:
+        """Offer a leaving sequence's KV to the prefix store: row_kv copies it out of its row;
+        None: it is not in a row, and its prompt cache is offered."""
         held = self._held.pop(sequence_id, [])
         adapter = self._adapter_of.pop(sequence_id, "")
         self._prompt_length.pop(sequence_id, None)
-        if not held or not self.prefix_store.capacity_tokens:
+        if not held:
             return
-        if kv is None:
+        if row_kv is None:
             cache = self._prefilling.get(sequence_id)
             if cache is None:
                 return
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self.prefix_store.store(held, kv, adapter)
+            row_kv = lambda: [(layer.keys, layer.values) for layer in cache.layers]  # noqa: E731
+        self.prefix_store.store(held, row_kv, adapter)
 
     def _prefill_together(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
         """Start several prompts in one forward pass, their first parts packed into one row.

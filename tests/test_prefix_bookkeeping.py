@@ -14,11 +14,11 @@ def events(log: KvEventLog) -> list[tuple[bool, int]]:
 
 def test_the_store_serves_the_longest_prefix_and_evicts_the_least_recently_used():
     store = PrefixStore(capacity_tokens=100, events=KvEventLog())
-    store.store(list(range(40)), "a")
-    store.store(list(range(100, 140)), "b")
+    store.store(list(range(40)), lambda: "a")
+    store.store(list(range(100, 140)), lambda: "b")
     run, length = store.longest_prefix([*range(30), 999])
     assert (run.kv, length) == ("a", 30)
-    store.store(list(range(200, 240)), "c")  # 120 tokens: "b", used least recently, goes
+    store.store(list(range(200, 240)), lambda: "c")  # 120 tokens: "b", used least recently, goes
     assert store.tokens == 80
     assert store.longest_prefix([100, 101, 102])[0] is None
     # At most all but the prompt's last token: its logits must be computed.
@@ -27,17 +27,17 @@ def test_the_store_serves_the_longest_prefix_and_evicts_the_least_recently_used(
 
 def test_a_run_that_extends_another_replaces_it_and_a_covered_one_is_not_stored_twice():
     store = PrefixStore(capacity_tokens=1000, events=KvEventLog())
-    store.store(list(range(50)), "turn 1")
-    store.store(list(range(80)), "turn 2")
+    store.store(list(range(50)), lambda: "turn 1")
+    store.store(list(range(80)), lambda: "turn 2")
     assert store.tokens == 80
     assert store.covers(list(range(60)))
-    store.store(list(range(60)), "part of turn 2")
+    store.store(list(range(60)), lambda: "part of turn 2")
     assert store.tokens == 80 and store.longest_prefix(list(range(70)))[0].kv == "turn 2"
 
 
 def test_runs_of_another_adapter_are_never_served():
     store = PrefixStore(capacity_tokens=1000, events=KvEventLog())
-    store.store(list(range(50)), "base")
+    store.store(list(range(50)), lambda: "base")
     assert store.longest_prefix(list(range(60)), adapter="a") == (None, 0)
     assert not store.covers(list(range(10)), adapter="a")
 
@@ -46,10 +46,11 @@ def test_shared_blocks_are_announced_once_and_removed_with_their_last_holder():
     log = KvEventLog()
     store = PrefixStore(capacity_tokens=100, events=log)
     system = list(range(2 * BLOCK_TOKENS))
-    store.store([*system, *range(500, 500 + BLOCK_TOKENS)], "one")  # 3 blocks
-    store.store([*system, *range(600, 600 + BLOCK_TOKENS)], "two")  # 1 new block
+    store.store([*system, *range(500, 500 + BLOCK_TOKENS)], lambda: "one")  # 3 blocks
+    store.store([*system, *range(600, 600 + BLOCK_TOKENS)], lambda: "two")  # 1 new block
     assert events(log) == [(True, 3), (True, 1)]
-    store.store(list(range(700, 700 + 3 * BLOCK_TOKENS)), "three")  # evicts "one": its last block only
+    # Evicts "one": its last block only.
+    store.store(list(range(700, 700 + 3 * BLOCK_TOKENS)), lambda: "three")
     assert events(log)[-2:] == [(True, 3), (False, 1)]
     # Chained: the same block after another parent, or under an adapter, hashes otherwise.
     assert block_hashes(system)[1] != block_hashes(system[BLOCK_TOKENS:])[0]
