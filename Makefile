@@ -84,7 +84,9 @@ $(VLLM_VENV)/.installed: pyproject.toml deploy/vllm-cpu/build.sh deploy/vllm-cpu
 test-vllm: install vllm-cpu
 	LLMGRPC_TEST_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_vllm.py
 
-# vLLM (CPU build) against the Transformers engine, both through llmgrpc: docs/benchmarks-vllm.md.
+# vLLM (CPU build) against the Transformers engine, both through llmgrpc, then the multi-turn
+# conversations (benchmarks/conversations.py) on Transformers against vLLM's own OpenAI server with
+# prefix caching: docs/benchmarks-vllm.md. BENCH_ARGS=--quick: a smoke run into build/bench-quick.
 .PHONY: bench-vllm
 bench-vllm: $(VENV)/.bench-installed vllm-cpu
 	$(PY) benchmarks/vllm_cpu.py --vllm-python $(VLLM_VENV)/bin/python $(BENCH_ARGS)

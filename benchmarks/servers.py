@@ -1,7 +1,7 @@
 """The servers under test, each a process of its own with its output in a log file:
-``llmgrpc serve``, ``python -m llama_cpp.server``, ``xllamacpp_server.py`` and the model gateway
-``smg`` in front of llmgrpc; and the in-process baseline (``inprocess.py``), driven over its
-standard input and output.
+``llmgrpc serve``, ``python -m llama_cpp.server``, ``xllamacpp_server.py``, ``vllm serve`` and
+the model gateway ``smg`` in front of llmgrpc; and the in-process baseline (``inprocess.py``),
+driven over its standard input and output.
 """
 
 from __future__ import annotations
@@ -171,6 +171,25 @@ class XllamacppServer(Process):
         command += ["--parallel", str(slots), "--context-per-slot", str(context_per_slot)]
         super().__init__(command, log_path)
         self.port = int(self.wait_for(r"listening on http://[\d.]+:(\d+)", 120).group(1))
+
+
+class VllmServer(Process):
+    """vLLM's own OpenAI-compatible server (``vllm serve``, from the environment that has vLLM)
+    on a free port, serving model_dir as served_name; ready once its application has started."""
+
+    def __init__(
+        self, log_path: Path, python: str, model_dir: Path, served_name: str, *options: str, env=None
+    ):
+        self.port = free_port()
+        command = [str(Path(python).with_name("vllm")), "serve", str(model_dir)]
+        command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--disable-uvicorn-access-log", *options]
+        super().__init__(command, log_path, env)
+        try:
+            self.wait_for(r"Application startup complete", 900)
+        except RuntimeError:
+            self.stop()
+            raise
 
 
 class SmgGateway(Process):

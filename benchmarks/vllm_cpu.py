@@ -12,6 +12,12 @@ where vLLM's CPU processes spend the most time waiting on each other) while a se
 process sleeps 10 ms at a time; the report gives the longest its wake-ups came late, i.e. the
 longest a light process on this host (a health probe, the gRPC server) waited for a CPU.
 
+Then multi-turn conversations (conversations.py): a 10-turn chat as raw prompts, once alone and
+once as 8 conversations of 6 turns at once, time to first token per turn, on the Transformers
+engine with its prefix cache, the same with ``cache_prompt: false``, and vLLM's own OpenAI
+server (``vllm serve``, prefix caching on) on the same model folder. Prompts go as token ids,
+the same ids to every system.
+
     python benchmarks/vllm_cpu.py --vllm-python .venv-vllm/bin/python [--quick] [--out FILE]
 """
 
@@ -21,14 +27,17 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
+from functools import partial
 from pathlib import Path
 
+import conversations
 import models
 from host_latency import idle_sleeper
 from models import BENCH_MODEL, TINY
 from report import table, verdict
-from servers import Llmgrpc
+from servers import Llmgrpc, VllmServer
 from streams import GrpcStreams, median, percentile, run_level
 
 from llmgrpc.clients import Client
@@ -43,6 +52,15 @@ LAUNCHES = {
     "Transformers": {"dtype": "float32"},
     "vLLM": {"dtype": "float32", "kv_cache_memory_bytes": KV_CACHE_BYTES, "max_model_len": 2048},
 }
+# vLLM's own server in the multi-turn runs: what the vLLM launch above gets, prefix caching on,
+# and the cached prompt tokens in each answer's usage.
+VLLM_SERVE_OPTIONS = (
+    "--dtype=float32",
+    f"--kv-cache-memory-bytes={KV_CACHE_BYTES}",
+    f"--max-model-len={conversations.CONTEXT_PER_CONVERSATION}",
+    "--enable-prefix-caching",
+    "--enable-prompt-tokens-details",
+)
 
 
 async def measure(endpoint: str, uid: str, levels: list[int], tokens: int, reps: int) -> dict:
@@ -64,6 +82,34 @@ async def measure(endpoint: str, uid: str, levels: list[int], tokens: int, reps:
         return results
     finally:
         await streams.close()
+
+
+async def multiturn(args: argparse.Namespace, endpoint: str, hf_dir: Path) -> dict:
+    """The multi-turn workload on the Transformers model (prefix cache on, then off) and on vLLM's
+    own server for the same folder."""
+    turns, concurrent_turns = (3, 2) if args.quick else (conversations.TURNS, conversations.CONCURRENT_TURNS)
+    log = args.work_dir / "logs" / "vllm-serve-multiturn.log"
+    peer = VllmServer(
+        log, args.vllm_python, hf_dir, "vllm-multiturn", *VLLM_SERVE_OPTIONS, env=vllm_environment()
+    )
+    llmgrpc_chat = partial(conversations.LlmgrpcChat, endpoint, "transformers")
+    chats = {
+        "llmgrpc Transformers, prefix cache": llmgrpc_chat(cache_prompt=True),
+        "llmgrpc Transformers, cache_prompt false": llmgrpc_chat(cache_prompt=False),
+        "vLLM serve, prefix caching": conversations.CompletionsChat(
+            peer.port, "vllm-multiturn", ignore_eos=True, stream_options={"include_usage": True}
+        ),
+    }
+    try:
+        text_of, load_before = conversations.TextOf(hf_dir), os.getloadavg()
+        script = partial(conversations.Script, text_of, ids=True)
+        systems = await conversations.measure(chats, script, args.reps, turns, concurrent_turns)
+        load = conversations.load_line(systems, load_before)
+        return {"turns": turns, "concurrent_turns": concurrent_turns, "systems": systems, "load": load}
+    finally:
+        for chat in chats.values():
+            await chat.close()
+        peer.stop()
 
 
 async def host_check(endpoint: str, uid: str, tokens: int) -> dict:
@@ -110,6 +156,7 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
         + ", ".join(f"`{name}={value}`" for name, value in machine["vllm_environment"].items())
         + " (the engine's CPU defaults, engines/catalogue.py, unless this run's environment set them).",
         "",
+        *multiturn_lines(results.get("multiturn")),
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -146,6 +193,28 @@ def target_lines(results: dict) -> list[str]:
     return [table(["target", "goal", "measured", ""], rows), ""]
 
 
+def multiturn_lines(section: dict | None) -> list[str]:
+    if section is None:
+        return []
+    return [
+        "## Multi-turn conversations: the prefix cache",
+        "",
+        f"{conversations.workload_line()} The prompts go as token ids: the beginning-of-text token, "
+        "each text's ids and the answers' ids as the server streamed them, so every system gets the "
+        "same ids for the same history and each turn's prompt begins with the previous turn's, token "
+        "for token. Systems: llmgrpc's Transformers engine (the launch above) with its prefix cache "
+        "(the default), the same model with `cache_prompt: false` on every request, and vLLM's own "
+        f"OpenAI server (`vllm serve {' '.join(VLLM_SERVE_OPTIONS)}`, in the environment above), all "
+        "greedy with `ignore_eos`; TTFT is the time to the first streamed token, measured by a client "
+        "on this host.",
+        "",
+        *conversations.table_lines(section["systems"], section["turns"], section["concurrent_turns"]),
+        "",
+        section["load"],
+        "",
+    ]
+
+
 def host_check_lines(check: dict | None) -> list[str]:
     if check is None:
         return []
@@ -159,6 +228,7 @@ def host_check_lines(check: dict | None) -> list[str]:
 
 async def run(args: argparse.Namespace) -> dict:
     work = args.work_dir
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     model = TINY if args.quick else BENCH_MODEL
     model_path = ""
     if model == BENCH_MODEL:
@@ -168,7 +238,8 @@ async def run(args: argparse.Namespace) -> dict:
     server = Llmgrpc(
         work / "logs" / "llmgrpc-vllm.log",
         *("--cache-dir", str(work / "cache"), "--families-dir", str(families), "--device", "cpu"),
-        *("--max-running-requests", str(max(args.levels)), "--allowed-model-dirs", str(work / "models")),
+        *("--max-running-requests", str(max(*args.levels, conversations.CONCURRENT))),
+        *("--allowed-model-dirs", str(work / "models")),
         *("--worker-python", json.dumps({"vLLM": str(Path(args.vllm_python).absolute())})),
         # the families folder also holds the firehose family, whose engine is a plugin
         *("--engine-plugins", "firehose:ENGINE_INFO"),
@@ -204,6 +275,11 @@ async def run(args: argparse.Namespace) -> dict:
                     timeout=900,
                 )
             results["host_check"] = await host_check(server.endpoint, "vllm-tiny", HOST_CHECK_TOKENS)
+        with Client(server.endpoint) as client:  # their CPU and memory go to the multi-turn runs
+            for uid in ("vllm", "vllm-tiny") if not args.quick else ("vllm",):
+                client.terminate(uid, timeout=120)
+        hf_dir = Path(model_path) if model_path else work / "cache" / TINY / "pytorch"
+        results["multiturn"] = await multiturn(args, server.endpoint, hf_dir)
     finally:
         server.stop()
     return results
@@ -219,8 +295,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "bench")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-vllm.md")
+    parser.add_argument(
+        "--out", type=Path, help="the report (default: docs/benchmarks-vllm.md, or build/bench-quick)"
+    )
     args = parser.parse_args()
+    args.out = args.out or ROOT / ("build/bench-quick" if args.quick else "docs") / "benchmarks-vllm.md"
     if args.quick:
         args.levels, args.tokens, args.reps = [1, 4], 16, 1
     started = time.perf_counter()
@@ -229,14 +308,23 @@ def main() -> None:
     results["command"] = "make bench-vllm" if not args.quick else "make bench-vllm BENCH_ARGS=--quick"
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next(line for line in cpuinfo if line.startswith("model name"))
-    vllm_defaults = engine_info("vLLM").cpu_environment
     machine = {
         "cpu": cpu.split(":", 1)[1].strip(),
         "cores": os.cpu_count(),
-        "vllm_environment": {name: os.environ.get(name, value) for name, value in vllm_defaults},
+        "vllm_environment": vllm_environment(),
     }
+    (args.work_dir / "vllm-multiturn.json").write_text(json.dumps(results["multiturn"], indent=1))
     write_report(args.out, results, args, machine)
     print(f"report: {args.out}")
+    problems = conversations.llmgrpc_problems(results["multiturn"]["systems"])
+    if problems:
+        print("llmgrpc problems in the multi-turn runs:", *problems[:10], sep="\n  ")
+        sys.exit(1)
+
+
+def vllm_environment() -> dict[str, str]:
+    """The vLLM engine's CPU defaults (engines/catalogue.py), unless this run's environment sets them."""
+    return {name: os.environ.get(name, value) for name, value in engine_info("vLLM").cpu_environment}
 
 
 if __name__ == "__main__":
