@@ -28,7 +28,7 @@ from typing import TextIO
 import grpc
 from google.protobuf.json_format import MessageToJson
 
-from llmgrpc.clients.client import Client
+from llmgrpc.clients.client import SAMPLING_KNOBS, Client
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -236,20 +236,9 @@ def add_client_commands(commands) -> None:
         default=[],
         help="one-shot: send these user turns in order, print the answers, exit",
     )
-    for flag, kind in (
-        ("--max-tokens", int),
-        ("--temperature", float),
-        ("--top-p", float),
-        ("--top-k", int),
-        ("--min-p", float),
-        ("--repetition-penalty", float),
-        ("--presence-penalty", float),
-        ("--frequency-penalty", float),
-        ("--seed", int),
-        ("--min-tokens", int),
-    ):
+    for name, kind in SAMPLING_FLAGS.items():
         for command in (generate, chat):
-            command.add_argument(flag, type=kind)
+            command.add_argument("--" + name.replace("_", "-"), type=kind)
     for command in (generate, chat):
         command.add_argument("--adapter", default="", help="a LoRA adapter of the model, by name")
         command.add_argument("--stop", action="append", default=[])
@@ -343,18 +332,8 @@ def _run(args: argparse.Namespace) -> None:
             chat_session(client, args)
 
 
-SAMPLING_FLAGS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "min_tokens",
-)
+# The knobs a flag sets: all but logprobs, since the commands print text alone.
+SAMPLING_FLAGS = {name: kind for name, kind in SAMPLING_KNOBS.items() if name != "logprobs"}
 
 
 def _sampling(args: argparse.Namespace) -> dict:

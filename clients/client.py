@@ -8,8 +8,26 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
 from llmgrpc.v1 import generate_pb2, generate_pb2_grpc, models_pb2, models_pb2_grpc
+
+_NUMBER_TYPES = {
+    FieldDescriptor.TYPE_FLOAT: float,
+    FieldDescriptor.TYPE_DOUBLE: float,
+    FieldDescriptor.TYPE_INT32: int,
+    FieldDescriptor.TYPE_INT64: int,
+    FieldDescriptor.TYPE_UINT32: int,
+    FieldDescriptor.TYPE_UINT64: int,
+}
+# GenerateRequest's optional numbers, each with its Python type: the sampling knobs a caller may
+# set, unset meaning the model's default. The CLI's flags and the other protocols' sampling
+# fields are read from here, so a knob added to the proto is offered everywhere.
+SAMPLING_KNOBS: dict[str, type] = {
+    field.name: _NUMBER_TYPES[field.type]
+    for field in generate_pb2.GenerateRequest.DESCRIPTOR.fields
+    if field.has_presence and field.type in _NUMBER_TYPES
+}
 
 
 class Client:

@@ -87,26 +87,58 @@ class Constraint:
         return cls(kind, getattr(pb, kind))
 
 
+# Alternatives per token a request may ask for, as OpenAI's API and vLLM's default allow.
+MAX_LOGPROBS = 20
+SAME_NAME = ""
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A number of SamplingParams a request may set (its GenerateRequest field has the same name):
+    the values it takes, and its name in each engine library's sampling arguments (SAME_NAME: the
+    same; None: not one of that library's sampling arguments, the engine applies it itself)."""
+
+    valid: Callable[[float], bool]
+    rule: str  # the valid values, in words, for error messages
+    vllm: str | None = SAME_NAME
+    sglang: str | None = SAME_NAME
+
+
+def knob(default: Any, valid: Callable[[float], bool], rule: str, **names: str | None) -> Any:
+    """A SamplingParams field that is a Knob (names: vllm=, sglang=, where they differ)."""
+    return field(default=default, metadata={"knob": Knob(valid, rule, **names)})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to choose each next token, and when to stop. Defaults are the contract's."""
+    """How to choose each next token, and when to stop. Defaults are the contract's.
 
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    A new number is one knob() field here (read, checked and passed to vLLM and SGLang from its
+    declaration, offered by KServe, vLLM's engine contract and the CLI from the proto), its
+    GenerateRequest field, and its meaning in llmgrpc.engines.sampling."""
+
+    max_tokens: int = knob(256, lambda v: v >= 1, "must be at least 1", sglang="max_new_tokens")
+    temperature: float = knob(1.0, lambda v: v >= 0, "must be 0 (greedy) or more")
+    top_p: float = knob(1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")
+    top_k: int = knob(0, lambda v: v >= 0, "must be 0 (all tokens) or more")
+    min_p: float = knob(0.0, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    repetition_penalty: float = knob(1.0, lambda v: v > 0, "must be greater than 0 (1 is off)")
+    presence_penalty: float = knob(0.0, lambda v: -2 <= v <= 2, "must be in [-2, 2]")
+    frequency_penalty: float = knob(0.0, lambda v: -2 <= v <= 2, "must be in [-2, 2]")
+    seed: int | None = knob(None, lambda v: True, "any 64-bit integer", sglang="sampling_seed")
+    min_tokens: int = knob(0, lambda v: v >= 0, "must be 0 or more", sglang="min_new_tokens")
+    # Alternatives per step; None: no logprobs at all. SGLang asks for them beside its sampling.
+    logprobs: int | None = knob(
+        None, lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]", sglang=None
+    )
+    # Cut before the prompt reaches any engine (engines.batching, engines.library_engine).
+    truncate_prompt_tokens: int | None = knob(
+        None, lambda v: v >= 1, "must be at least 1 (prompt tokens kept)", vllm=None, sglang=None
+    )
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: int | None = None  # alternatives per step; None: no logprobs at all
     logit_bias: dict[int, float] = field(default_factory=dict)
-    truncate_prompt_tokens: int | None = None
     constraint: Constraint | None = None
 
     @property
@@ -114,36 +146,37 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
+    def knobs(cls) -> list[tuple[str, Knob]]:
+        """The knob fields, by name, in declaration order."""
+        return [(f.name, f.metadata["knob"]) for f in dataclasses.fields(cls) if "knob" in f.metadata]
+
+    def library_arguments(self, library: str) -> dict[str, Any]:
+        """The knobs set to other than None, under their names in library ("vllm", "sglang")."""
+        arguments = {}
+        for name, declared in self.knobs():
+            library_name = getattr(declared, library)
+            value = getattr(self, name)
+            if library_name is not None and value is not None:
+                arguments[library_name or name] = value
+        return arguments
+
+    @classmethod
     def from_pb(
         cls, pb: generate_pb2.GenerateRequest, default_max_tokens: int | None = None
     ) -> SamplingParams:
         """The request's sampling fields, every default resolved here and nowhere else: unset
-        optional fields take the defaults above, max_tokens default_max_tokens when given (the
-        server's setting, which its load plan carries)."""
-        defaults = cls()
-        if default_max_tokens is None:
-            default_max_tokens = defaults.max_tokens
-
-        def pick(name: str, default: Any) -> Any:
-            return getattr(pb, name) if pb.HasField(name) else default
-
+        knobs take the defaults above, max_tokens default_max_tokens when given (the server's
+        setting, which its load plan carries)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        if default_max_tokens is not None:
+            defaults["max_tokens"] = default_max_tokens
+        knobs = {name: getattr(pb, name) if pb.HasField(name) else defaults[name] for name, _ in cls.knobs()}
         return cls(
-            max_tokens=pick("max_tokens", default_max_tokens),
-            temperature=pick("temperature", defaults.temperature),
-            top_p=pick("top_p", defaults.top_p),
-            top_k=pick("top_k", defaults.top_k),
-            min_p=pick("min_p", defaults.min_p),
-            repetition_penalty=pick("repetition_penalty", defaults.repetition_penalty),
-            presence_penalty=pick("presence_penalty", defaults.presence_penalty),
-            frequency_penalty=pick("frequency_penalty", defaults.frequency_penalty),
+            **knobs,
             stop=tuple(pb.stop),
             stop_token_ids=tuple(pb.stop_token_ids),
-            seed=pick("seed", None),
             ignore_eos=pb.ignore_eos,
-            min_tokens=pick("min_tokens", 0),
-            logprobs=pick("logprobs", None),
             logit_bias=dict(pb.logit_bias),
-            truncate_prompt_tokens=pick("truncate_prompt_tokens", None),
             constraint=Constraint.from_pb(pb.structured_output) if pb.HasField("structured_output") else None,
         )
 

@@ -61,24 +61,16 @@ def engine_kwargs(plan: LoadPlan, weights: str) -> dict[str, Any]:
 
 
 def sampling_dict(params: SamplingParams) -> dict[str, Any]:
-    """SGLang's sampling_params for the contract's sampling fields."""
+    """SGLang's sampling_params for the contract's sampling fields (the knobs under SGLang's
+    names, SamplingParams.library_arguments)."""
     sampling = {
-        "max_new_tokens": params.max_tokens,
-        "min_new_tokens": params.min_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
+        **params.library_arguments("sglang"),
         "top_k": params.top_k if params.top_k > 0 else -1,  # SGLang: -1 keeps every token
-        "min_p": params.min_p,
-        "repetition_penalty": params.repetition_penalty,
-        "presence_penalty": params.presence_penalty,
-        "frequency_penalty": params.frequency_penalty,
         "stop": list(params.stop),
         "stop_token_ids": list(params.stop_token_ids),
         "ignore_eos": params.ignore_eos,
         "skip_special_tokens": True,
     }
-    if params.seed is not None:
-        sampling["sampling_seed"] = params.seed
     if params.logit_bias:
         sampling["logit_bias"] = {str(token): bias for token, bias in params.logit_bias.items()}
     if params.constraint is not None:

@@ -95,26 +95,16 @@ def cpu_binding(cpus: list[int], workers: int) -> str:
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """vLLM SamplingParams keyword arguments for the contract's sampling fields."""
+    """vLLM SamplingParams keyword arguments for the contract's sampling fields (the knobs under
+    vLLM's names, SamplingParams.library_arguments; vLLM's top_k 0 keeps every token, as ours)."""
     kwargs: dict[str, Any] = {
         "n": 1,
-        "max_tokens": params.max_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k if params.top_k > 0 else 0,  # vLLM: 0 keeps every token
-        "min_p": params.min_p,
-        "repetition_penalty": params.repetition_penalty,
-        "presence_penalty": params.presence_penalty,
-        "frequency_penalty": params.frequency_penalty,
+        **params.library_arguments("vllm"),
         "stop": list(params.stop),
         "stop_token_ids": list(params.stop_token_ids),
-        "seed": params.seed,
         "ignore_eos": params.ignore_eos,
-        "min_tokens": params.min_tokens,
         "skip_special_tokens": True,
     }
-    if params.logprobs is not None:
-        kwargs["logprobs"] = params.logprobs
     if params.logit_bias:
         kwargs["logit_bias"] = dict(params.logit_bias)
     return kwargs

@@ -1,10 +1,10 @@
 """Who may call what: bearer tokens with roles, and the model_path and remote-code policies.
 
-Two roles: ``inference`` may call Generate, Tokenize, Detokenize and the read-only ModelService RPCs;
-``admin`` may call everything, LaunchModel, TerminateModel and LoadAdapter included. The KServe v2 and TGIS
-protocols follow suit: KServe's RepositoryModelLoad and RepositoryModelUnload need ``admin``,
-their other RPCs ``inference``. Any other
-method of the product's services needs ``admin`` (deny by default); health and
+Two roles: ``inference`` may call every GenerateService RPC (Generate, Tokenize, Detokenize)
+and the read-only ModelService RPCs; ``admin`` may call everything, LaunchModel, TerminateModel
+and LoadAdapter included. The KServe v2 and TGIS protocols follow suit: KServe's
+RepositoryModelLoad and RepositoryModelUnload need ``admin``, their other RPCs ``inference``.
+Any other method of the product's services needs ``admin`` (deny by default); health and
 reflection are open, so probes and grpcurl's ``list`` work without a token.
 
 Tokens are kept only as SHA-256 digests and compared with ``hmac.compare_digest``
@@ -25,12 +25,11 @@ ADMIN = "admin"
 INFERENCE = "inference"
 ROLES = (ADMIN, INFERENCE)
 
-# Full method names the inference role may call; admin may call every method.
+# Services whose every method the inference role may call: GenerateService's calls all use a model.
+INFERENCE_SERVICES = ("/llmgrpc.v1.GenerateService/",)
+# Other full method names the inference role may call; admin may call every method.
 INFERENCE_METHODS = frozenset(
     {
-        "/llmgrpc.v1.GenerateService/Generate",
-        "/llmgrpc.v1.GenerateService/Tokenize",
-        "/llmgrpc.v1.GenerateService/Detokenize",
         "/llmgrpc.v1.ModelService/ListSpecs",
         "/llmgrpc.v1.ModelService/ListModels",
         "/llmgrpc.v1.ModelService/GetModel",
@@ -142,7 +141,7 @@ class TokenTable:
 
 def authorize(method: str, role: str) -> None:
     """Refuse a method the role may not call."""
-    if role == ADMIN or method in INFERENCE_METHODS:
+    if role == ADMIN or method in INFERENCE_METHODS or method.startswith(INFERENCE_SERVICES):
         return
     raise PermissionDenied(
         f"role {role} may not call {method.lstrip('/')}; it needs role admin",

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 from smg_grpc_proto.generated import vllm_engine_pb2 as pb
 
+from llmgrpc.clients.client import SAMPLING_KNOBS
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
+from llmgrpc.engines.base import MAX_LOGPROBS
 from llmgrpc.server.validation import check_generate
 from llmgrpc.v1 import generate_pb2
 
 # The most samples one request may ask for (n): each is a request of its own in the batch.
 MAX_N = 16
-MAX_LOGPROBS = 20  # GenerateRequest.logprobs' bound
 FINISH_REASONS = {
     generate_pb2.FINISH_REASON_STOP: "stop",
     generate_pb2.FINISH_REASON_LENGTH: "length",
@@ -33,15 +34,10 @@ FINISH_REASONS = {
     generate_pb2.FINISH_REASON_TOOL_CALLS: "stop",
 }
 
-# The sampling fields both contracts have, with the same meaning and 0 as "unset".
-SAME_SAMPLING_FIELDS = (
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
+# vLLM's sampling fields, by name: GenerateRequest's knobs of the same name mean the same.
+VLLM_SAMPLING_FIELDS = pb.SamplingParams.DESCRIPTOR.fields_by_name
+# Knobs read in a way of their own: a seed per sample, and truncate_prompt_tokens' -1.
+KNOBS_READ_APART = ("seed", "truncate_prompt_tokens")
 
 
 def _invalid(violations: list[FieldViolation]) -> InvalidArgument:
@@ -110,18 +106,16 @@ def _base_request(
         generate.prompt_token_ids.extend(request.tokenized.input_ids)
     else:
         generate.prompt = request.text
-    # proto3 scalars: 0 is "unset" for the fields vLLM gives a neutral value other than 0.
-    if sampling.HasField("temperature"):
-        generate.temperature = sampling.temperature
-    for name in SAME_SAMPLING_FIELDS:
-        if value := getattr(sampling, name):
+    for name in SAMPLING_KNOBS:
+        field = VLLM_SAMPLING_FIELDS.get(name)
+        if field is None or name in KNOBS_READ_APART:
+            continue
+        if field.has_presence:
+            if sampling.HasField(name):
+                setattr(generate, name, getattr(sampling, name))
+        # proto3 scalars: 0 is "unset" for the fields vLLM gives a neutral value other than 0.
+        elif value := getattr(sampling, name):
             setattr(generate, name, value)
-    if sampling.HasField("max_tokens"):
-        generate.max_tokens = sampling.max_tokens
-    if sampling.min_tokens:
-        generate.min_tokens = sampling.min_tokens
-    if sampling.HasField("logprobs"):
-        generate.logprobs = sampling.logprobs
     if sampling.HasField("truncate_prompt_tokens"):
         # -1: the model's whole context, as vLLM reads it.
         truncate = sampling.truncate_prompt_tokens

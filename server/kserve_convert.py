@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from llmgrpc.clients.client import SAMPLING_KNOBS
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.kserve.v2 import grpc_service_pb2 as pb
 from llmgrpc.server.launched import ModelState
@@ -38,22 +39,14 @@ LORA_NAME = "lora_name"  # in sampling_parameters: a LoRA adapter of the model (
 FINAL_RESPONSE = "triton_final_response"
 ENABLE_EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 
-# Triton's vLLM backend: its sampling_parameters names, each to GenerateRequest's field and type.
+# Triton's vLLM backend: its sampling_parameters names (vLLM's, which GenerateRequest's fields
+# share), each with its type; logprobs are not taken, since text_output has no place for them.
 # Values may come as JSON numbers or as strings (the backend's own examples send strings).
-SAMPLING_FIELDS: dict[str, tuple[str, type]] = {
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "min_p": ("min_p", float),
-    "repetition_penalty": ("repetition_penalty", float),
-    "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float),
-    "max_tokens": ("max_tokens", int),
-    "min_tokens": ("min_tokens", int),
-    "seed": ("seed", int),
-    "ignore_eos": ("ignore_eos", bool),
-    "stop": ("stop", list),
-    "stop_token_ids": ("stop_token_ids", list),
+SAMPLING_FIELDS: dict[str, type] = {
+    **{name: kind for name, kind in SAMPLING_KNOBS.items() if name != "logprobs"},
+    "ignore_eos": bool,
+    "stop": list,
+    "stop_token_ids": list,
 }
 FINISH_REASONS = {generate_pb2.FINISH_REASON_STOP: "stop", generate_pb2.FINISH_REASON_LENGTH: "length"}
 # Repository states in Triton's words.
@@ -212,15 +205,15 @@ def apply_sampling_parameters(text: bytes, request: generate_pb2.GenerateRequest
             f"unknown sampling parameters {', '.join(unknown)}: known are {', '.join(SAMPLING_FIELDS)}",
         )
     for key, value in parameters.items():
-        field, kind = SAMPLING_FIELDS[key]
+        kind = SAMPLING_FIELDS[key]
         value = _sampling_value(key, value, kind)
         if key == "top_k" and value == -1:  # vLLM's "all tokens"
             value = 0
         if kind is list:
-            getattr(request, field).extend(value)
+            getattr(request, key).extend(value)
         else:
             try:
-                setattr(request, field, value)
+                setattr(request, key, value)
             except (ValueError, TypeError):  # out of the field's range (int32, int64)
                 raise invalid_inference(
                     f"{SAMPLING_PARAMETERS}.{key}", f"{value!r} is out of range"

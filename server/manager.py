@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from google.protobuf.message import Message
+
 from llmgrpc.engines.lora import LoraModule
 from llmgrpc.server.availability import EngineAvailability
 from llmgrpc.server.launched import HealthUpdate, LaunchedModel, ModelState, Replica
@@ -126,15 +128,9 @@ class EngineManager:
         """request's stream, under the request id of the call being served (logs.request_id)."""
         return self.routing.generate(request, timeout)
 
-    async def tokenize(
-        self, request: generate_pb2.TokenizeRequest, timeout: float | None
-    ) -> generate_pb2.TokenizeResponse:
-        return await self.routing.tokenize(request, timeout)
-
-    async def detokenize(
-        self, request: generate_pb2.DetokenizeRequest, timeout: float | None
-    ) -> generate_pb2.DetokenizeResponse:
-        return await self.routing.detokenize(request, timeout)
+    async def call_model(self, request: Message, timeout: float | None) -> Message:
+        """A public call the model named by request.model_uid answers (Tokenize, Detokenize)."""
+        return await self.routing.call_model(request, timeout)
 
     async def describe(self, model_uid: str, timeout: float | None) -> worker_pb2.DescribeResponse:
         return await self.routing.describe(model_uid, timeout)

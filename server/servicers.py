@@ -146,8 +146,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServiceServicer):
 
     async def Tokenize(self, request: generate_pb2.TokenizeRequest, context: grpc.aio.ServicerContext):
         check_tokenize(request)
-        return await self.manager.tokenize(request, context.time_remaining())
+        return await self.manager.call_model(request, context.time_remaining())
 
     async def Detokenize(self, request: generate_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext):
         check_detokenize(request)
-        return await self.manager.detokenize(request, context.time_remaining())
+        return await self.manager.call_model(request, context.time_remaining())

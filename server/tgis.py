@@ -256,7 +256,7 @@ class TgisServicer(pb_grpc.GenerationServiceServicer):
         check_model_uid(request.model_id)
         responses = []
         for text in request.requests:
-            tokenized = await self.manager.tokenize(
+            tokenized = await self.manager.call_model(
                 generate_pb2.TokenizeRequest(model_uid=request.model_id, text=text.text),
                 context.time_remaining(),
             )

@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2
 
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines import lora
+from llmgrpc.engines.base import SamplingParams
 from llmgrpc.engines.chat import ROLES as CHAT_ROLES
 from llmgrpc.engines.weights.hubs import DOWNLOAD_HUBS
 from llmgrpc.server import placement
@@ -22,7 +23,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$") 
 # slow the steps of everything batched with it.
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARACTERS = 4096
-MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's API and vLLM's default allow
 LOGIT_BIAS_LIMIT = 100.0
 # Priorities beyond these are refused: a bounded range keeps ageing's promise (settings'
 # priority_ageing_per_s) of how long the least urgent request can be held back.
@@ -106,15 +106,8 @@ def check_generate(request: generate_pb2.GenerateRequest) -> None:
         )
     if any(token < 0 for token in request.prompt_token_ids):
         bad("prompt_token_ids", "token ids must be 0 or more")
-    optional_number("max_tokens", lambda v: v >= 1, "must be at least 1")
-    optional_number("temperature", lambda v: v >= 0, "must be 0 (greedy) or more")
-    optional_number("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-    optional_number("top_k", lambda v: v >= 0, "must be 0 (all tokens) or more")
-    optional_number("min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-    optional_number("repetition_penalty", lambda v: v > 0, "must be greater than 0 (1 is off)")
-    optional_number("presence_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-    optional_number("frequency_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-    optional_number("min_tokens", lambda v: v >= 0, "must be 0 or more")
+    for name, knob in SamplingParams.knobs():
+        optional_number(name, knob.valid, knob.rule)
     if (
         request.HasField("min_tokens")
         and request.HasField("max_tokens")
@@ -129,8 +122,6 @@ def check_generate(request: generate_pb2.GenerateRequest) -> None:
         bad("stop", f"stop strings of {characters} characters in all: at most {MAX_STOP_CHARACTERS}")
     if any(token < 0 for token in request.stop_token_ids):
         bad("stop_token_ids", "token ids must be 0 or more")
-    optional_number("logprobs", lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]")
-    optional_number("truncate_prompt_tokens", lambda v: v >= 1, "must be at least 1 (prompt tokens kept)")
     violations += _logit_bias_violations(request.logit_bias)
     if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
         bad("priority", f"{request.priority} is out of range: must be in [{MIN_PRIORITY}, {MAX_PRIORITY}]")

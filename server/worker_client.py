@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+from google.protobuf import any_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
 from opentelemetry.trace import SpanKind
 
 from llmgrpc.clients.errors import Reason, Unavailable
@@ -196,21 +198,20 @@ class WorkerProcess:
                 async for piece in pieces:
                     yield piece
 
-    async def tokenize(
-        self, request: generate_pb2.TokenizeRequest, timeout: float | None
-    ) -> generate_pb2.TokenizeResponse:
-        call = self.stub.Tokenize(
-            worker_pb2.TokenizeRequest(request=request), timeout=timeout, metadata=_request_id()
+    async def call_model(self, request: Message, timeout: float | None) -> Message:
+        """The worker's answer to a public call the model serves (worker.model_calls), as the
+        public response message it packed."""
+        packed = any_pb2.Any()
+        packed.Pack(request)
+        call = self.stub.CallModel(
+            worker_pb2.CallModelRequest(request=packed), timeout=timeout, metadata=_request_id()
         )
-        return (await self._answer(call)).response
-
-    async def detokenize(
-        self, request: generate_pb2.DetokenizeRequest, timeout: float | None
-    ) -> generate_pb2.DetokenizeResponse:
-        call = self.stub.Detokenize(
-            worker_pb2.DetokenizeRequest(request=request), timeout=timeout, metadata=_request_id()
-        )
-        return (await self._answer(call)).response
+        answer = (await self._answer(call)).response
+        response = message_factory.GetMessageClass(
+            descriptor_pool.Default().FindMessageTypeByName(answer.TypeName())
+        )()
+        answer.Unpack(response)
+        return response
 
     async def stats(self, timeout: float = 2.0) -> worker_pb2.EngineStats:
         return (await self._answer(self.stub.Stats(worker_pb2.StatsRequest(), timeout=timeout))).stats

@@ -10,6 +10,7 @@ import pytest
 from engine_pair import assert_refused_naming, generate
 
 from llmgrpc.clients import Client
+from llmgrpc.clients.client import SAMPLING_KNOBS
 from llmgrpc.engines.base import GenerationRequest, LoadPlan, SamplingParams, SpecRef
 from llmgrpc.engines.sampling import Sampler, token_logprobs
 from llmgrpc.v1 import generate_pb2
@@ -89,3 +90,12 @@ def test_request_defaults_are_resolved_once_from_the_load_plan_without_touching_
         "m", "Transformers", SpecRef("m", "pytorch", "1", "none", "m"), "cpu", "", 1, default_max_tokens=9
     )
     assert LoadPlan.from_json_dict(json.loads(json.dumps(plan.to_json_dict()))).default_max_tokens == 9
+
+
+def test_every_optional_number_of_the_request_is_a_sampling_knob():
+    """The proto's optional numbers (what the CLI and the other protocols offer) and the domain's
+    knobs (what is checked, defaulted and handed to the engines) are the same set, same types."""
+    assert list(SAMPLING_KNOBS) == [name for name, _ in SamplingParams.knobs()]
+    for name, kind in SAMPLING_KNOBS.items():
+        default = SamplingParams.__dataclass_fields__[name].default
+        assert default is None or isinstance(default, kind), name

@@ -3,12 +3,13 @@
 The server starts ``python -m llmgrpc.worker --socket PATH --generate-socket PATH
 --plan JSON`` with the engine's interpreter. The worker serves the internal API of
 protos/llmgrpc/worker/v1, ``llmgrpc.worker.v1.WorkerService``, on the first socket:
-``Load`` (progress, then the engine's stats), ``Stats``, ``Tokenize`` and ``Detokenize``
-(the model's tokenizer), and ``Download`` (fetch the weights only, for DownloadModel:
-progress, then their path). Generate streams (a resolved request with the caller's
-deadline) come on the second socket (``llmgrpc.worker.generate_socket``); the server closing one
-closes the engine's stream, which aborts the request. The worker exits when the server
-closes its standard input, so it never outlives the server.
+``Load`` (progress, then the engine's stats), ``Stats``, ``CallModel`` (the public calls a
+model answers, such as Tokenize: llmgrpc.worker.model_calls), and ``Download`` (fetch the
+weights only, for DownloadModel: progress, then their path). Generate streams (a resolved
+request with the caller's deadline) come on the second socket
+(``llmgrpc.worker.generate_socket``); the server closing one closes the engine's stream, which
+aborts the request. The worker exits when the server closes its standard input, so it never
+outlives the server.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from llmgrpc.engines.lora import LoraModule
 from llmgrpc.engines.weights.adapters import resolve_adapter
 from llmgrpc.server import logs, tracing
 from llmgrpc.server.status import grpc_errors
-from llmgrpc.v1 import generate_pb2, models_pb2
-from llmgrpc.worker import frames, generate_socket, kv_events
+from llmgrpc.v1 import models_pb2
+from llmgrpc.worker import frames, generate_socket, kv_events, model_calls
 from llmgrpc.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("llmgrpc.worker")
@@ -138,22 +139,12 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.StatsResponse(stats=stats_to_pb(self.engine.stats()))
 
     @grpc_errors
-    async def Tokenize(
-        self, request: worker_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.TokenizeResponse:
+    async def CallModel(
+        self, request: worker_pb2.CallModelRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.CallModelResponse:
         _adopt_request_id(context)
-        tokens = await self._loaded().tokenize(request.request.text, request.request.parse_special_tokens)
-        return worker_pb2.TokenizeResponse(
-            response=generate_pb2.TokenizeResponse(token_ids=tokens.token_ids, tokens=tokens.tokens)
-        )
-
-    @grpc_errors
-    async def Detokenize(
-        self, request: worker_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.DetokenizeResponse:
-        _adopt_request_id(context)
-        text = await self._loaded().detokenize(list(request.request.token_ids))
-        return worker_pb2.DetokenizeResponse(response=generate_pb2.DetokenizeResponse(text=text))
+        answer = await model_calls.answer(self._loaded(), request.request)
+        return worker_pb2.CallModelResponse(response=answer)
 
     @grpc_errors
     async def Describe(

@@ -11,6 +11,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from google.protobuf.message import Message
+
 from llmgrpc.clients.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -25,6 +27,7 @@ from llmgrpc.server.metrics import Metrics
 from llmgrpc.server.models.adapters import ServedAdapter
 from llmgrpc.server.models.lifecycle import LOADING_RETRY_AFTER_S, Lifecycle
 from llmgrpc.server.models.table import ModelTable
+from llmgrpc.server.worker_client import WorkerProcess
 from llmgrpc.v1 import generate_pb2
 from llmgrpc.worker.v1 import worker_pb2
 
@@ -96,28 +99,20 @@ class Routing:
                     adapter.decoding(False)
                 model.last_active = time.monotonic()
 
-    async def tokenize(
-        self, request: generate_pb2.TokenizeRequest, timeout: float | None
-    ) -> generate_pb2.TokenizeResponse:
-        model = await self._ready_for_call(request.model_uid, timeout)
-        worker = self._ready_replica(model).worker
-        assert worker is not None
-        return await worker.tokenize(request, timeout)
-
-    async def detokenize(
-        self, request: generate_pb2.DetokenizeRequest, timeout: float | None
-    ) -> generate_pb2.DetokenizeResponse:
-        model = await self._ready_for_call(request.model_uid, timeout)
-        worker = self._ready_replica(model).worker
-        assert worker is not None
-        return await worker.detokenize(request, timeout)
+    async def call_model(self, request: Message, timeout: float | None) -> Message:
+        """A public call the model answers without decoding (Tokenize, ...; worker.model_calls),
+        by a READY replica: request names the model in its model_uid."""
+        return await (await self._ready_worker(request.model_uid, timeout)).call_model(request, timeout)
 
     async def describe(self, model_uid: str, timeout: float | None) -> worker_pb2.DescribeResponse:
         """The model's vocabulary facts and tokenizer folder, from a READY replica's worker."""
+        return await (await self._ready_worker(model_uid, timeout)).describe(timeout)
+
+    async def _ready_worker(self, model_uid: str, timeout: float | None) -> WorkerProcess:
         model = await self._ready_for_call(model_uid, timeout)
         worker = self._ready_replica(model).worker
         assert worker is not None
-        return await worker.describe(timeout)
+        return worker
 
     async def kv_events(self, model_uid: str, start_sequence_number: int) -> list[AsyncIterator[bytes]]:
         """The prefix-cache event streams of the model's READY replicas, by replica index (each a

@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from llmgrpc.v1 import generate_pb2 as llmgrpc_dot_v1_dot_generate__pb2
 from llmgrpc.v1 import models_pb2 as llmgrpc_dot_v1_dot_models__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ellmgrpc/worker/v1/worker.proto\x12\x11llmgrpc.worker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19llmgrpc/v1/generate.proto\x1a\x17llmgrpc/v1/models.proto\"5\n\x14WatchKvEventsRequest\x12\x1d\n\x15start_sequence_number\x18\x01 \x01(\x04\"/\n\x15WatchKvEventsResponse\x12\x16\n\x0ekv_event_batch\x18\x01 \x01(\x0c\"=\n\x12LoadAdapterRequest\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.llmgrpc.v1.LoraModule\"#\n\x13LoadAdapterResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\r\n\x0bLoadRequest\"v\n\x0cLoadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12/\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStatsH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0f\x44ownloadRequest\"_\n\x10\x44ownloadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12\x14\n\nmodel_path\x18\x02 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\x83\x02\n\x0fGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.llmgrpc.v1.GenerateRequest\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12K\n\rtrace_context\x18\x04 \x03(\x0b\x32\x34.llmgrpc.worker.v1.GenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\rGenerateFrame\x12\x30\n\x08response\x18\x03 \x01(\x0b\x32\x1c.llmgrpc.v1.GenerateResponseH\x00\x12\x10\n\x06status\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rameJ\x04\x08\x01\x10\x02\"\x0e\n\x0cStatsRequest\">\n\rStatsResponse\x12-\n\x05stats\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStats\"\xec\x02\n\x0b\x45ngineStats\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x04 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x01\x12\x19\n\x11resident_adapters\x18\x07 \x03(\t\x12G\n\radapter_ranks\x18\x08 \x03(\x0b\x32\x30.llmgrpc.worker.v1.EngineStats.AdapterRanksEntry\x12\x1c\n\x14prefix_cache_queries\x18\t \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\n \x01(\x03\x1a\x33\n\x11\x41\x64\x61pterRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"?\n\x0fTokenizeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.llmgrpc.v1.TokenizeRequest\"B\n\x10TokenizeResponse\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1c.llmgrpc.v1.TokenizeResponse\"C\n\x11\x44\x65tokenizeRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.llmgrpc.v1.DetokenizeRequest\"F\n\x12\x44\x65tokenizeResponse\x12\x30\n\x08response\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.v1.DetokenizeResponse\"\x11\n\x0f\x44\x65scribeRequest\"\xbf\x01\n\x10\x44\x65scribeResponse\x12\x15\n\reos_token_ids\x18\x01 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x02 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x12\n\nmodel_type\x18\x05 \x01(\t\x12\x15\n\rarchitectures\x18\x06 \x03(\t\x12\x15\n\rtokenizer_dir\x18\x07 \x01(\t\x12\x12\n\nmodel_path\x18\x08 \x01(\t2\xaa\x06\n\rWorkerService\x12I\n\x04Load\x12\x1e.llmgrpc.worker.v1.LoadRequest\x1a\x1f.llmgrpc.worker.v1.LoadResponse0\x01\x12U\n\x08\x44ownload\x12\".llmgrpc.worker.v1.DownloadRequest\x1a#.llmgrpc.worker.v1.DownloadResponse0\x01\x12J\n\x05Stats\x12\x1f.llmgrpc.worker.v1.StatsRequest\x1a .llmgrpc.worker.v1.StatsResponse\x12S\n\x08Tokenize\x12\".llmgrpc.worker.v1.TokenizeRequest\x1a#.llmgrpc.worker.v1.TokenizeResponse\x12Y\n\nDetokenize\x12$.llmgrpc.worker.v1.DetokenizeRequest\x1a%.llmgrpc.worker.v1.DetokenizeResponse\x12S\n\x08\x44\x65scribe\x12\".llmgrpc.worker.v1.DescribeRequest\x1a#.llmgrpc.worker.v1.DescribeResponse\x12\\\n\x0bLoadAdapter\x12%.llmgrpc.worker.v1.LoadAdapterRequest\x1a&.llmgrpc.worker.v1.LoadAdapterResponse\x12\x62\n\rUnloadAdapter\x12\'.llmgrpc.worker.v1.UnloadAdapterRequest\x1a(.llmgrpc.worker.v1.UnloadAdapterResponse\x12\x64\n\rWatchKvEvents\x12\'.llmgrpc.worker.v1.WatchKvEventsRequest\x1a(.llmgrpc.worker.v1.WatchKvEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ellmgrpc/worker/v1/worker.proto\x12\x11llmgrpc.worker.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19llmgrpc/v1/generate.proto\x1a\x17llmgrpc/v1/models.proto\"5\n\x14WatchKvEventsRequest\x12\x1d\n\x15start_sequence_number\x18\x01 \x01(\x04\"/\n\x15WatchKvEventsResponse\x12\x16\n\x0ekv_event_batch\x18\x01 \x01(\x0c\"=\n\x12LoadAdapterRequest\x12\'\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x16.llmgrpc.v1.LoraModule\"#\n\x13LoadAdapterResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\r\n\x0bLoadRequest\"v\n\x0cLoadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12/\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStatsH\x00\x42\x07\n\x05\x65vent\"\x11\n\x0f\x44ownloadRequest\"_\n\x10\x44ownloadResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.llmgrpc.v1.LoadProgressH\x00\x12\x14\n\nmodel_path\x18\x02 \x01(\tH\x00\x42\x07\n\x05\x65vent\"\x83\x02\n\x0fGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.llmgrpc.v1.GenerateRequest\x12,\n\x08\x64\x65\x61\x64line\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12K\n\rtrace_context\x18\x04 \x03(\x0b\x32\x34.llmgrpc.worker.v1.GenerateRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\rGenerateFrame\x12\x30\n\x08response\x18\x03 \x01(\x0b\x32\x1c.llmgrpc.v1.GenerateResponseH\x00\x12\x10\n\x06status\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05\x66rameJ\x04\x08\x01\x10\x02\"\x0e\n\x0cStatsRequest\">\n\rStatsResponse\x12-\n\x05stats\x18\x01 \x01(\x0b\x32\x1e.llmgrpc.worker.v1.EngineStats\"\xec\x02\n\x0b\x45ngineStats\x12\x16\n\x0e\x63ontext_length\x18\x01 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x18\n\x10running_requests\x18\x03 \x01(\x05\x12\x17\n\x0fpeak_batch_size\x18\x04 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x01\x12\x19\n\x11resident_adapters\x18\x07 \x03(\t\x12G\n\radapter_ranks\x18\x08 \x03(\x0b\x32\x30.llmgrpc.worker.v1.EngineStats.AdapterRanksEntry\x12\x1c\n\x14prefix_cache_queries\x18\t \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\n \x01(\x03\x1a\x33\n\x11\x41\x64\x61pterRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"9\n\x10\x43\x61llModelRequest\x12%\n\x07request\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\";\n\x11\x43\x61llModelResponse\x12&\n\x08response\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\"\x11\n\x0f\x44\x65scribeRequest\"\xbf\x01\n\x10\x44\x65scribeResponse\x12\x15\n\reos_token_ids\x18\x01 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x02 \x01(\x05\x12\x14\n\x0cpad_token_id\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x12\n\nmodel_type\x18\x05 \x01(\t\x12\x15\n\rarchitectures\x18\x06 \x03(\t\x12\x15\n\rtokenizer_dir\x18\x07 \x01(\t\x12\x12\n\nmodel_path\x18\x08 \x01(\t2\xd2\x05\n\rWorkerService\x12I\n\x04Load\x12\x1e.llmgrpc.worker.v1.LoadRequest\x1a\x1f.llmgrpc.worker.v1.LoadResponse0\x01\x12U\n\x08\x44ownload\x12\".llmgrpc.worker.v1.DownloadRequest\x1a#.llmgrpc.worker.v1.DownloadResponse0\x01\x12J\n\x05Stats\x12\x1f.llmgrpc.worker.v1.StatsRequest\x1a .llmgrpc.worker.v1.StatsResponse\x12V\n\tCallModel\x12#.llmgrpc.worker.v1.CallModelRequest\x1a$.llmgrpc.worker.v1.CallModelResponse\x12S\n\x08\x44\x65scribe\x12\".llmgrpc.worker.v1.DescribeRequest\x1a#.llmgrpc.worker.v1.DescribeResponse\x12\\\n\x0bLoadAdapter\x12%.llmgrpc.worker.v1.LoadAdapterRequest\x1a&.llmgrpc.worker.v1.LoadAdapterResponse\x12\x62\n\rUnloadAdapter\x12\'.llmgrpc.worker.v1.UnloadAdapterRequest\x1a(.llmgrpc.worker.v1.UnloadAdapterResponse\x12\x64\n\rWatchKvEvents\x12\'.llmgrpc.worker.v1.WatchKvEventsRequest\x1a(.llmgrpc.worker.v1.WatchKvEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,52 +39,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_ENGINESTATS_ADAPTERRANKSENTRY']._loaded_options = None
   _globals['_ENGINESTATS_ADAPTERRANKSENTRY']._serialized_options = b'8\001'
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=138
-  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=191
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=193
-  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=240
-  _globals['_LOADADAPTERREQUEST']._serialized_start=242
-  _globals['_LOADADAPTERREQUEST']._serialized_end=303
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=305
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=340
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=342
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=378
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=380
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=403
-  _globals['_LOADREQUEST']._serialized_start=405
-  _globals['_LOADREQUEST']._serialized_end=418
-  _globals['_LOADRESPONSE']._serialized_start=420
-  _globals['_LOADRESPONSE']._serialized_end=538
-  _globals['_DOWNLOADREQUEST']._serialized_start=540
-  _globals['_DOWNLOADREQUEST']._serialized_end=557
-  _globals['_DOWNLOADRESPONSE']._serialized_start=559
-  _globals['_DOWNLOADRESPONSE']._serialized_end=654
-  _globals['_GENERATEREQUEST']._serialized_start=657
-  _globals['_GENERATEREQUEST']._serialized_end=916
-  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=865
-  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=916
-  _globals['_GENERATEFRAME']._serialized_start=918
-  _globals['_GENERATEFRAME']._serialized_end=1016
-  _globals['_STATSREQUEST']._serialized_start=1018
-  _globals['_STATSREQUEST']._serialized_end=1032
-  _globals['_STATSRESPONSE']._serialized_start=1034
-  _globals['_STATSRESPONSE']._serialized_end=1096
-  _globals['_ENGINESTATS']._serialized_start=1099
-  _globals['_ENGINESTATS']._serialized_end=1463
-  _globals['_ENGINESTATS_ADAPTERRANKSENTRY']._serialized_start=1412
-  _globals['_ENGINESTATS_ADAPTERRANKSENTRY']._serialized_end=1463
-  _globals['_TOKENIZEREQUEST']._serialized_start=1465
-  _globals['_TOKENIZEREQUEST']._serialized_end=1528
-  _globals['_TOKENIZERESPONSE']._serialized_start=1530
-  _globals['_TOKENIZERESPONSE']._serialized_end=1596
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1598
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1665
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1667
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1737
-  _globals['_DESCRIBEREQUEST']._serialized_start=1739
-  _globals['_DESCRIBEREQUEST']._serialized_end=1756
-  _globals['_DESCRIBERESPONSE']._serialized_start=1759
-  _globals['_DESCRIBERESPONSE']._serialized_end=1950
-  _globals['_WORKERSERVICE']._serialized_start=1953
-  _globals['_WORKERSERVICE']._serialized_end=2763
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_start=165
+  _globals['_WATCHKVEVENTSREQUEST']._serialized_end=218
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_start=220
+  _globals['_WATCHKVEVENTSRESPONSE']._serialized_end=267
+  _globals['_LOADADAPTERREQUEST']._serialized_start=269
+  _globals['_LOADADAPTERREQUEST']._serialized_end=330
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=332
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=367
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=369
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=405
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=407
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=430
+  _globals['_LOADREQUEST']._serialized_start=432
+  _globals['_LOADREQUEST']._serialized_end=445
+  _globals['_LOADRESPONSE']._serialized_start=447
+  _globals['_LOADRESPONSE']._serialized_end=565
+  _globals['_DOWNLOADREQUEST']._serialized_start=567
+  _globals['_DOWNLOADREQUEST']._serialized_end=584
+  _globals['_DOWNLOADRESPONSE']._serialized_start=586
+  _globals['_DOWNLOADRESPONSE']._serialized_end=681
+  _globals['_GENERATEREQUEST']._serialized_start=684
+  _globals['_GENERATEREQUEST']._serialized_end=943
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_start=892
+  _globals['_GENERATEREQUEST_TRACECONTEXTENTRY']._serialized_end=943
+  _globals['_GENERATEFRAME']._serialized_start=945
+  _globals['_GENERATEFRAME']._serialized_end=1043
+  _globals['_STATSREQUEST']._serialized_start=1045
+  _globals['_STATSREQUEST']._serialized_end=1059
+  _globals['_STATSRESPONSE']._serialized_start=1061
+  _globals['_STATSRESPONSE']._serialized_end=1123
+  _globals['_ENGINESTATS']._serialized_start=1126
+  _globals['_ENGINESTATS']._serialized_end=1490
+  _globals['_ENGINESTATS_ADAPTERRANKSENTRY']._serialized_start=1439
+  _globals['_ENGINESTATS_ADAPTERRANKSENTRY']._serialized_end=1490
+  _globals['_CALLMODELREQUEST']._serialized_start=1492
+  _globals['_CALLMODELREQUEST']._serialized_end=1549
+  _globals['_CALLMODELRESPONSE']._serialized_start=1551
+  _globals['_CALLMODELRESPONSE']._serialized_end=1610
+  _globals['_DESCRIBEREQUEST']._serialized_start=1612
+  _globals['_DESCRIBEREQUEST']._serialized_end=1629
+  _globals['_DESCRIBERESPONSE']._serialized_start=1632
+  _globals['_DESCRIBERESPONSE']._serialized_end=1823
+  _globals['_WORKERSERVICE']._serialized_start=1826
+  _globals['_WORKERSERVICE']._serialized_end=2548
 # @@protoc_insertion_point(module_scope)

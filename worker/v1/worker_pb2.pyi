@@ -8,6 +8,7 @@ the server, which always starts workers of its own version.
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -485,20 +486,22 @@ class EngineStats(_message.Message):
 Global___EngineStats: _TypeAlias = EngineStats  # noqa: Y015
 
 @_typing.final
-class TokenizeRequest(_message.Message):
-    """Text to tokenize."""
+class CallModelRequest(_message.Message):
+    """A public call for the loaded model."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def request(self) -> _generate_pb2.TokenizeRequest:
-        """The caller's request (its model_uid is this worker's model)."""
+    def request(self) -> _any_pb2.Any:
+        """The caller's request, a llmgrpc.v1 message (its model_uid is this
+        worker's model); its type says which call it is.
+        """
 
     def __init__(
         self,
         *,
-        request: _generate_pb2.TokenizeRequest | None = ...,
+        request: _any_pb2.Any | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -506,23 +509,23 @@ class TokenizeRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TokenizeRequest: _TypeAlias = TokenizeRequest  # noqa: Y015
+Global___CallModelRequest: _TypeAlias = CallModelRequest  # noqa: Y015
 
 @_typing.final
-class TokenizeResponse(_message.Message):
-    """The tokens of a text."""
+class CallModelResponse(_message.Message):
+    """The answer to a public call."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RESPONSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def response(self) -> _generate_pb2.TokenizeResponse:
-        """The answer, exactly as the server relays it to the caller."""
+    def response(self) -> _any_pb2.Any:
+        """The answer, a llmgrpc.v1 message, exactly as the server relays it."""
 
     def __init__(
         self,
         *,
-        response: _generate_pb2.TokenizeResponse | None = ...,
+        response: _any_pb2.Any | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -530,55 +533,7 @@ class TokenizeResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
-
-@_typing.final
-class DetokenizeRequest(_message.Message):
-    """Token ids to decode."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REQUEST_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def request(self) -> _generate_pb2.DetokenizeRequest:
-        """The caller's request (its model_uid is this worker's model)."""
-
-    def __init__(
-        self,
-        *,
-        request: _generate_pb2.DetokenizeRequest | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DetokenizeRequest: _TypeAlias = DetokenizeRequest  # noqa: Y015
-
-@_typing.final
-class DetokenizeResponse(_message.Message):
-    """The text of token ids."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    RESPONSE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def response(self) -> _generate_pb2.DetokenizeResponse:
-        """The answer, exactly as the server relays it to the caller."""
-
-    def __init__(
-        self,
-        *,
-        response: _generate_pb2.DetokenizeResponse | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DetokenizeResponse: _TypeAlias = DetokenizeResponse  # noqa: Y015
+Global___CallModelResponse: _TypeAlias = CallModelResponse  # noqa: Y015
 
 @_typing.final
 class DescribeRequest(_message.Message):

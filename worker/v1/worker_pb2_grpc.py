@@ -61,15 +61,10 @@ class WorkerServiceStub:
                 request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsResponse.FromString,
                 _registered_method=True)
-        self.Tokenize = channel.unary_unary(
-                '/llmgrpc.worker.v1.WorkerService/Tokenize',
-                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeResponse.FromString,
-                _registered_method=True)
-        self.Detokenize = channel.unary_unary(
-                '/llmgrpc.worker.v1.WorkerService/Detokenize',
-                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.FromString,
+        self.CallModel = channel.unary_unary(
+                '/llmgrpc.worker.v1.WorkerService/CallModel',
+                request_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.CallModelRequest.SerializeToString,
+                response_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.CallModelResponse.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/llmgrpc.worker.v1.WorkerService/Describe',
@@ -133,16 +128,11 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Tokenize(self, request, context):
-        """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
-        tokenizes a prompt.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Detokenize(self, request, context):
-        """Detokenize decodes token ids with the loaded model's tokenizer.
+    def CallModel(self, request, context):
+        """CallModel answers a public unary call that the loaded model serves
+        (llmgrpc.v1.GenerateService's Tokenize, Detokenize, ...): the caller's
+        request goes in as it came, its type naming the call, and the answer comes
+        back as the server relays it. A new call of that kind needs no RPC here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,15 +191,10 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.StatsResponse.SerializeToString,
             ),
-            'Tokenize': grpc.unary_unary_rpc_method_handler(
-                    servicer.Tokenize,
-                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeRequest.FromString,
-                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeResponse.SerializeToString,
-            ),
-            'Detokenize': grpc.unary_unary_rpc_method_handler(
-                    servicer.Detokenize,
-                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.FromString,
-                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.SerializeToString,
+            'CallModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CallModel,
+                    request_deserializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.CallModelRequest.FromString,
+                    response_serializer=llmgrpc_dot_worker_dot_v1_dot_worker__pb2.CallModelResponse.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
@@ -336,7 +321,7 @@ class WorkerService:
             _registered_method=True)
 
     @staticmethod
-    def Tokenize(request,
+    def CallModel(request,
             target,
             options=(),
             channel_credentials=None,
@@ -349,36 +334,9 @@ class WorkerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/llmgrpc.worker.v1.WorkerService/Tokenize',
-            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeRequest.SerializeToString,
-            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.TokenizeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Detokenize(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/llmgrpc.worker.v1.WorkerService/Detokenize',
-            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeRequest.SerializeToString,
-            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.DetokenizeResponse.FromString,
+            '/llmgrpc.worker.v1.WorkerService/CallModel',
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.CallModelRequest.SerializeToString,
+            llmgrpc_dot_worker_dot_v1_dot_worker__pb2.CallModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

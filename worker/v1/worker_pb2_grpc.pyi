@@ -62,12 +62,12 @@ class WorkerServiceStub:
     """Stats reports the loaded engine's numbers; the server also calls it to
     tell whether the worker still answers.
     """
-    Tokenize: _grpc.UnaryUnaryMultiCallable[_worker_pb2.TokenizeRequest, _worker_pb2.TokenizeResponse]
-    """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
-    tokenizes a prompt.
+    CallModel: _grpc.UnaryUnaryMultiCallable[_worker_pb2.CallModelRequest, _worker_pb2.CallModelResponse]
+    """CallModel answers a public unary call that the loaded model serves
+    (llmgrpc.v1.GenerateService's Tokenize, Detokenize, ...): the caller's
+    request goes in as it came, its type naming the call, and the answer comes
+    back as the server relays it. A new call of that kind needs no RPC here.
     """
-    Detokenize: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DetokenizeRequest, _worker_pb2.DetokenizeResponse]
-    """Detokenize decodes token ids with the loaded model's tokenizer."""
     Describe: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DescribeRequest, _worker_pb2.DescribeResponse]
     """Describe tells the loaded model's vocabulary facts and writes its tokenizer
     files to a folder (for the vLLM engine contract's GetModelInfo and
@@ -118,12 +118,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """Stats reports the loaded engine's numbers; the server also calls it to
     tell whether the worker still answers.
     """
-    Tokenize: _aio.UnaryUnaryMultiCallable[_worker_pb2.TokenizeRequest, _worker_pb2.TokenizeResponse]  # type: ignore[assignment]
-    """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
-    tokenizes a prompt.
+    CallModel: _aio.UnaryUnaryMultiCallable[_worker_pb2.CallModelRequest, _worker_pb2.CallModelResponse]  # type: ignore[assignment]
+    """CallModel answers a public unary call that the loaded model serves
+    (llmgrpc.v1.GenerateService's Tokenize, Detokenize, ...): the caller's
+    request goes in as it came, its type naming the call, and the answer comes
+    back as the server relays it. A new call of that kind needs no RPC here.
     """
-    Detokenize: _aio.UnaryUnaryMultiCallable[_worker_pb2.DetokenizeRequest, _worker_pb2.DetokenizeResponse]  # type: ignore[assignment]
-    """Detokenize decodes token ids with the loaded model's tokenizer."""
     Describe: _aio.UnaryUnaryMultiCallable[_worker_pb2.DescribeRequest, _worker_pb2.DescribeResponse]  # type: ignore[assignment]
     """Describe tells the loaded model's vocabulary facts and writes its tokenizer
     files to a folder (for the vLLM engine contract's GetModelInfo and
@@ -191,22 +191,16 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
-    def Tokenize(
+    def CallModel(
         self,
-        request: _worker_pb2.TokenizeRequest,
+        request: _worker_pb2.CallModelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_worker_pb2.TokenizeResponse, _abc.Awaitable[_worker_pb2.TokenizeResponse]]:
-        """Tokenize tokenizes text with the loaded model's tokenizer, as Generate
-        tokenizes a prompt.
+    ) -> _typing.Union[_worker_pb2.CallModelResponse, _abc.Awaitable[_worker_pb2.CallModelResponse]]:
+        """CallModel answers a public unary call that the loaded model serves
+        (llmgrpc.v1.GenerateService's Tokenize, Detokenize, ...): the caller's
+        request goes in as it came, its type naming the call, and the answer comes
+        back as the server relays it. A new call of that kind needs no RPC here.
         """
-
-    @_abc_1.abstractmethod
-    def Detokenize(
-        self,
-        request: _worker_pb2.DetokenizeRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_worker_pb2.DetokenizeResponse, _abc.Awaitable[_worker_pb2.DetokenizeResponse]]:
-        """Detokenize decodes token ids with the loaded model's tokenizer."""
 
     @_abc_1.abstractmethod
     def Describe(
