@@ -9,7 +9,7 @@ terminated model disappears from them instead of leaving a stale value behind.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
@@ -36,93 +36,91 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)  # process_resident_memory_bytes etc. of the server itself
-        self.rpc_requests = Counter(
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes etc. of the server itself
+
+        def counter(name: str, documentation: str, *labels: str) -> Counter:
+            return Counter(name, documentation, labels, registry=self.registry)
+
+        def histogram(name: str, documentation: str, *labels: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
+
+        self.rpc_requests = counter(
             "llmgrpc:rpc_requests",
             "RPCs finished, by service, method and status code",
-            ["service", "method", "code"],
-            registry=r,
+            "service",
+            "method",
+            "code",
         )
-        self.rpc_duration = Histogram(
+        self.rpc_duration = histogram(
             "llmgrpc:rpc_duration_seconds",
             "RPC duration from arrival to status, by method",
-            ["service", "method"],
+            "service",
+            "method",
             buckets=REQUEST_BUCKETS,
-            registry=r,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token = histogram(
             "llmgrpc:time_to_first_token_seconds",
             "Generate: arrival to the first generated token",
-            ["model_uid"],
+            "model_uid",
             buckets=TTFT_BUCKETS,
-            registry=r,
         )
-        self.inter_token_latency = Histogram(
+        self.inter_token_latency = histogram(
             "llmgrpc:inter_token_latency_seconds",
             "Generate: time between consecutive generated tokens",
-            ["model_uid"],
+            "model_uid",
             buckets=ITL_BUCKETS,
-            registry=r,
         )
-        self.e2e_latency = Histogram(
+        self.e2e_latency = histogram(
             "llmgrpc:e2e_request_latency_seconds",
             "Generate: arrival to the last message",
-            ["model_uid"],
+            "model_uid",
             buckets=REQUEST_BUCKETS,
-            registry=r,
         )
-        self.queue_time = Histogram(
+        self.queue_time = histogram(
             "llmgrpc:request_queue_time_seconds",
             "Generate: time waiting for a batch slot",
-            ["model_uid"],
+            "model_uid",
             buckets=REQUEST_BUCKETS,
-            registry=r,
         )
-        self.prompt_tokens = Counter(
-            "llmgrpc:prompt_tokens", "Prompt tokens of finished Generate requests", ["model_uid"], registry=r
+        self.prompt_tokens = counter(
+            "llmgrpc:prompt_tokens", "Prompt tokens of finished Generate requests", "model_uid"
         )
-        self.generation_tokens = Counter(
-            "llmgrpc:generation_tokens", "Tokens generated (streamed to callers)", ["model_uid"], registry=r
+        self.generation_tokens = counter(
+            "llmgrpc:generation_tokens", "Tokens generated (streamed to callers)", "model_uid"
         )
-        self.request_prompt_tokens = Histogram(
+        self.request_prompt_tokens = histogram(
             "llmgrpc:request_prompt_tokens",
             "Prompt tokens per finished request",
-            ["model_uid"],
+            "model_uid",
             buckets=TOKEN_BUCKETS,
-            registry=r,
         )
-        self.request_generation_tokens = Histogram(
+        self.request_generation_tokens = histogram(
             "llmgrpc:request_generation_tokens",
             "Generated tokens per request",
-            ["model_uid"],
+            "model_uid",
             buckets=TOKEN_BUCKETS,
-            registry=r,
         )
-        self.request_success = Counter(
+        self.request_success = counter(
             "llmgrpc:request_success",
             "Generate requests that finished, by finish reason",
-            ["model_uid", "finished_reason"],
-            registry=r,
+            "model_uid",
+            "finished_reason",
         )
-        self.model_load_time = Histogram(
+        self.model_load_time = histogram(
             "llmgrpc:model_load_time_seconds",
             "Launch to READY, by family and engine",
-            ["model_name", "engine"],
+            "model_name",
+            "engine",
             buckets=LOAD_BUCKETS,
-            registry=r,
         )
-        self.lora_requests = Counter(
+        self.lora_requests = counter(
             "llmgrpc:lora_requests",
             "Generate requests that named a LoRA adapter, when they ended",
-            ["model_uid", "adapter"],
-            registry=r,
+            "model_uid",
+            "adapter",
         )
-        self.lora_generation_tokens = Counter(
-            "llmgrpc:lora_generation_tokens",
-            "Tokens generated under a LoRA adapter",
-            ["model_uid", "adapter"],
-            registry=r,
+        self.lora_generation_tokens = counter(
+            "llmgrpc:lora_generation_tokens", "Tokens generated under a LoRA adapter", "model_uid", "adapter"
         )
         self._http = None
 
