@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import (
@@ -22,6 +22,7 @@ from llmgrpc.engines.base import (
     EngineStats,
     FinishReason,
     GenerationRequest,
+    LoadPlan,
     Tokens,
 )
 from llmgrpc.engines.chat import hugging_face_chat_ids
@@ -46,6 +47,10 @@ def whole_numbers_as_ints(options: dict[str, Any], keep_float: frozenset[str]) -
         else value
         for name, value in options.items()
     }
+
+
+# A LibraryEngine subclass, for the constructor its subclasses share.
+Served = TypeVar("Served", bound="LibraryEngine")
 
 
 class LibraryEngine(Engine):
@@ -149,6 +154,17 @@ class LibraryEngine(Engine):
     # resident (its max_loras), so stats list their ranks only.
     adapters: LibraryAdapters | None = None
     base_layers: dict[str, tuple[int, int]] | None = None  # where known, to check adapters against
+
+    @classmethod
+    def started(
+        cls: type[Served], engine: Any, context_length: int, plan: LoadPlan, weights: str, lora: bool
+    ) -> Served:
+        """The adapter of a library engine just started for plan; lora: the library was started
+        with LoRA on, so it takes adapters."""
+        served = cls(engine, context_length, plan.device)
+        if lora:
+            served.serve_adapters(plan.max_lora_rank, weights)
+        return served
 
     def serve_adapters(self, max_rank: int, weights: str) -> None:
         """Take LoRA adapters from now on (the library was started with LoRA on); weights: the

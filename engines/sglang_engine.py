@@ -18,17 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llmgrpc.clients.errors import FailedPrecondition, Reason
-from llmgrpc.engines.base import (
-    Chunk,
-    Constraint,
-    FinishReason,
-    GenerationRequest,
-    LoadPlan,
-    ProgressReport,
-    SamplingParams,
-    TokenLogprob,
-    Usage,
-)
+from llmgrpc.engines import base
 from llmgrpc.engines.library_engine import (
     FINISH_REASONS,
     LibraryEngine,
@@ -41,7 +31,7 @@ from llmgrpc.engines.lora import LoraModule
 GRAMMAR_BACKEND = "llguidance"
 
 
-def engine_kwargs(plan: LoadPlan, weights: str) -> dict[str, Any]:
+def engine_kwargs(plan: base.LoadPlan, weights: str) -> dict[str, Any]:
     """sglang.Engine keyword arguments for a plan: the model, then the engine options."""
     options = whole_numbers_as_ints(plan.engine_options, keep_float=frozenset({"mem_fraction_static"}))
     lora = {}
@@ -60,7 +50,7 @@ def engine_kwargs(plan: LoadPlan, weights: str) -> dict[str, Any]:
     }
 
 
-def sampling_dict(params: SamplingParams) -> dict[str, Any]:
+def sampling_dict(params: base.SamplingParams) -> dict[str, Any]:
     """SGLang's sampling_params for the contract's sampling fields (the knobs under SGLang's
     names, SamplingParams.library_arguments)."""
     sampling = {
@@ -78,7 +68,7 @@ def sampling_dict(params: SamplingParams) -> dict[str, Any]:
     return sampling
 
 
-def constraint_params(constraint: Constraint) -> dict[str, str]:
+def constraint_params(constraint: base.Constraint) -> dict[str, str]:
     """SGLang's sampling_params for the contract's structured_output."""
     if constraint.kind == "json_schema":
         return {"json_schema": constraint.spec}  # type: ignore[dict-item]
@@ -91,7 +81,7 @@ def constraint_params(constraint: Constraint) -> dict[str, str]:
     return {"ebnf": constraint.spec}  # type: ignore[dict-item]
 
 
-def logprob_args(params: SamplingParams) -> dict[str, Any]:
+def logprob_args(params: base.SamplingParams) -> dict[str, Any]:
     """async_generate's logprob arguments: the generated tokens' only, with their text."""
     if params.logprobs is None:
         return {}
@@ -103,13 +93,13 @@ def logprob_args(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-def _logprobs(tokens: list, tops: list | None) -> list[TokenLogprob]:
+def _logprobs(tokens: list, tops: list | None) -> list[base.TokenLogprob]:
     """SGLang's (logprob, token id, text) tuples, and each position's top list, as the contract's."""
     entries = []
     for index, (logprob, token, text) in enumerate(tokens):
         top = (tops or [])[index] if tops and index < len(tops) else []
         entries.append(
-            TokenLogprob(
+            base.TokenLogprob(
                 int(token),
                 text or "",
                 float(logprob),
@@ -142,7 +132,7 @@ class SGLangEngine(LibraryEngine):
     library = "SGLang"
 
     @classmethod
-    def load(cls, plan: LoadPlan, weights: str, report: ProgressReport) -> SGLangEngine:
+    def load(cls, plan: base.LoadPlan, weights: str, report: base.ProgressReport) -> SGLangEngine:
         import sglang
 
         report("loading weights", 0, 0)
@@ -152,10 +142,7 @@ class SGLangEngine(LibraryEngine):
         kwargs = engine_kwargs(plan, weights)
         engine = sglang.Engine(**kwargs)
         context_length = int(engine.tokenizer_manager.context_len)
-        served = cls(engine, context_length, plan.device)
-        if kwargs.get("enable_lora"):
-            served.serve_adapters(plan.max_lora_rank, weights)
-        return served
+        return cls.started(engine, context_length, plan, weights, lora=bool(kwargs.get("enable_lora")))
 
     def load_adapter(self, module: LoraModule, path: str) -> int:
         """Checked here, then loaded by SGLang's load_lora_adapter; requests name it as lora_path."""
@@ -173,7 +160,7 @@ class SGLangEngine(LibraryEngine):
         super().unload_adapter(name)
         self.engine.unload_lora_adapter(lora_name=name)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: base.GenerationRequest) -> AsyncIterator[base.Chunk]:
         truncated = await self.prompt_ids(request)
         prompt_args: dict[str, Any] = (
             {"input_ids": truncated}
@@ -186,7 +173,7 @@ class SGLangEngine(LibraryEngine):
         delta = _Delta()
         logprobs_seen = 0  # SGLang's logprob lists grow with the output, like its default text
 
-        async def chunks() -> AsyncIterator[Chunk]:
+        async def chunks() -> AsyncIterator[base.Chunk]:
             stream = await self.engine.async_generate(
                 **prompt_args,
                 sampling_params=sampling_dict(request.sampling),
@@ -202,7 +189,7 @@ class SGLangEngine(LibraryEngine):
                 text, ids = delta.new(
                     output.get("text", ""), list(output.get("output_ids", [])), completion_tokens
                 )
-                chunk = Chunk(token_ids=ids, text=text)
+                chunk = base.Chunk(token_ids=ids, text=text)
                 if request.sampling.logprobs is not None and ids:
                     tokens = list(meta.get("output_token_logprobs") or [])
                     tops = meta.get("output_top_logprobs")
@@ -212,13 +199,13 @@ class SGLangEngine(LibraryEngine):
                     chunk.logprobs = _logprobs(tokens, tops)
                 reason = meta.get("finish_reason")
                 if reason:
-                    chunk.finish_reason = FINISH_REASONS.get(reason.get("type", ""), FinishReason.STOP)
-                    chunk.usage = Usage(
+                    chunk.finish_reason = FINISH_REASONS.get(reason.get("type", ""), base.FinishReason.STOP)
+                    chunk.usage = base.Usage(
                         int(meta.get("prompt_tokens", 0)),
                         completion_tokens,
                         int(meta.get("cached_tokens", 0)),  # served by SGLang's radix cache
                     )
-                    if chunk.finish_reason is FinishReason.STOP and reason.get("matched") is not None:
+                    if chunk.finish_reason is base.FinishReason.STOP and reason.get("matched") is not None:
                         chunk.stop = reason["matched"]  # the stop string, or the token id
                 yield chunk
 

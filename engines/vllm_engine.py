@@ -164,10 +164,7 @@ class VllmEngine(LibraryEngine):
                 reason=Reason.ENGINE_START_FAILED,
             ) from None
         context_length = int(engine.model_config.max_model_len)
-        served = cls(engine, context_length, plan.device)
-        if args.get("enable_lora"):
-            served.serve_adapters(plan.max_lora_rank, weights)
-        return served
+        return cls.started(engine, context_length, plan, weights, lora=bool(args.get("enable_lora")))
 
     def load_adapter(self, module: LoraModule, path: str) -> int:
         rank = self.served_adapters().load(module, path, self.base_layers)
