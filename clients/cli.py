@@ -28,7 +28,7 @@ from typing import TextIO
 import grpc
 from google.protobuf.json_format import MessageToJson
 
-from llmgrpc.clients.client import SAMPLING_KNOBS, Client
+from llmgrpc.clients.client import SAMPLING_KNOBS, SPEC_WORDS, Client
 from llmgrpc.v1 import generate_pb2, models_pb2
 
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -259,6 +259,11 @@ def run_client_command(args: argparse.Namespace) -> None:
         raise SystemExit(f"{error.code().name}: {error.details()}") from None
 
 
+def _spec_words(args: argparse.Namespace) -> dict[str, str]:
+    """The flags that choose a spec (Client's SPEC_WORDS), as keyword arguments."""
+    return {word: getattr(args, word) for word in SPEC_WORDS}
+
+
 def _run(args: argparse.Namespace) -> None:
     def read(path: Path | None) -> bytes | None:
         return path.read_bytes() if path else None
@@ -271,20 +276,14 @@ def _run(args: argparse.Namespace) -> None:
         certificate_chain=read(args.cert),
     ) as client:
         if args.command == "specs":
-            filters = {
-                k: getattr(args, k)
-                for k in ("model_name", "model_engine", "model_format", "size_in_billions", "quantization")
-            }
-            _print_message(models_pb2.ListSpecsResponse(families=client.list_specs(**filters)))
+            families = client.list_specs(model_name=args.model_name, **_spec_words(args))
+            _print_message(models_pb2.ListSpecsResponse(families=families))
         elif args.command == "launch":
             model = launch_with_progress(
                 client,
                 sys.stderr,
                 model_name=args.model_name,
-                model_engine=args.model_engine,
-                model_format=args.model_format,
-                size_in_billions=args.size_in_billions,
-                quantization=args.quantization,
+                **_spec_words(args),
                 model_uid=args.model_uid,
                 model_path=args.model_path,
                 device=args.device,
@@ -302,12 +301,7 @@ def _run(args: argparse.Namespace) -> None:
             line = ProgressLine(sys.stderr)
             try:
                 for message in client.download(
-                    args.model_name,
-                    model_engine=args.model_engine,
-                    model_format=args.model_format,
-                    size_in_billions=args.size_in_billions,
-                    quantization=args.quantization,
-                    download_hub=args.download_hub,
+                    args.model_name, download_hub=args.download_hub, **_spec_words(args)
                 ):
                     if message.model_path:
                         line.close()

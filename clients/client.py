@@ -28,6 +28,9 @@ SAMPLING_KNOBS: dict[str, type] = {
     for field in generate_pb2.GenerateRequest.DESCRIPTOR.fields
     if field.has_presence and field.type in _NUMBER_TYPES
 }
+# The words that choose one spec of a family, beside model_name: ListSpecs filters by them,
+# LaunchModel and DownloadModel take them (empty: whichever the server picks).
+SPEC_WORDS = ("model_engine", "model_format", "size_in_billions", "quantization")
 
 
 class Client:
@@ -84,8 +87,7 @@ class Client:
         self.channel.close()
 
     def list_specs(self, *, timeout: float | None = None, **filters: str) -> list[models_pb2.ModelFamily]:
-        """Families of the registry, filtered by any of: model_name, model_format, model_engine,
-        size_in_billions, quantization."""
+        """Families of the registry, filtered by any of: model_name and SPEC_WORDS."""
         return list(self.models.ListSpecs(models_pb2.ListSpecsRequest(**filters), timeout=timeout).families)
 
     def launch(
@@ -176,26 +178,12 @@ class Client:
         return list(self.models.ListAdapters(request, timeout=timeout).adapters)
 
     def download(
-        self,
-        model_name: str,
-        *,
-        model_engine: str = "",
-        model_format: str = "",
-        size_in_billions: str = "",
-        quantization: str = "",
-        download_hub: str = "",
-        timeout: float | None = None,
+        self, model_name: str, *, download_hub: str = "", timeout: float | None = None, **spec: str
     ) -> Iterator[models_pb2.DownloadModelResponse]:
         """Download a spec's weights without launching it: progress messages, then one with
-        model_path. Stop iterating (or .cancel() the iterator) to stop the download."""
-        request = models_pb2.DownloadModelRequest(
-            model_name=model_name,
-            model_engine=model_engine,
-            model_format=model_format,
-            size_in_billions=size_in_billions,
-            quantization=quantization,
-            download_hub=download_hub,
-        )
+        model_path. spec: any of SPEC_WORDS, as launch() takes them. Stop iterating (or .cancel()
+        the iterator) to stop the download."""
+        request = models_pb2.DownloadModelRequest(model_name=model_name, download_hub=download_hub, **spec)
         return self.models.DownloadModel(request, timeout=timeout)
 
     def watch(self, model_uid: str, *, timeout: float | None = None) -> Iterator[models_pb2.ModelDescription]:
