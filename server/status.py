@@ -29,6 +29,7 @@ from llmgrpc.clients.errors import (
     code_name,
     reason_of,
 )
+from llmgrpc.server import logs
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,9 @@ def from_status_proto(status: status_pb2.Status) -> RemoteError:
 
 
 def grpc_errors(method):
-    """Wrap a servicer method (unary or server-streaming) so domain errors become statuses: for
-    the worker's servicer. The server's own servicers need none: its interceptor maps what
-    escapes them, the one place it is done there."""
+    """Wrap a servicer method (unary or server-streaming) so it runs under its caller's request id
+    and domain errors become statuses: for the worker's servicer. The server's own servicers need
+    none: its interceptor maps what escapes them, the one place it is done there."""
 
     async def fail(context: grpc.aio.ServicerContext, error: Exception) -> None:
         await context.abort_with_status(rpc_status.to_status(status_of(error, method.__name__)))
@@ -164,6 +165,7 @@ def grpc_errors(method):
 
         @functools.wraps(method)
         async def stream(self, request, context):
+            _adopt_callers_request_id(context)
             try:
                 async for response in method(self, request, context):
                     yield response
@@ -176,6 +178,7 @@ def grpc_errors(method):
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        _adopt_callers_request_id(context)
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
@@ -184,3 +187,15 @@ def grpc_errors(method):
             await fail(context, error)
 
     return unary
+
+
+def _adopt_callers_request_id(context: grpc.aio.ServicerContext) -> None:
+    """The caller's request id (the server's, in a worker) for this call, set for every log line of it.
+
+    Set before anything can fail: grpc_errors logs an unexpected error in this context, and
+    the threads a call starts copy it, so the traceback of a failed load
+    carries the id of the server's call that asked for it.
+    """
+    metadata = context.invocation_metadata() or ()
+    sent = next((v for k, v in metadata if k == logs.REQUEST_ID_METADATA and isinstance(v, str)), "")
+    logs.REQUEST_ID.set(sent)

@@ -66,7 +66,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     async def Load(
         self, request: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.LoadResponse]:
-        _adopt_request_id(context)
         if self.engine is None:
 
             def load(report: ProgressReport) -> Engine:
@@ -92,7 +91,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     async def Download(
         self, request: worker_pb2.DownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.DownloadResponse]:
-        _adopt_request_id(context)
         downloading = _Reporting(lambda report: weights.resolve(self.plan, report))
         async for progress in downloading.events():
             yield worker_pb2.DownloadResponse(progress=progress)
@@ -133,7 +131,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     async def Stats(
         self, request: worker_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.StatsResponse:
-        _adopt_request_id(context)
         if self.engine is None:
             raise Unavailable("the model is not loaded yet", reason=Reason.MODEL_LOADING)
         return worker_pb2.StatsResponse(stats=stats_to_pb(self.engine.stats()))
@@ -142,7 +139,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     async def CallModel(
         self, request: worker_pb2.CallModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.CallModelResponse:
-        _adopt_request_id(context)
         answer = await model_calls.answer(self._loaded(), request.request)
         return worker_pb2.CallModelResponse(response=answer)
 
@@ -150,7 +146,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     async def Describe(
         self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.DescribeResponse:
-        _adopt_request_id(context)
         engine = self._loaded()
         if self._description is None:
             facts = await asyncio.to_thread(
@@ -163,7 +158,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     async def LoadAdapter(
         self, request: worker_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.LoadAdapterResponse:
-        _adopt_request_id(context)
         engine = self._loaded()
         module = LoraModule.from_pb(request.adapter)
         rank = await on_a_thread_of_its_own(self._load_adapter, engine, module, _no_report)
@@ -173,7 +167,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     async def UnloadAdapter(
         self, request: worker_pb2.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.UnloadAdapterResponse:
-        _adopt_request_id(context)
         await asyncio.to_thread(self._loaded().unload_adapter, request.name)
         return worker_pb2.UnloadAdapterResponse()
 
@@ -205,18 +198,6 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
 
 def _no_report(phase: str, done: int, total: int) -> None:
     """Progress of a run-time adapter load goes nowhere: LoadAdapter answers once, when done."""
-
-
-def _adopt_request_id(context: grpc.aio.ServicerContext) -> None:
-    """The server's request id for this call, set for every log line of it.
-
-    Set before anything can fail: grpc_errors logs an unexpected error in this context, and
-    the threads a call starts copy it, so the traceback of a failed load
-    carries the id of the server's call that asked for it.
-    """
-    metadata = context.invocation_metadata() or ()
-    sent = next((v for k, v in metadata if k == logs.REQUEST_ID_METADATA and isinstance(v, str)), "")
-    logs.REQUEST_ID.set(sent)
 
 
 class _Reporting:
