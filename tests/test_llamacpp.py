@@ -25,22 +25,6 @@ from llmgrpc.v1 import generate_pb2, models_pb2  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
 
-SEED_QUANTIZATIONS = [
-    "Q2_K",
-    "Q3_K_L",
-    "Q3_K_M",
-    "Q3_K_S",
-    "Q4_0",
-    "Q4_1",
-    "Q4_K_M",
-    "Q4_K_S",
-    "Q5_0",
-    "Q5_1",
-    "Q5_K_M",
-    "Q5_K_S",
-    "Q6_K",
-    "Q8_0",
-]
 # The f32 KV cache without flash attention keeps llama.cpp's logits within ~1e-6 of torch's.
 EXACT_OPTIONS = {"kv_cache_type": "f32", "flash_attention": False}
 # A small cache: 256 tokens for each of the 8 sequence slots of the test server (its
@@ -200,11 +184,11 @@ def test_f32_gguf_greedy_tokens_equal_the_transformers_engine(client: Client, ti
 def test_registry_offers_every_seed_quantization(client: Client):
     (family,) = client.list_specs(model_name=TINY, model_format="ggufv2")
     (spec,) = family.specs
-    assert set(SEED_QUANTIZATIONS) <= set(spec.quantizations)
+    assert set(gguf_convert.QUANTIZATIONS) <= set(spec.quantizations)
     assert [engine.name for engine in spec.engines if engine.available] == ["llama.cpp"]
 
 
-@pytest.mark.parametrize("quantization", SEED_QUANTIZATIONS)
+@pytest.mark.parametrize("quantization", gguf_convert.QUANTIZATIONS)
 def test_each_quantization_loads_and_streams(client: Client, cache_dir: Path, quantization: str):
     uid = f"tiny-gguf-{quantization.lower()}"
     model = launch_gguf(client, uid, quantization)
