@@ -24,7 +24,8 @@ class _BatchLayer(DynamicLayer):
         return self.runner._write(self.index, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        return self.runner._end - self.runner._start
+        _, column, window = self.runner._target
+        return column - window.start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -42,6 +43,10 @@ class DynamicCacheRunner(HuggingFaceRunner):
     prompt is longer than the columns before it, or the rows run out), the window moves
     to the start of a new buffer, twice as long where it has to grow: a copy every so
     many steps instead of every step.
+
+    A prompt's last part, after earlier parts or a prefix found in the prefix cache, is
+    computed in the new row it joins: its KV goes into the batch's buffers in one copy, not
+    one into a buffer of its own and another when it joins.
     """
 
     def __init__(self, model, tokenizer, context_length: int, prefix_cache_tokens: int = 0):
@@ -53,6 +58,47 @@ class DynamicCacheRunner(HuggingFaceRunner):
         self._positions = torch.zeros(0, dtype=torch.long, device=self.device)  # each row's next position
         self._start = self._end = 0  # the window: [first used column, write column)
         self._cache: Cache | None = None
+        # What the next forward pass writes and reads: its rows, the column its first token is
+        # written at, and the columns it attends to.
+        self._target: tuple[slice, int, slice] = (slice(0, 0), 0, slice(0, 0))
+
+    @torch.inference_mode()
+    def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
+        last_parts = {s: part for s, part in sequences if self._ends_prompt(s, part)}
+        others = [(s, part) for s, part in sequences if s not in last_parts]
+        rows = dict(zip((s for s, _ in others), super().prefill(others), strict=True)) if others else {}
+        for sequence_id, part in last_parts.items():
+            rows[sequence_id] = self._prefill_in_row(sequence_id, part)
+            self._held[sequence_id].extend(part)
+        return np.stack([rows[sequence_id] for sequence_id, _ in sequences])
+
+    def _ends_prompt(self, sequence_id: int, part: list[int]) -> bool:
+        """Whether part is the last of a prompt that has KV already (earlier parts, a cached prefix)."""
+        return sequence_id in self._prefilling and len(self._held[sequence_id]) + len(part) == (
+            self._prompt_length.get(sequence_id)
+        )
+
+    def _prefill_in_row(self, sequence_id: int, part: list[int]) -> np.ndarray:
+        """Join a prompt's KV so far as a new row ending len(part) columns before the write column,
+        and compute its last part there, in that row alone; logits after it."""
+        cache = self._prefilling.pop(sequence_id)
+        held = cache.get_seq_length()
+        length = held + len(part)
+        self._join(sequence_id, cache, ahead=len(part))
+        row, start = len(self._order) - 1, self._end - length
+        positions = torch.arange(held, length, device=self.device)
+        causal = torch.arange(length, device=self.device)[None, :] <= positions[:, None]
+        self._target = (slice(row, row + 1), self._end - len(part), slice(start, self._end))
+        self._adapters_for_tokens([(sequence_id, len(part))])
+        output = self.model(
+            input_ids=torch.tensor([part], device=self.device),
+            position_ids=positions[None],
+            attention_mask=self._attention_mask(causal[None, None]),
+            cache=self._cache,
+            use_cache=True,
+            **self._logits_at(-1),
+        )
+        return output.logits[0, -1].float().cpu().numpy()
 
     @torch.inference_mode()
     def decode(self, last_tokens: dict[int, int]) -> np.ndarray:
@@ -66,6 +112,7 @@ class DynamicCacheRunner(HuggingFaceRunner):
         rows = len(self._order)
         input_ids = torch.tensor([[last_tokens[s]] for s in self._order], device=self.device)
         self._valid[:rows, self._end] = True
+        self._target = (slice(0, rows), self._end, slice(self._start, self._end + 1))
         self._adapters_for_rows(self._order)
         output = self.model(
             input_ids=input_ids,
@@ -83,21 +130,23 @@ class DynamicCacheRunner(HuggingFaceRunner):
         return logits[[row_of[s] for s in last_tokens]]
 
     def _write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
-        """A layer's keys and values of this step into the write column; the window to attend to."""
-        rows, column = keys.shape[0], self._end
-        self._keys[layer][:rows, :, column : column + 1] = keys
-        self._values[layer][:rows, :, column : column + 1] = values
-        window = slice(self._start, column + 1)
-        return self._keys[layer][:rows, :, window], self._values[layer][:rows, :, window]
+        """A layer's keys and values of this pass into the target's rows and columns; the window
+        of those rows to attend to."""
+        rows, column, window = self._target
+        written = slice(column, column + keys.shape[2])
+        self._keys[layer][rows, :, written] = keys
+        self._values[layer][rows, :, written] = values
+        return self._keys[layer][rows, :, window], self._values[layer][rows, :, window]
 
-    def _join(self, sequence_id: int, cache: DynamicCache) -> None:
-        """Copy a prefilled prompt's KV into a new last row, ending at the write column."""
-        length = cache.get_seq_length()
+    def _join(self, sequence_id: int, cache: DynamicCache, ahead: int = 0) -> None:
+        """Copy a prefilled prompt's KV into a new last row, ending `ahead` columns before the
+        write column (those are the columns of its last part, computed in the row)."""
+        length = cache.get_seq_length() + ahead
         self._make_room(len(self._order) + 1, length, cache)
         row, start = len(self._order), self._end - length
         for keys, values, layer in zip(self._keys, self._values, cache.layers, strict=True):
-            keys[row, :, start : self._end] = layer.keys[0]
-            values[row, :, start : self._end] = layer.values[0]
+            keys[row, :, start : self._end - ahead] = layer.keys[0]
+            values[row, :, start : self._end - ahead] = layer.values[0]
         self._valid[row] = False
         self._valid[row, start : self._end] = True
         self._positions[row] = length
@@ -112,10 +161,12 @@ class DynamicCacheRunner(HuggingFaceRunner):
         # Its columns end at the write column.
         self._keep_row(sequence_id, zip(self._keys, self._values, strict=True), row, self._end)
         window = slice(self._start, self._end)
-        if row != last:
+        if row != last:  # the last row's own columns only: the window may be far longer
+            own = slice(self._end - int(self._positions[last]), self._end)
             for buffer in (*self._keys, *self._values):
-                buffer[row, :, window] = buffer[last, :, window]
-            self._valid[row, window] = self._valid[last, window]
+                buffer[row, :, own] = buffer[last, :, own]
+            self._valid[row] = False
+            self._valid[row, own] = True
             self._positions[row] = self._positions[last]
             self._order[row] = self._order[last]
         self._order.pop()

@@ -134,3 +134,41 @@ def test_prompts_prefilled_together_get_the_logits_each_gets_alone(tiny_files):
         alone = DynamicCacheRunner(model, tokenizer, 96)
         np.testing.assert_allclose(rows[i], alone.prefill([(0, ids)])[0], atol=1e-4)
         np.testing.assert_allclose(following[i], alone.decode({0: 7})[0], atol=1e-4)
+
+
+def test_a_prompts_last_part_computed_in_its_batch_row_gives_the_logits_of_one_pass(tiny_files):
+    """A prompt's last part, fed after earlier parts or after a prefix found in the prefix cache,
+    is computed in the batch row it joins, beside a decoding row: its logits, and the next
+    step's, equal those of the whole prompt prefilled in one pass."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmgrpc.engines.base import GenerationRequest, SamplingParams
+    from llmgrpc.engines.transformers_plain import DynamicCacheRunner
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_files)
+    model = AutoModelForCausalLM.from_pretrained(tiny_files, dtype=torch.float32).eval()
+    request = GenerationRequest("r", SamplingParams())
+    prompt = tokenizer("one two three four five six seven eight nine ten " * 3).input_ids
+    other = tokenizer(PROMPTS[0]).input_ids
+    alone = DynamicCacheRunner(model, tokenizer, 96)
+    alone.admit(0, prompt, request)
+    expected = alone.prefill([(0, prompt)])[0].copy()
+    expected_next = alone.decode({0: 7})[0].copy()
+
+    runner = DynamicCacheRunner(model, tokenizer, 96, prefix_cache_tokens=1000)
+    runner.admit(1, other, request)
+    runner.prefill([(1, other)])
+    runner.decode({1: 5})
+    runner.admit(2, prompt, request)
+    runner.prefill([(2, prompt[:16])])
+    runner.decode({1: 5})
+    np.testing.assert_allclose(runner.prefill([(2, prompt[16:])])[0], expected, atol=1e-4)
+    np.testing.assert_allclose(runner.decode({1: 5, 2: 7})[1], expected_next, atol=1e-4)
+    runner.release(2)  # its KV goes into the prefix cache
+
+    cached = runner.admit(3, prompt, request)
+    assert cached == len(prompt) - 1
+    np.testing.assert_allclose(runner.prefill([(3, prompt[cached:])])[0], expected, atol=1e-4)
+    np.testing.assert_allclose(runner.decode({1: 5, 3: 7})[1], expected_next, atol=1e-4)
