@@ -21,7 +21,9 @@ import contextlib
 import inspect
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -144,11 +146,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(request, context):
-                call = self._enter(method, context)
-                token = otel_context.attach(trace.set_span_in_context(call.span))
-                try:
-                    await self._send_request_id(call, context)
-                    request = self._admit(call, request, context, streaming_requests)
+                async with self._call(method, request, context, streaming_requests) as request:
                     async with contextlib.aclosing(behavior(request, context)) as responses:
                         unread = _UnreadWatch(self.stream_unread_timeout_s, responses)
                         try:
@@ -163,30 +161,34 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         if unread.fired:
                             await unread.closed()
                             raise unread.error()
-                except StreamNotRead as error:
-                    _end_unread(call, context, error)
-                except BaseException as error:
-                    await self._fail(call, context, error)
-                finally:
-                    self._exit(call, context, token)
 
             return factory(streaming, request_deserializer=deserializer, response_serializer=serializer)
 
         async def unary(request, context):
-            call = self._enter(method, context)
-            token = otel_context.attach(trace.set_span_in_context(call.span))
-            try:
-                await self._send_request_id(call, context)
-                request = self._admit(call, request, context, streaming_requests)
+            async with self._call(method, request, context, streaming_requests) as request:
                 return await behavior(request, context)
-            except BaseException as error:
-                await self._fail(call, context, error)
-            finally:
-                self._exit(call, context, token)
 
         return factory(unary, request_deserializer=deserializer, response_serializer=serializer)
 
     # The steps of a call.
+
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, method: str, request, context: grpc.aio.ServicerContext, streaming_requests: bool
+    ) -> AsyncIterator[Any]:
+        """One call from arrival to status, around the servicer's part: the request it is handed
+        (or the call is refused), then what escapes it mapped to a status, then the books closed."""
+        call = self._enter(method, context)
+        token = otel_context.attach(trace.set_span_in_context(call.span))
+        try:
+            await self._send_request_id(call, context)
+            yield self._admit(call, request, context, streaming_requests)
+        except StreamNotRead as error:
+            _end_unread(call, context, error)
+        except BaseException as error:
+            await self._fail(call, context, error)
+        finally:
+            self._exit(call, context, token)
 
     def _enter(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
         """Open the call's books (request id, span, in-flight count); nothing here may fail or
