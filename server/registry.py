@@ -9,7 +9,7 @@ engines that serve it. Adding a family is adding a file.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,36 +210,31 @@ class Registry:
             ("size_in_billions", query.size_in_billions),
         ):
             if wanted:
-                matching = [spec for spec in specs if getattr(spec, attribute) == wanted]
-                if not matching:
-                    valid = _unique(getattr(spec, attribute) for spec in specs)
-                    raise InvalidArgument(
-                        f"{query.model_name} has no spec with {attribute} {wanted!r}"
-                        f"{_given(query, attribute)}; valid: {', '.join(valid)}",
-                        reason=Reason.SPEC_NOT_FOUND,
-                    )
-                specs = matching
-        if query.quantization:
-            matching = [spec for spec in specs if _has_quantization(spec, query.quantization)]
-            if not matching:
-                valid = _unique(q for spec in specs for q in spec.quantizations)
-                raise InvalidArgument(
-                    f"{query.model_name}{_given(query, 'quantization')} has no quantization "
-                    f"{query.quantization!r}; valid: {', '.join(valid)}",
-                    reason=Reason.QUANTIZATION_NOT_SUPPORTED,
+                refusal = (
+                    f"{query.model_name} has no spec with {attribute} {wanted!r}"
+                    f"{_given(query, attribute)}; valid: "
                 )
-            specs = matching
+                specs = _narrow(specs, _field(attribute), wanted, refusal, Reason.SPEC_NOT_FOUND)
+        if query.quantization:
+            refusal = (
+                f"{query.model_name}{_given(query, 'quantization')} has no quantization "
+                f"{query.quantization!r}; valid: "
+            )
+            specs = _narrow(
+                specs,
+                lambda spec: spec.quantizations,
+                query.quantization,
+                refusal,
+                Reason.QUANTIZATION_NOT_SUPPORTED,
+                fold=str.lower,
+            )
         if query.model_engine:
             engine = engine_info(query.model_engine).name
-            matching = [spec for spec in specs if engine in spec.engines]
-            if not matching:
-                valid = _unique(e for spec in specs for e in spec.engines)
-                raise InvalidArgument(
-                    f"engine {engine} does not serve {query.model_name}{_given(query, 'model_engine')}; "
-                    f"engines that do: {', '.join(valid)}",
-                    reason=Reason.ENGINE_NOT_SUPPORTED,
-                )
-            spec = matching[0]
+            refusal = (
+                f"engine {engine} does not serve {query.model_name}{_given(query, 'model_engine')}; "
+                "engines that do: "
+            )
+            spec = _narrow(specs, lambda spec: spec.engines, engine, refusal, Reason.ENGINE_NOT_SUPPORTED)[0]
         else:
             spec = specs[0]
             engine = first_available_engine(spec.engines)
@@ -250,6 +245,28 @@ class Registry:
 
 def _has_quantization(spec: ModelSpec, quantization: str) -> bool:
     return quantization.lower() in (q.lower() for q in spec.quantizations)
+
+
+def _narrow(
+    specs: list[ModelSpec],
+    offered: Callable[[ModelSpec], Iterable[str]],
+    wanted: str,
+    refusal: str,
+    reason: Reason,
+    fold: Callable[[str], str] = str,
+) -> list[ModelSpec]:
+    """The specs that offer wanted (compared as fold makes them), or INVALID_ARGUMENT: the refusal,
+    then the values the specs offer instead."""
+    matching = [spec for spec in specs if fold(wanted) in {fold(value) for value in offered(spec)}]
+    if not matching:
+        valid = _unique(value for spec in specs for value in offered(spec))
+        raise InvalidArgument(refusal + ", ".join(valid), reason=reason)
+    return matching
+
+
+def _field(attribute: str) -> Callable[[ModelSpec], tuple[str]]:
+    """A spec's value of one attribute, as the one value it offers."""
+    return lambda spec: (getattr(spec, attribute),)
 
 
 def _unique(values: Iterable[str]) -> list[str]:
