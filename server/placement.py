@@ -169,18 +169,23 @@ def uses_gpus(words: GpuWords, inventory: Sequence[Gpu], engine: str) -> bool:
     return bool(inventory)
 
 
-def place(
-    info: EngineInfo,
-    words: GpuWords,
-    engine_options: Mapping[str, Any],
-    need: ModelNeed,
-    inventory: Sequence[Gpu],
-    loading: Mapping[int, int],
-    what: str,
-) -> Placement:
-    """The GPUs a launch of what gets, from the inventory less loading (bytes per GPU index that
+@dataclass(frozen=True)
+class GpuAsk:
+    """What one launch asks of the GPUs: its engine, GPU words and engine options, what one replica
+    needs, and what the launch is called in messages."""
+
+    info: EngineInfo
+    words: GpuWords
+    engine_options: Mapping[str, Any]
+    need: ModelNeed
+    what: str
+
+
+def place(ask: GpuAsk, inventory: Sequence[Gpu], loading: Mapping[int, int]) -> Placement:
+    """The GPUs a launch gets, from the inventory less loading (bytes per GPU index that
     models still LOADING will take). With n_gpu auto, the fewest GPUs it fits on, those with the
     most memory available; refused before anything starts when it fits nowhere."""
+    info, words, engine_options, need = ask.info, ask.words, ask.engine_options, ask.need
     if words.device == "cpu" and words.asks_for_gpus:  # the server's default device is cpu
         raise InvalidArgument(
             "n_gpu and gpu_idx need a GPU device, and the launch runs on the CPU",
@@ -205,18 +210,11 @@ def place(
                 engine_options=_spread_options(info, engine_options, count),
             )
         shortfall = shares
-    raise _does_not_fit(what, info, shortfall)
+    raise _does_not_fit(ask.what, info, shortfall)
 
 
 def place_replicas(
-    info: EngineInfo,
-    words: GpuWords,
-    engine_options: Mapping[str, Any],
-    need: ModelNeed,
-    inventory: Sequence[Gpu],
-    loading: Mapping[int, int],
-    what: str,
-    replicas: int,
+    ask: GpuAsk, inventory: Sequence[Gpu], loading: Mapping[int, int], replicas: int
 ) -> list[Placement]:
     """Each replica's placement, one after another, each counting what the earlier ones take (so
     with n_gpu auto they spread over the GPUs with the most memory available); the whole launch
@@ -225,8 +223,8 @@ def place_replicas(
     placed: list[Placement] = []
     for index in range(replicas):
         try:
-            words_here = words.for_replica(index, replicas)
-            one = place(info, words_here, engine_options, need, inventory, taken, what)
+            words_here = ask.words.for_replica(index, replicas)
+            one = place(dataclasses.replace(ask, words=words_here), inventory, taken)
         except ResourceExhausted as error:
             if replicas == 1:
                 raise

@@ -31,7 +31,9 @@ def bf16(size_billions: float, heads: int = 0) -> placement.ModelNeed:
 
 def place(info, need, inventory, n_gpu="", gpu_idx=(), options=None, loading=None, device="auto"):
     words = placement.GpuWords(device, n_gpu, tuple(gpu_idx))
-    return placement.place(info, words, options or {}, need, inventory, loading or {}, "the model")
+    return placement.place(
+        placement.GpuAsk(info, words, options or {}, need, "the model"), inventory, loading or {}
+    )
 
 
 def test_auto_chooses_the_fewest_gpus_that_fit_and_sets_tensor_parallel():
@@ -248,11 +250,12 @@ def test_replicas_that_do_not_all_fit_refuse_the_whole_launch_with_per_gpu_numbe
 def test_two_replicas_share_one_gpu_when_both_fit_and_gpu_idx_splits_by_replica():
     need = bf16(8)
     on_one = placement.place_replicas(
-        TRANSFORMERS, placement.GpuWords("cuda:0"), {}, need, gpus(1), {}, "the model", 2
+        placement.GpuAsk(TRANSFORMERS, placement.GpuWords("cuda:0"), {}, need, "the model"), gpus(1), {}, 2
     )
     assert [placed.gpus for placed in on_one] == [(0,), (0,)]
+    words = placement.GpuWords("auto", "", (2, 3, 0, 1))
     split = placement.place_replicas(
-        VLLM, placement.GpuWords("auto", "", (2, 3, 0, 1)), {}, bf16(70, 64), gpus(4), {}, "the model", 2
+        placement.GpuAsk(VLLM, words, {}, bf16(70, 64), "the model"), gpus(4), {}, 2
     )
     assert [placed.gpus for placed in split] == [(2, 3), (0, 1)]
     assert all(placed.engine_options["tensor_parallel_size"] == 2 for placed in split)

@@ -77,16 +77,8 @@ class Admission:
         # the others' reservations (see loading_reservations).
         loading = self.loading_reservations()
         if on_gpus:
-            placed = placement.place_replicas(
-                info,
-                words,
-                request.engine_options,
-                need,
-                inventory,
-                loading,
-                _label(selection),
-                request.replica,
-            )
+            ask = placement.GpuAsk(info, words, request.engine_options, need, _label(selection))
+            placed = placement.place_replicas(ask, inventory, loading, request.replica)
         else:
             placed = placement.place_on_cpu(
                 request.engine_options,
