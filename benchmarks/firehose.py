@@ -23,12 +23,7 @@ from llmgrpc.engines.base import (
 from llmgrpc.engines.catalogue import EngineInfo
 
 ENGINE_INFO = EngineInfo(
-    name="firehose",
-    key="firehose",
-    module="firehose",
-    extra="",
-    required_modules=(),
-    formats=("pytorch",),
+    name="firehose", key="firehose", module="firehose", extra="", required_modules=(), formats=("pytorch",)
 )
 
 

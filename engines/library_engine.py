@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmgrpc.clients.errors import FailedPrecondition, FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import (
@@ -22,12 +22,14 @@ from llmgrpc.engines.base import (
     EngineStats,
     FinishReason,
     GenerationRequest,
-    LoadPlan,
     Tokens,
 )
 from llmgrpc.engines.chat import hugging_face_chat_ids
 from llmgrpc.engines.lora import LibraryAdapters, config_layer_shapes, unknown_adapter
 from llmgrpc.engines.model_folder import read_model_config
+
+if TYPE_CHECKING:
+    from llmgrpc.engines.base import LoadPlan
 
 # The libraries' finish reasons, in the contract's terms.
 FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.CANCELLED}
