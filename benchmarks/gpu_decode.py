@@ -24,28 +24,13 @@ from llmgrpc.engines.weights import tiny_model
 from llmgrpc.server import resources
 
 SHAPES = {
-    # Llama-3.1-8B's published configuration.
+    # Llama-3.1-8B's published configuration: LlamaConfig's defaults (Llama 2 7B's: hidden size
+    # 4096, 32 layers of 32 attention heads, untied embeddings) but for these.
     "8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        tie_word_embeddings=False,
+        intermediate_size=14336, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072
     ),
-    # For checking this script on a CPU.
-    "tiny": dict(
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=16384,
-        tie_word_embeddings=False,
-    ),
+    # For checking this script on a CPU: the tiny model's shape.
+    "tiny": dict(tiny_model.ARCHITECTURE, vocab_size=tiny_model.VOCAB_SIZE),
 }
 # Llama 3.1's RoPE scaling, as the tiny model has it.
 ROPE = tiny_model.ROPE
