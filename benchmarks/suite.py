@@ -78,36 +78,25 @@ ENGINES = {"Transformers": ("pytorch", "none"), "llama.cpp": ("ggufv2", QUANTIZA
 
 @dataclass(frozen=True)
 class Config:
-    reps: int
-    overhead_requests: int  # one-stream requests per system per repetition
-    overhead_tokens: int
-    scaling_model: str
-    levels: tuple[int, ...]  # concurrent streams
-    tokens: dict[str, int]  # tokens per stream in the scaling runs, per engine
-    firehose_levels: tuple[int, ...]
-    firehose_tokens: int  # tokens per firehose level, shared by its streams
-    startup_reps: int
-    profile_s: float  # 0: no profiles
-    truncation_streams: int  # streams sent together to llama_cpp.server with its defaults
-    patience_s: float  # waiting for a quiet machine and measuring again, in all
-    gateway_levels: tuple[int, ...]  # concurrent streams through smg and straight to Generate
+    """What a run measures: the defaults are the full run's (FULL), QUICK a smoke run's."""
+
+    reps: int = 3
+    overhead_requests: int = 10  # one-stream requests per system per repetition
+    overhead_tokens: int = 128
+    scaling_model: str = BENCH_MODEL
+    levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # concurrent streams
+    # Tokens per stream in the scaling runs, per engine.
+    tokens: dict[str, int] = field(default_factory=lambda: {"llama.cpp": 128, "Transformers": 64})
+    firehose_levels: tuple[int, ...] = (1, 4, 16, 64, 256)
+    firehose_tokens: int = 20_000  # tokens per firehose level, shared by its streams
+    startup_reps: int = 3
+    profile_s: float = 8  # 0: no profiles
+    truncation_streams: int = 4  # streams sent together to llama_cpp.server with its defaults
+    patience_s: float = 150  # waiting for a quiet machine and measuring again, in all
+    gateway_levels: tuple[int, ...] = (1, 16)  # concurrent streams through smg and straight to Generate
 
 
-FULL = Config(
-    reps=3,
-    overhead_requests=10,
-    overhead_tokens=128,
-    scaling_model=BENCH_MODEL,
-    levels=(1, 2, 4, 8, 16, 32),
-    tokens={"llama.cpp": 128, "Transformers": 64},
-    firehose_levels=(1, 4, 16, 64, 256),
-    firehose_tokens=20_000,
-    startup_reps=3,
-    profile_s=8,
-    truncation_streams=4,
-    patience_s=150,
-    gateway_levels=(1, 16),
-)
+FULL = Config()
 QUICK = Config(
     reps=1,
     overhead_requests=3,
