@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from llmgrpc.clients.errors import FieldViolation, InvalidArgument, Reason
 from llmgrpc.engines.base import Engine
@@ -30,6 +31,17 @@ from llmgrpc.engines.options import EngineOption
 MAX_THREADS = 1024
 MAX_CONTEXT_TOKENS = 2**24
 MAX_GPUS = 256
+
+
+def _whole(name: str, help: str, minimum: int, maximum: int) -> EngineOption:
+    """An engine option that takes a whole number in [minimum, maximum]."""
+    return EngineOption(name, int, help, minimum=minimum, maximum=maximum)
+
+
+def _fraction(name: str, help: str) -> EngineOption:
+    """An engine option that takes a fraction in (0, 1]."""
+    return EngineOption(name, float, help, minimum=0, maximum=1, exclusive_minimum=True)
+
 
 # vLLM's and SGLang's own switch for LoRA adapters.
 ENABLE_LORA = EngineOption(
@@ -44,14 +56,13 @@ LIBRARY_DTYPE = EngineOption(
 )
 
 # The step budget of the engines behind the continuous batcher (Transformers, llama.cpp).
-MAX_NUM_BATCHED_TOKENS = EngineOption(
+MAX_NUM_BATCHED_TOKENS = _whole(
     "max_num_batched_tokens",
-    int,
     "tokens one step computes: the decoding requests' first, then prompt parts (in chunks of "
     "32) take the rest; bounds how long a long prompt delays the others' next token "
     "(default 128)",
-    minimum=1,
-    maximum=MAX_CONTEXT_TOKENS,
+    1,
+    MAX_CONTEXT_TOKENS,
 )
 # The prefix cache switch of the engines that keep one (Transformers, llama.cpp).
 PREFIX_CACHE = EngineOption(
@@ -148,15 +159,9 @@ TRANSFORMERS = EngineInfo(
             "auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16",
             choices=("auto", "float32", "bfloat16", "float16"),
         ),
-        EngineOption(
-            "n_threads", int, "CPU threads for torch (default: all cores)", minimum=1, maximum=MAX_THREADS
-        ),
-        EngineOption(
-            "context_length",
-            int,
-            "longest prompt plus output, at most the model's own",
-            minimum=2,
-            maximum=MAX_CONTEXT_TOKENS,
+        _whole("n_threads", "CPU threads for torch (default: all cores)", 1, MAX_THREADS),
+        _whole(
+            "context_length", "longest prompt plus output, at most the model's own", 2, MAX_CONTEXT_TOKENS
         ),
         EngineOption("attn_implementation", str, "sdpa (default) or eager", choices=("sdpa", "eager")),
         EngineOption(
@@ -181,13 +186,12 @@ TRANSFORMERS = EngineInfo(
         ),
         MAX_NUM_BATCHED_TOKENS,
         PREFIX_CACHE,
-        EngineOption(
+        _whole(
             "prefix_cache_tokens",
-            int,
             "tokens of finished sequences' KV the prefix cache keeps, least recently used out first "
             "(default: as many as fit in 1 GiB)",
-            minimum=0,
-            maximum=MAX_CONTEXT_TOKENS,
+            0,
+            MAX_CONTEXT_TOKENS,
         ),
     ),
 )
@@ -201,36 +205,32 @@ LLAMA_CPP = EngineInfo(
     required_modules=("llama_cpp", "gguf"),
     formats=("ggufv2",),
     options=(
-        EngineOption(
+        _whole(
             "n_threads",
-            int,
             "CPU threads for a step of one token, one stream decoding (default: all cores); "
             "alone, it sets n_threads_batch too",
-            minimum=1,
-            maximum=MAX_THREADS,
+            1,
+            MAX_THREADS,
         ),
-        EngineOption(
+        _whole(
             "n_threads_batch",
-            int,
             "CPU threads for a larger step: several streams decoding together, or a prompt "
             "(default: all cores)",
-            minimum=1,
-            maximum=MAX_THREADS,
+            1,
+            MAX_THREADS,
         ),
-        EngineOption(
+        _whole(
             "context_length",
-            int,
             "KV cache size in tokens, shared by all sequences; each may use context_length divided by "
             "cache_slots (default: 4096 per sequence, at most the model's trained context)",
-            minimum=2,
-            maximum=MAX_CONTEXT_TOKENS,
+            2,
+            MAX_CONTEXT_TOKENS,
         ),
-        EngineOption(
+        _whole(
             "n_gpu_layers",
-            int,
             "layers offloaded to a CUDA GPU (default: -1, all, on CUDA; 0 on the CPU)",
-            minimum=-1,
-            maximum=10_000,
+            -1,
+            10_000,
         ),
         EngineOption(
             "kv_cache_type",
@@ -247,14 +247,13 @@ LLAMA_CPP = EngineInfo(
         ),
         MAX_NUM_BATCHED_TOKENS,
         PREFIX_CACHE,
-        EngineOption(
+        _whole(
             "cache_slots",
-            int,
             "sequences the context holds: one per request decoding at once, any more keep finished "
             "conversations' KV for the prefix cache (default: max_running_requests); each has "
             "context_length divided by cache_slots",
-            minimum=1,
-            maximum=256,
+            1,
+            256,
         ),
         EngineOption(
             "slot_prompt_similarity",
@@ -268,6 +267,20 @@ LLAMA_CPP = EngineInfo(
 )
 
 
+def _library_engine(name: str, key: str, **details: Any) -> EngineInfo:
+    """An engine that is one library of its own name, serving pytorch weights (vLLM, SGLang): its
+    key names the library's module, its extra and its adapter (llmgrpc.engines.KEY_engine)."""
+    return EngineInfo(
+        name=name,
+        key=key,
+        module=f"llmgrpc.engines.{key}_engine",
+        extra=key,
+        required_modules=(key,),
+        formats=("pytorch",),
+        **details,
+    )
+
+
 # vLLM's multi-node way, which placement asks of it (EngineInfo.spans_hosts).
 def runs_on_ray(options: Mapping[str, object]) -> bool:
     """Whether a launch's engine options put its model workers on a Ray cluster's nodes (vLLM's
@@ -275,24 +288,17 @@ def runs_on_ray(options: Mapping[str, object]) -> bool:
     return "ray_address" in options or options.get("distributed_executor_backend") == "ray"
 
 
-VLLM = EngineInfo(
-    name="vLLM",
-    key="vllm",
-    module="llmgrpc.engines.vllm_engine",
-    extra="vllm",
-    required_modules=("vllm",),
-    formats=("pytorch",),
+VLLM = _library_engine(
+    "vLLM",
+    "vllm",
     spans_hosts=runs_on_ray,
     options=(
-        EngineOption(
-            "tensor_parallel_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS
-        ),
-        EngineOption(
+        _whole("tensor_parallel_size", "GPUs to shard the model over", 1, MAX_GPUS),
+        _whole(
             "pipeline_parallel_size",
-            int,
             "stages to split the model's layers over, each on tensor_parallel_size GPUs",
-            minimum=1,
-            maximum=MAX_GPUS,
+            1,
+            MAX_GPUS,
         ),
         EngineOption(
             "distributed_executor_backend",
@@ -308,30 +314,16 @@ VLLM = EngineInfo(
             "distributed_executor_backend ray",
             implies=("distributed_executor_backend", "ray"),
         ),
-        EngineOption(
-            "gpu_memory_utilization",
-            float,
-            "fraction of GPU memory vLLM may take (weights and KV cache)",
-            minimum=0,
-            maximum=1,
-            exclusive_minimum=True,
-        ),
-        EngineOption(
-            "max_model_len",
-            int,
-            "context length (default: the model's)",
-            minimum=1,
-            maximum=MAX_CONTEXT_TOKENS,
-        ),
+        _fraction("gpu_memory_utilization", "fraction of GPU memory vLLM may take (weights and KV cache)"),
+        _whole("max_model_len", "context length (default: the model's)", 1, MAX_CONTEXT_TOKENS),
         LIBRARY_DTYPE,
         EngineOption("enforce_eager", bool, "no CUDA graphs (faster start, slower decode)"),
         ENABLE_LORA,
-        EngineOption(
+        _whole(
             "max_num_seqs",
-            int,
             "sequences decoded together (default: the server's max_running_requests)",
-            minimum=1,
-            maximum=65_536,
+            1,
+            65_536,
         ),
         EngineOption(
             "kv_cache_dtype",
@@ -339,12 +331,11 @@ VLLM = EngineInfo(
             "auto, or fp8 (fp8_e4m3, fp8_e5m2): element type of the KV cache",
             choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
         ),
-        EngineOption(
+        _whole(
             "kv_cache_memory_bytes",
-            int,
             "KV cache size in bytes (on the CPU backend, instead of VLLM_CPU_KVCACHE_SPACE)",
-            minimum=1,
-            maximum=2**50,
+            1,
+            2**50,
         ),
     ),
     # The PyPI wheels run on CUDA only; a CPU build of vLLM reports the CPU platform.
@@ -367,38 +358,15 @@ VLLM = EngineInfo(
 )
 
 
-SGLANG = EngineInfo(
-    name="SGLang",
-    key="sglang",
-    module="llmgrpc.engines.sglang_engine",
-    extra="sglang",
-    required_modules=("sglang",),
-    formats=("pytorch",),
+SGLANG = _library_engine(
+    "SGLang",
+    "sglang",
     options=(
-        EngineOption("tp_size", int, "GPUs to shard the model over", minimum=1, maximum=MAX_GPUS),
+        _whole("tp_size", "GPUs to shard the model over", 1, MAX_GPUS),
         ENABLE_LORA,
-        EngineOption(
-            "pp_size",
-            int,
-            "stages to split the model's layers over, each on tp_size GPUs",
-            minimum=1,
-            maximum=MAX_GPUS,
-        ),
-        EngineOption(
-            "mem_fraction_static",
-            float,
-            "fraction of GPU memory for weights and KV cache",
-            minimum=0,
-            maximum=1,
-            exclusive_minimum=True,
-        ),
-        EngineOption(
-            "context_length",
-            int,
-            "context length (default: the model's)",
-            minimum=1,
-            maximum=MAX_CONTEXT_TOKENS,
-        ),
+        _whole("pp_size", "stages to split the model's layers over, each on tp_size GPUs", 1, MAX_GPUS),
+        _fraction("mem_fraction_static", "fraction of GPU memory for weights and KV cache"),
+        _whole("context_length", "context length (default: the model's)", 1, MAX_CONTEXT_TOKENS),
         LIBRARY_DTYPE,
         EngineOption(
             "kv_cache_dtype",
