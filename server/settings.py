@@ -7,12 +7,17 @@ these definitions (see ``cli.py``). The object is passed down to whatever needs 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+
+# The kinds of setting that recur, with their valid values.
+Port = Annotated[int, Field(ge=0, le=65535)]  # 0: any free port
+Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 def _default_cache_dir() -> Path:
@@ -25,7 +30,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMGRPC_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
-    port: int = Field(50051, ge=0, le=65535, description="port to listen on (0: any free port)")
+    port: Port = Field(50051, description="port to listen on (0: any free port)")
     launch: list[str] = Field(
         default_factory=list,
         description="model names to launch at start, e.g. tiny-llama-3.1 (repeat the flag for more)",
@@ -62,9 +67,8 @@ class Settings(BaseSettings):
         description="requests one ModelStreamInfer call may have in progress, and answers it may have "
         "waiting to be sent; beyond, its next requests are not read until the caller reads (backpressure)",
     )
-    stream_unread_timeout_s: float = Field(
+    stream_unread_timeout_s: PositiveSeconds = Field(
         30.0,
-        gt=0,
         description="a response stream whose caller has read nothing for this long while its responses "
         "wait to be sent ends with RESOURCE_EXHAUSTED (STREAM_NOT_READ), freeing its decode slot",
     )
@@ -86,41 +90,36 @@ class Settings(BaseSettings):
         description="more environment variables workers may see (repeat the flag); workers get only "
         "what the interpreter, engine libraries and hub clients read, never the server's tokens",
     )
-    worker_start_timeout_s: float = Field(
-        60.0, gt=0, description="seconds a worker may take to start listening"
+    worker_start_timeout_s: PositiveSeconds = Field(
+        60.0, description="seconds a worker may take to start listening"
     )
     engine_api_ports: dict[str, int] = Field(
         default_factory=dict,
         description="vLLM engine contract (for model gateways such as smg) on a port of its own per model, "
         'as JSON: {"MODEL_UID": 50061}; the main port serves it for the one model without a port here',
     )
-    idle_unload_s: float | None = Field(
+    idle_unload_s: Seconds | None = Field(
         None,
-        ge=0,
         description="unload a model after this many seconds without requests (its next Generate loads it "
         "again); a launch's idle_unload_s overrides it; unset or 0: never",
     )
-    worker_ping_interval_s: float = Field(
-        2.0, gt=0, description="seconds between pings of a READY model's worker"
+    worker_ping_interval_s: PositiveSeconds = Field(
+        2.0, description="seconds between pings of a READY model's worker"
     )
-    worker_ping_timeout_s: float = Field(
+    worker_ping_timeout_s: PositiveSeconds = Field(
         5.0,
-        gt=0,
         description="a worker that does not answer a ping this long makes its model NOT_SERVING "
         "until it answers again",
     )
-    replica_restart_backoff_s: float = Field(
+    replica_restart_backoff_s: PositiveSeconds = Field(
         1.0,
-        gt=0,
         description="seconds before restarting a replica whose worker died while its model has "
         "others (doubled on each failure in a row)",
     )
-    replica_restart_backoff_max_s: float = Field(
-        30.0, gt=0, description="the longest wait before restarting a replica whose worker died"
+    replica_restart_backoff_max_s: PositiveSeconds = Field(
+        30.0, description="the longest wait before restarting a replica whose worker died"
     )
-    shutdown_grace_s: float = Field(
-        30.0, ge=0, description="seconds streams in flight get to finish on shutdown"
-    )
+    shutdown_grace_s: Seconds = Field(30.0, description="seconds streams in flight get to finish on shutdown")
     log_level: str = Field("INFO", description="logging level: DEBUG, INFO, WARNING or ERROR")
     log_format: Literal["json", "text"] = Field(
         "json", description="json (one object a line, with request_id and trace_id) or text"
@@ -153,34 +152,31 @@ class Settings(BaseSettings):
     )
 
     # Operation.
-    health_port: int | None = Field(
+    health_port: Port | None = Field(
         None,
-        ge=0,
-        le=65535,
         description="also serve grpc.health.v1 alone, in plaintext, on this port (for probes when TLS is on)",
     )
-    metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="serve Prometheus /metrics over HTTP on this port (unset: off)"
+    metrics_port: Port | None = Field(
+        None, description="serve Prometheus /metrics over HTTP on this port (unset: off)"
     )
     trace_exporter: Literal["none", "console", "otlp"] = Field(
         "none", description="where spans go: none, console, or otlp (OTEL_EXPORTER_OTLP_* variables)"
     )
-    keepalive_time_s: float = Field(
-        60.0, gt=0, description="ping a client after this long without activity, to find dead connections"
+    keepalive_time_s: PositiveSeconds = Field(
+        60.0, description="ping a client after this long without activity, to find dead connections"
     )
-    keepalive_timeout_s: float = Field(
-        20.0, gt=0, description="close a connection whose ping goes unanswered"
+    keepalive_timeout_s: PositiveSeconds = Field(
+        20.0, description="close a connection whose ping goes unanswered"
     )
-    min_client_ping_interval_s: float = Field(
-        10.0, ge=0, description="clients that ping more often than this are told too_many_pings"
+    min_client_ping_interval_s: Seconds = Field(
+        10.0, description="clients that ping more often than this are told too_many_pings"
     )
-    max_connection_age_s: float | None = Field(
+    max_connection_age_s: PositiveSeconds | None = Field(
         None,
-        gt=0,
         description="ask clients to reconnect after this long (spreads load across replicas); unset: never",
     )
-    max_connection_age_grace_s: float = Field(
-        600.0, ge=0, description="time a connection past its age gets for streams in flight"
+    max_connection_age_grace_s: Seconds = Field(
+        600.0, description="time a connection past its age gets for streams in flight"
     )
     max_receive_message_bytes: int = Field(4 * MIB, ge=1024, description="largest request message accepted")
     max_send_message_bytes: int = Field(16 * MIB, ge=1024, description="largest response message sent")
