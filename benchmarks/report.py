@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -96,7 +97,11 @@ def verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: str | list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; header: its column names, or one string of them as its header row reads
+    ("streams | tok/s | ...")."""
+    if isinstance(header, str):
+        header = header.split(" | ")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -111,6 +116,19 @@ def cpu_us(reps: list[dict], name: str) -> str:
     return f"{median(values) * 1e6:.0f}" if values else "–"
 
 
+# A target's goal: as the report words it, and the check of a median against it.
+Goal = tuple[str, Callable[[float], bool]]
+
+
+def at_least(bound: float, unit: str = "") -> Goal:
+    return f"≥ {bound}{unit}", lambda value: value >= bound
+
+
+def at_most(bound: float, unit: str, per_second: float = 1.0) -> Goal:
+    """bound in unit; per_second: units per second, for a bound on seconds (ms: 1000)."""
+    return f"≤ {bound}{unit}", lambda value: value <= bound / per_second
+
+
 # Sections.
 
 
@@ -118,31 +136,21 @@ def targets(results: dict) -> tuple[str, list[str]]:
     """The issue's targets: goal, measured value, met or not; and the names of those missed."""
     rows, missed = [], []
 
-    def add(name: str, goal: str, values: list[float], ok, shown: str) -> None:
+    def add(name: str, goal: Goal, values: list[float], shown: str) -> None:
+        text, ok = goal
         met = bool(values) and ok(median(values))
-        rows.append([name, goal, shown, verdict(met)])
+        rows.append([name, text, shown, verdict(met)])
         if not met:
             missed.append(name)
 
     for engine, reps in results["overhead"].items():
         values = ratios(reps["llmgrpc"], reps["in-process engine"])
-        add(
-            f"service overhead, {engine}: tok/s ratio",
-            "≥ 0.97",
-            values,
-            lambda v: v >= 0.97,
-            spread(values, 3),
-        )
+        add(f"service overhead, {engine}: tok/s ratio", at_least(0.97), values, spread(values, 3))
         for p in ("p50", "p99"):
             added = ratios_diff(reps["llmgrpc"], reps["in-process engine"], f"ttft_{p}")
             if p == "p50":
-                add(
-                    f"TTFT added by the service, {engine}, p50",
-                    "≤ 2 ms",
-                    added,
-                    lambda v: v <= 0.002,
-                    spread(added, 2, 1000) + " ms",
-                )
+                shown = spread(added, 2, 1000) + " ms"
+                add(f"TTFT added by the service, {engine}, p50", at_most(2, " ms", 1000), added, shown)
     scaling = results["scaling"].get("llama.cpp")
     if scaling:
         levels = scaling["levels"]
@@ -156,24 +164,16 @@ def targets(results: dict) -> tuple[str, list[str]]:
                 if not (ours and theirs):
                     continue
                 values = ratios(ours, theirs)
-                add(
-                    f"llama.cpp, {streams} stream{'s' if streams > 1 else ''}: llmgrpc / {peer}",
-                    f"≥ {goal}×",
-                    values,
-                    lambda v, g=goal: v >= g,
-                    spread(values, 2) + "×",
-                )
+                name = f"llama.cpp, {streams} stream{'s' if streams > 1 else ''}: llmgrpc / {peer}"
+                add(name, at_least(goal, "×"), values, spread(values, 2) + "×")
         for streams in (16, 32):
             ours, theirs = levels["llmgrpc"].get(streams), levels["xllamacpp"].get(streams)
             if not (ours and theirs):
                 continue
             values = ratios(ours, theirs, "ttft_p99")
+            shown = f"{ms(stat(ours, 'ttft_p99'))} / {ms(stat(theirs, 'ttft_p99'))} ms"
             add(
-                f"llama.cpp, {streams} streams: TTFT p99, llmgrpc / xllamacpp",
-                "≤ 1×",
-                values,
-                lambda v: v <= 1.0,
-                f"{ms(stat(ours, 'ttft_p99'))} / {ms(stat(theirs, 'ttft_p99'))} ms",
+                f"llama.cpp, {streams} streams: TTFT p99, llmgrpc / xllamacpp", at_most(1, "×"), values, shown
             )
     gateway = results.get("gateway")
     for streams in sorted(gateway["levels"]["smg"]) if gateway else ():
@@ -182,25 +182,18 @@ def targets(results: dict) -> tuple[str, list[str]]:
         values = ratios(through, direct)
         add(
             f"through smg, {streams} stream{plural}: tok/s ÷ Generate's",
-            "≥ 0.9×",
+            at_least(0.9, "×"),
             values,
-            lambda v: v >= 0.9,
             spread(values, 2) + "×",
         )
         added = ratios_diff(through, direct, "ttft_p50")
-        add(
-            f"TTFT added by smg, {streams} stream{plural}, p50",
-            "≤ 5 ms",
-            added,
-            lambda v: v <= 0.005,
-            spread(added, 1, 1000) + " ms",
-        )
+        shown = spread(added, 1, 1000) + " ms"
+        add(f"TTFT added by smg, {streams} stream{plural}, p50", at_most(5, " ms", 1000), added, shown)
     streams = sum(r["streams"] for r in our_runs(results))
     add(
         "llmgrpc streams truncated or failed",
-        "0",
+        ("0", lambda count: count == 0),
         [len(results["errors"])],
-        lambda v: v == 0,
         f"{len(results['errors'])} of {streams}",
     )
     return table(["target", "goal", "measured: median [min–max]", ""], rows), missed
@@ -245,17 +238,11 @@ def overhead_section(results: dict) -> str:
                 f"{cpu_us(ours, 'server')} / {cpu_us(ours, 'worker')} / {cpu_us(ours, 'client')}",
             ]
         )
-    header = [
-        "engine",
-        "in-process tok/s",
-        "llmgrpc tok/s",
-        "ratio",
-        "in-process TTFT p50 / p99 ms",
-        "llmgrpc TTFT p50 / p99 ms",
-        "added TTFT p50 / p99 ms",
-        "in-process CPU µs/token",
-        "llmgrpc CPU µs/token: server / worker / client",
-    ]
+    header = (
+        "engine | in-process tok/s | llmgrpc tok/s | ratio | in-process TTFT p50 / p99 ms | "
+        "llmgrpc TTFT p50 / p99 ms | added TTFT p50 / p99 ms | in-process CPU µs/token | "
+        "llmgrpc CPU µs/token: server / worker / client"
+    )
     return (
         f"One stream at a time: `{config['overhead_requests']}` requests of "
         f"`{config['overhead_tokens']}` greedy tokens (end of text ignored) per system and repetition, "
@@ -370,15 +357,8 @@ def spare_core_section(results: dict) -> str:
         "own threads (the batcher, the event loop, the service's processes): each ratio per "
         "repetition, median [min–max].\n\n"
         + table(
-            [
-                "llama.cpp threads",
-                "streams",
-                "one context tok/s",
-                "llmgrpc tok/s",
-                "in-process engine ÷ one context",
-                "llmgrpc ÷ in-process engine",
-                "llmgrpc ÷ one context",
-            ],
+            "llama.cpp threads | streams | one context tok/s | llmgrpc tok/s | "
+            "in-process engine ÷ one context | llmgrpc ÷ in-process engine | llmgrpc ÷ one context",
             rows,
         )
     )
@@ -543,17 +523,9 @@ def gateway_section(results: dict) -> str:
         "measurement): median [min–max] over repetitions. CPU is process CPU time per token "
         "generated.\n\n"
         + table(
-            [
-                "streams",
-                "Generate tok/s",
-                "smg tok/s",
-                "smg ÷ Generate",
-                "TTFT p50 ms: Generate / smg",
-                "added TTFT p50 ms",
-                "client CPU µs/token: Generate / smg",
-                "smg CPU µs/token",
-                "server CPU µs/token: Generate / smg",
-            ],
+            "streams | Generate tok/s | smg tok/s | smg ÷ Generate | TTFT p50 ms: Generate / smg | "
+            "added TTFT p50 ms | client CPU µs/token: Generate / smg | smg CPU µs/token | "
+            "server CPU µs/token: Generate / smg",
             rows,
         )
     )
@@ -579,15 +551,8 @@ def firehose_section(results: dict) -> str:
         "yields one token per message as fast as it is consumed, so the service is all there is to "
         f"measure: `{firehose['tokens_per_level']}` tokens per level, shared by its streams.\n\n"
         + table(
-            [
-                "streams",
-                "tok/s",
-                "TTFT p50 / p99 ms",
-                "ITL p50 / p99 µs",
-                "server CPU µs/token",
-                "worker CPU µs/token",
-                "client CPU µs/token",
-            ],
+            "streams | tok/s | TTFT p50 / p99 ms | ITL p50 / p99 µs | server CPU µs/token | "
+            "worker CPU µs/token | client CPU µs/token",
             rows,
         )
     )
