@@ -97,26 +97,20 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, obje
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclass(eq=False)
 class EngineApiServicer(pb_grpc.VllmEngineServicer):
     """vllm.grpc.engine.VllmEngine for the model its route names; each RPC converts at the
     boundary and reads the manager."""
 
-    def __init__(
-        self,
-        manager: EngineManager,
-        route: Route,
-        *,
-        draining: Callable[[], bool],
-        aborts: Aborts,
-    ):
-        self.manager = manager
-        self.route = route
-        self.draining = draining
-        self.aborts = aborts
-        self.started = time.monotonic()
-        self.last_receive = 0.0
-        self._infos: dict[tuple[str, float], pb.GetModelInfoResponse] = {}
-        self._tokenizer_dirs: dict[tuple[str, float], str] = {}
+    manager: EngineManager
+    route: Route
+    draining: Callable[[], bool] = field(kw_only=True)
+    aborts: Aborts = field(kw_only=True)
+    started: float = field(default_factory=time.monotonic, init=False)
+    last_receive: float = field(default=0.0, init=False)
+    # The model's info and tokenizer folder, by (uid, launched_at): see _describe.
+    _infos: dict[tuple[str, float], pb.GetModelInfoResponse] = field(default_factory=dict, init=False)
+    _tokenizer_dirs: dict[tuple[str, float], str] = field(default_factory=dict, init=False)
 
     async def _describe(self, model: LaunchedModel, context) -> tuple[pb.GetModelInfoResponse, str]:
         """The model's info and tokenizer folder, asked of its worker once per launch (an UNLOADED
