@@ -78,9 +78,10 @@ def test_images_are_built_by_the_install_script_alone():
 def test_images_build_llama_cpp_with_the_one_recipe():
     """The builders take deploy/llama-cpp's recipe and set no CMake flags of their own (a native
     build on the build host would not run on every host the image meets)."""
+    assert ("COPY", "deploy/llama-cpp /src/deploy/llama-cpp") in stages()["sources"]
     for name in ("cpu-builder", "cuda-builder"):
         steps = stages()[name]
-        assert ("COPY", "deploy/llama-cpp deploy/llama-cpp") in steps, name
+        assert ("COPY", "--from=sources /src /src") in steps, name
         environment = " ".join(arguments for keyword, arguments in steps if keyword == "ENV")
         assert "CMAKE_ARGS=" not in environment.replace("LLAMA_CPP_EXTRA_CMAKE_ARGS=", ""), name
         assert "GGML_NATIVE" not in environment, name
