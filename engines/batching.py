@@ -317,9 +317,21 @@ class ContinuousBatcher:
             for sequence, row in zip(batch, logits, strict=True):
                 self._advance(sequence, row, masks.get(sequence.id))
         if self._prefilling:
-            self._prefill_next_parts(self.max_num_batched_tokens - decoded)
+            self._prefill_next_parts(self.max_num_batched_tokens - decoded, decoding=decoded > 0)
 
-    def _prefill_next_parts(self, budget: int) -> None:
+    def _part_cost(self, start: int, end: int, decoding: bool) -> float:
+        """What the prompt tokens [start, end) take of a step's budget: their count, and while
+        sequences decode, the positions they attend to in token equivalents (the runner's
+        prefix_tokens_per_token). On the tiny model 12,000 tokens into a prompt, a 96-token part
+        took 27 ms against a 1.4 ms decode step: counted as tokens, it slowed every stream's
+        step 20-fold."""
+        tokens = end - start
+        per_token = self.runner.prefix_tokens_per_token
+        if not (decoding and per_token):
+            return tokens
+        return tokens * (1 + (start + end) / 2 / per_token)
+
+    def _prefill_next_parts(self, budget: int, decoding: bool = False) -> None:
         """Feed the runner prompt parts of at most budget tokens in all (the first waiting
         prompt's next chunk in any case, so that prompts always advance, then whatever fits);
         a sequence whose prompt is all in starts decoding.
@@ -327,7 +339,8 @@ class ContinuousBatcher:
         Each prompt is cut at multiples of prefill_chunk_tokens, whatever runs beside it (a
         part is one chunk or several in a row), so its output does not depend on its
         neighbours; one fed only in part goes to the back, so a long prompt never holds up
-        the short ones that arrive after it.
+        the short ones that arrive after it. While sequences decode (decoding), a part also
+        pays for attending to the prompt before it (_part_cost).
         """
         chunk = self.prefill_chunk_tokens
         fed: list[tuple[_Sequence, list[int]]] = []
@@ -336,12 +349,12 @@ class ContinuousBatcher:
             # To the next multiple of chunk (a prompt found partly in the prefix cache is cut
             # where it would be cut cold), then on by whole chunks while the budget lasts.
             end = min((start // chunk + 1) * chunk, length)
-            if fed and end - start > budget:
+            if fed and self._part_cost(start, end, decoding) > budget:
                 continue
-            while end < length and min(end + chunk, length) - start <= budget:
+            while end < length and self._part_cost(start, min(end + chunk, length), decoding) <= budget:
                 end = min(end + chunk, length)
             fed.append((sequence, sequence.prompt_ids[start:end]))
-            budget -= end - start
+            budget -= self._part_cost(start, end, decoding)
             if budget <= 0:
                 break
         logits = self.runner.prefill([(sequence.id, part) for sequence, part in fed])

@@ -27,6 +27,10 @@ class ModelRunner(abc.ABC):
     eos_token_ids: frozenset[int]
     caches_prefixes = False  # whether admit may find a prompt's prefix already held
     kv_events: KvEventLog | None = None  # what a prefix cache stores and evicts
+    # Tokens of prefix that a prompt token attends to at the cost of its other work (the linear
+    # layers): the batcher's step budget then counts a part fed after a long prefix as more
+    # than its tokens. 0: attending is not counted.
+    prefix_tokens_per_token: float = 0.0
 
     @abc.abstractmethod
     def tokenize(self, text: str, parse_special: bool = False) -> list[int]:

@@ -208,6 +208,58 @@ def test_the_batcher_cuts_each_prompt_at_fixed_offsets_and_feeds_one_part_per_st
     assert runner.live == set()
 
 
+def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
+    """With prefix_tokens_per_token set, a part fed beside a decoding sequence counts its tokens
+    times (1 + the positions each attends to, on average, over prefix_tokens_per_token): a
+    long prompt's parts shrink to one chunk as it grows. Alone, it takes the budget in tokens."""
+
+    class PartRecorder(CountingRunner):
+        prefix_tokens_per_token = 16.0
+
+        def __init__(self):
+            super().__init__(context_length=1000)
+            self.parts: list[int] = []
+
+        def prefill(self, sequences):
+            self.parts += [len(part) for sequence_id, part in sequences if sequence_id == long_id[0]]
+            return super().prefill(sequences)
+
+    long_id = [0]
+
+    def parts_of_a_long_prompt(beside_a_decoding_one: bool) -> list[int]:
+        runner = PartRecorder()
+        batcher = ContinuousBatcher(
+            runner, max_batch_size=2, prefill_chunk_tokens=8, max_num_batched_tokens=32
+        )
+
+        async def run(prompt: str, max_tokens: int):
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            request = GenerationRequest("r", params, prompt=prompt)
+            return [chunk async for chunk in batcher.generate(request)]
+
+        async def scenario():
+            if not beside_a_decoding_one:
+                return await run("b" * 64, 1)
+            victim = asyncio.ensure_future(run("a", 900))
+            while not runner.decoded_ids:  # the victim decodes before the long prompt comes
+                await asyncio.sleep(0.001)
+            await run("b" * 64, 1)
+            victim.cancel()
+
+        long_id[0] = 1 if not beside_a_decoding_one else 2
+        try:
+            asyncio.run(scenario())
+        finally:
+            batcher.close()
+        return runner.parts
+
+    # Budget 32, chunks of 8: alone, 32 tokens a step.
+    assert parts_of_a_long_prompt(False) == [32, 32]
+    # Beside a decoding sequence, 31 left: [0, 16) costs 16 * (1 + 8 / 16) = 24, [0, 24) 42;
+    # [16, 24) costs 8 * (1 + 20 / 16) = 18 and [16, 32) 40; from then on one chunk a step.
+    assert parts_of_a_long_prompt(True) == [16, *[8] * 6]
+
+
 def _reference_stop_matcher(stops):
     """The plain algorithm: every stop string searched in full at every feed."""
     stops = [stop for stop in stops if stop]
