@@ -11,7 +11,8 @@ No request may stall the others for long: a prompt is tokenized and checked befo
 reaches the batcher's thread (a multi-megabyte one takes seconds), and each step has a
 token budget (``max_num_batched_tokens``, vLLM's word): the decoding sequences' tokens go
 first, and prompt parts take what is left, so a long prompt is prefilled a budget's worth
-at a time between the decode steps of the sequences already running.
+at a time between the decode steps of the sequences already running (a part deep in a long
+prompt counting also the positions it attends to, where the runner says what they cost).
 """
 
 from __future__ import annotations
