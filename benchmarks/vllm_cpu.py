@@ -37,7 +37,7 @@ import models
 from host_latency import idle_sleeper
 from models import BENCH_MODEL, TINY
 from report import table, verdict
-from servers import Llmgrpc, VllmServer
+from servers import Llmgrpc, OutsideLoad, VllmServer
 from streams import GrpcStreams, median, percentile, run_level
 
 from llmgrpc.clients import Client
@@ -69,6 +69,7 @@ async def measure(endpoint: str, uid: str, levels: list[int], tokens: int, reps:
         await run_level(streams.opener(8), 2, 8)  # warm-up
         results = {}
         for level in levels:
+            outside = OutsideLoad()
             runs = [await run_level(streams.opener(tokens), level, tokens) for _ in range(reps)]
             problems = [p for run in runs for p in run.problems]
             if problems:
@@ -77,6 +78,7 @@ async def measure(endpoint: str, uid: str, levels: list[int], tokens: int, reps:
                 "tokens_per_s": median([run.tokens_per_s for run in runs]),
                 "ttft_p50_ms": 1000 * median([percentile(run.ttfts(), 50) for run in runs]),
                 "spread": [min(run.tokens_per_s for run in runs), max(run.tokens_per_s for run in runs)],
+                "outside_cores": outside.cores(),
             }
             print(f"  {uid:<14} {level:>3} streams: {json.dumps(results[level])}", flush=True)
         return results
@@ -140,7 +142,8 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
         "| streams | " + " | ".join(f"{e} tok/s | {e} TTFT p50" for e in engines) + " |",
         "| --- | " + " | ".join("---: | ---:" for _ in engines) + " |",
     ]
-    for level in results["levels"][engines[0]]:
+    levels = list(results["levels"][engines[0]])
+    for level in levels:
         cells = []
         for engine in engines:
             row = results["levels"][engine][level]
@@ -148,6 +151,14 @@ def write_report(path: Path, results: dict, args: argparse.Namespace, machine: d
             cells.append(f"{row['tokens_per_s']:.0f} ({low:.0f}-{high:.0f}) | {row['ttft_p50_ms']:.0f} ms")
         lines.append(f"| {level} | " + " | ".join(cells) + " |")
     lines += [
+        "",
+        f"Cores that other processes kept busy during each level ({', '.join(map(str, levels))} streams): "
+        + "; ".join(
+            f"{engine} "
+            + ", ".join(f"{row['outside_cores']:.2f}" for row in results["levels"][engine].values())
+            for engine in engines
+        )
+        + ".",
         "",
         "Launch to READY (weights cached): "
         + ", ".join(f"{e} {s:.1f} s" for e, s in results["launch_s"].items())
