@@ -168,6 +168,10 @@ def progress(summary: dict) -> str:
     return line + (f", PROBLEMS: {summary['problems'][:2]}" if summary["problems"] else "")
 
 
+def print_level(name: str, concurrency: int, summary: dict) -> None:
+    print(f"  {name:<34} {concurrency:>4} streams: {progress(summary)}", flush=True)
+
+
 class Bench:
     def __init__(self, config: Config, work: Path, threads: int):
         self.config = config
@@ -353,7 +357,19 @@ class Bench:
                 runs[system.name].append(await self.measure(system, concurrency, tokens))
         summaries = {name: one_at_a_time(r) if concurrency == 1 else r[0] for name, r in runs.items()}
         for name, summary in summaries.items():
-            print(f"  {name:<34} {concurrency:>4} streams: {progress(summary)}", flush=True)
+            print_level(name, concurrency, summary)
+        return summaries
+
+    async def same_turn(self, order: list[System], concurrency: int, tokens: int) -> dict[str, dict]:
+        """One level of each system, each after an unmeasured level of its own: back-to-back
+        levels on a llama.cpp worker alternate between a faster and a slower one whoever sends
+        them (benchmarks/level_order.py), so each measured level is the same turn of it."""
+        await self.wait_for_quiet()
+        summaries = {}
+        for system in order:
+            await asyncio.wait_for(system.run(concurrency, tokens), LEVEL_TIMEOUT_S)
+            summaries[system.name] = await self.measure(system, concurrency, tokens)
+            print_level(system.name, concurrency, summaries[system.name])
         return summaries
 
     # Sections.
@@ -487,7 +503,11 @@ class Bench:
             for rep in range(config.reps):
                 order = systems[rep % 2 :] + systems[: rep % 2]
                 for concurrency in config.gateway_levels:
-                    for name, summary in (await self.alternate(order, concurrency, tokens)).items():
+                    if concurrency == 1:
+                        summaries = await self.alternate(order, concurrency, tokens)
+                    else:
+                        summaries = await self.same_turn(order, concurrency, tokens)
+                    for name, summary in summaries.items():
                         levels[name][concurrency].append(summary)
         finally:
             await through.close()
