@@ -170,14 +170,18 @@ def test_load_adapter_while_streams_run_cuts_none_and_the_new_adapter_answers(
 
 
 def test_unloading_an_adapter_with_a_stream_in_flight_is_refused_and_cuts_nothing(
-    admin, launched, adapter_dir
+    admin, launched, adapter_dir, engine
 ):
     admin.load_adapter(launched, "tiny-lora-d", str(adapter_dir / "tiny-lora-d"))
+    # A stream that takes seconds, so it is still in flight when the unload comes right after its
+    # first token (on Transformers 100 tokens could all be sent by then); llama.cpp's sequences
+    # here hold 512 tokens in all.
+    in_flight_tokens = 3000 if engine == "transformers" else 500
     stream = admin.generate(
         launched,
         PROMPTS[0],
-        max_tokens=100,
-        min_tokens=100,
+        max_tokens=in_flight_tokens,
+        min_tokens=in_flight_tokens,
         temperature=0,
         adapter="tiny-lora-d",
         timeout=300,
@@ -188,7 +192,7 @@ def test_unloading_an_adapter_with_a_stream_in_flight_is_refused_and_cuts_nothin
     assert "in flight" in error.details()
     assert error_info(error).reason == "ADAPTER_IN_USE"
     rest = [token for message in stream for token in message.token_ids]
-    assert len(first.token_ids) + len(rest) == 100
+    assert len(first.token_ids) + len(rest) == in_flight_tokens
     removed = admin.unload_adapter(launched, "tiny-lora-d")
     assert removed.name == "tiny-lora-d"
     assert "tiny-lora-d" not in {a.name for a in admin.list_adapters(launched)}
