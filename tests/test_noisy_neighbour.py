@@ -13,6 +13,7 @@ import itertools
 import json
 import random
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -223,6 +224,10 @@ def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
         def prefill(self, sequences):
             self.parts += [len(part) for sequence_id, part in sequences if sequence_id == long_id[0]]
             return super().prefill(sequences)
+
+        def decode(self, last_tokens):
+            time.sleep(0.001)  # the victim's 900 steps outlast the long prompt's, on any machine
+            return super().decode(last_tokens)
 
     long_id = [0]
 
