@@ -127,12 +127,15 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
         self.last_receive = time.time()
         model = self.route.model(self.manager)
         generation = EngineGeneration.from_pb(request, model.uid, int(model.engine_stats.context_length))
-        with self.aborts.watch(generation.request_id):
+        with self.aborts.watch(generation.request_id) as call:
             try:
                 async for response in self._generate(generation, context):
+                    call.sending = True
                     yield response
+                    call.sending = False
+                    call.check()
             except asyncio.CancelledError:
-                if not self.aborts.aborted():
+                if not call.aborted:
                     raise  # the caller left
                 task = asyncio.current_task()
                 if task is not None and hasattr(task, "uncancel"):

@@ -131,40 +131,55 @@ def loads(model: LaunchedModel, kv_cache_usage: float) -> pb.GetLoadsResponse:
     )
 
 
+@dataclass(eq=False)
+class AbortableCall:
+    """One Generate call as Abort sees it: its task, and whether it is at its yield (gRPC is
+    sending a response, or about to resume it) or inside its own awaits."""
+
+    task: asyncio.Task
+    sending: bool = False
+    aborted: bool = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        # A cancel lands where the task waits. Inside the call's own awaits it ends the call, whose
+        # handler turns it into CANCELLED; inside gRPC's send it would end the RPC's task with no
+        # status at all, the caller waiting out its deadline. At its yield the call checks instead.
+        if not self.sending:
+            self.task.cancel()
+
+    def check(self) -> None:
+        """After each response sent: end the call if Abort came while it was sent."""
+        if self.aborted:
+            raise asyncio.CancelledError
+
+
 class Aborts:
     """The Generate calls in flight by the gateway's request id, so Abort can stop them: an
-    aborted call's task is cancelled, which closes its streams to the engine (the engine drops
-    the request at its next step)."""
+    aborted call ends, which closes its streams to the engine (the engine drops the request at its
+    next step)."""
 
     def __init__(self) -> None:
-        self._calls: dict[str, set[asyncio.Task]] = {}
-        self._aborted: set[asyncio.Task] = set()
+        self._calls: dict[str, set[AbortableCall]] = {}
 
     @contextlib.contextmanager
-    def watch(self, request_id: str) -> Iterator[None]:
+    def watch(self, request_id: str) -> Iterator[AbortableCall]:
         task = asyncio.current_task()
         assert task is not None
-        self._calls.setdefault(request_id, set()).add(task)
+        call = AbortableCall(task)
+        self._calls.setdefault(request_id, set()).add(call)
         try:
-            yield
+            yield call
         finally:
-            tasks = self._calls.get(request_id, set())
-            tasks.discard(task)
-            if not tasks:
+            calls = self._calls.get(request_id, set())
+            calls.discard(call)
+            if not calls:
                 self._calls.pop(request_id, None)
-            self._aborted.discard(task)
-
-    def aborted(self) -> bool:
-        """Whether the current task was cancelled by Abort (not by its caller leaving)."""
-        return asyncio.current_task() in self._aborted
 
     def abort(self, request_ids: list[str]) -> int:
-        """Cancel the calls of these request ids; how many there were (unknown ids are ignored:
-        the request may have finished as the gateway asked)."""
-        count = 0
-        for request_id in request_ids:
-            for task in self._calls.get(request_id, ()):
-                self._aborted.add(task)
-                task.cancel()
-                count += 1
-        return count
+        """End the calls of these request ids; how many there were (unknown ids are ignored: the
+        request may have finished as the gateway asked)."""
+        calls = [call for request_id in request_ids for call in self._calls.get(request_id, ())]
+        for call in calls:
+            call.abort()
+        return len(calls)

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import io
 import json
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -346,6 +347,24 @@ def test_abort_stops_the_engines_work_on_that_request(served):
     assert raised.value.code() == grpc.StatusCode.CANCELLED
     assert "abort-me" in raised.value.details()
     assert wait_until(lambda: server.engine_stats("gw-gguf").running_requests == 0, timeout=10)
+
+
+def test_abort_ends_the_call_whenever_it_comes(served):
+    """An Abort may come while the call waits on the engine or while gRPC sends a response: both
+    end it CANCELLED at once, never leaving the caller to wait out its deadline."""
+    server, _ = served
+    stub = _stub(server, "gw-gguf")
+    for attempt in range(30):
+        request_id = f"abort-at-{attempt}"
+        stream = stub.Generate(_endless_request(request_id), timeout=120)
+        next(stream)
+        time.sleep(attempt / 1000)  # a different moment of the stream each time
+        with ThreadPoolExecutor(1) as reader:
+            read = reader.submit(list, stream)
+            stub.Abort(pb.AbortRequest(request_ids=[request_id]), timeout=10)
+            with pytest.raises(grpc.RpcError) as raised:
+                read.result(timeout=30)
+        assert raised.value.code() == grpc.StatusCode.CANCELLED, attempt
 
 
 def test_the_main_port_of_a_server_with_several_models_names_the_way_out(served):
