@@ -37,9 +37,10 @@ def serving(client: Client, uid: str) -> bool:
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:  # reaped between the two: ESRCH or ENOENT
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    state = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
     return state != "Z"
 
 
