@@ -24,18 +24,22 @@ class BatchedEngine(Engine):
         device: str,
         prefill_chunk_tokens: int | None = None,
         max_num_batched_tokens: int | None = None,
+        idle_step_tokens: int | None = None,
     ):
         self.runner = runner
         self.device = device
-        self.batcher = ContinuousBatcher(runner, max_batch_size, prefill_chunk_tokens, max_num_batched_tokens)
+        self.batcher = ContinuousBatcher(
+            runner, max_batch_size, prefill_chunk_tokens, max_num_batched_tokens, idle_step_tokens
+        )
 
     @classmethod
     def step_budget(cls, options: dict) -> dict[str, int]:
-        """The batcher's chunk and step budget for these engine options (keyword arguments)."""
+        """The batcher's chunk and step budgets for these engine options (keyword arguments)."""
         budget = int(options.get("max_num_batched_tokens") or ContinuousBatcher.DEFAULT_STEP_TOKENS)
         return {
             "prefill_chunk_tokens": min(ContinuousBatcher.ENGINE_CHUNK_TOKENS, budget),
             "max_num_batched_tokens": budget,
+            "idle_step_tokens": max(budget, ContinuousBatcher.IDLE_STEP_TOKENS),
         }
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

@@ -12,7 +12,8 @@ reaches the batcher's thread (a multi-megabyte one takes seconds), and each step
 token budget (``max_num_batched_tokens``, vLLM's word): the decoding sequences' tokens go
 first, and prompt parts take what is left, so a long prompt is prefilled a budget's worth
 at a time between the decode steps of the sequences already running (a part deep in a long
-prompt counting also the positions it attends to, where the runner says what they cost).
+prompt counting also the positions it attends to, where the runner says what they cost). A
+step in which nothing decodes has a budget of its own, larger: it delays no stream.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class ContinuousBatcher:
     # otherwise (measured: docs/engines.md, "The step budget").
     DEFAULT_STEP_TOKENS = 128
     ENGINE_CHUNK_TOKENS = 32
+    # The engines' step with nothing decoding: no stream's next token waits on it, and bigger
+    # parts cost less per token (docs/engines.md, "The step budget").
+    IDLE_STEP_TOKENS = 512
     # Prompts tokenized at once, off the batcher's thread: a huge one occupies one thread.
     TOKENIZER_THREADS = 2
 
@@ -86,13 +90,16 @@ class ContinuousBatcher:
         max_batch_size: int,
         prefill_chunk_tokens: int | None = None,
         max_num_batched_tokens: int | None = None,
+        idle_step_tokens: int | None = None,
     ):
         """prefill_chunk_tokens: where prompts are cut; max_num_batched_tokens: a step's token
-        budget (default: one chunk)."""
+        budget (default: one chunk); idle_step_tokens: the budget of a step in which no sequence
+        decodes (default, and at least: max_num_batched_tokens)."""
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens or self.PREFILL_CHUNK_TOKENS
         self.max_num_batched_tokens = max_num_batched_tokens or self.prefill_chunk_tokens
+        self.idle_step_tokens = max(idle_step_tokens or 0, self.max_num_batched_tokens)
         self.peak_batch_size = 0
         self.prefix_cache_queries = self.prefix_cache_hits = 0  # in tokens
         self._ids = itertools.count(1)
@@ -318,7 +325,10 @@ class ContinuousBatcher:
             for sequence, row in zip(batch, logits, strict=True):
                 self._advance(sequence, row, masks.get(sequence.id))
         if self._prefilling:
-            self._prefill_next_parts(self.max_num_batched_tokens - decoded, decoding=decoded > 0)
+            if decoded:
+                self._prefill_next_parts(self.max_num_batched_tokens - decoded, decoding=True)
+            else:
+                self._prefill_next_parts(self.idle_step_tokens)
 
     def _part_cost(self, start: int, end: int, decoding: bool) -> float:
         """What the prompt tokens [start, end) take of a step's budget: their count, and while

@@ -212,7 +212,8 @@ def test_the_batcher_cuts_each_prompt_at_fixed_offsets_and_feeds_one_part_per_st
 def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
     """With prefix_tokens_per_token set, a part fed beside a decoding sequence counts its tokens
     times (1 + the positions each attends to, on average, over prefix_tokens_per_token): a
-    long prompt's parts shrink to one chunk as it grows. Alone, it takes the budget in tokens."""
+    long prompt's parts shrink to one chunk as it grows. Alone, it takes the idle step's budget
+    in tokens."""
 
     class PartRecorder(CountingRunner):
         prefix_tokens_per_token = 16.0
@@ -231,10 +232,14 @@ def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
 
     long_id = [0]
 
-    def parts_of_a_long_prompt(beside_a_decoding_one: bool) -> list[int]:
+    def parts_of_a_long_prompt(beside_a_decoding_one: bool, idle_step_tokens: int | None = None) -> list[int]:
         runner = PartRecorder()
         batcher = ContinuousBatcher(
-            runner, max_batch_size=2, prefill_chunk_tokens=8, max_num_batched_tokens=32
+            runner,
+            max_batch_size=2,
+            prefill_chunk_tokens=8,
+            max_num_batched_tokens=32,
+            idle_step_tokens=idle_step_tokens,
         )
 
         async def run(prompt: str, max_tokens: int):
@@ -258,11 +263,13 @@ def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
             batcher.close()
         return runner.parts
 
-    # Budget 32, chunks of 8: alone, 32 tokens a step.
+    # Budget 32, chunks of 8: alone, 32 tokens a step, or the idle step's budget where it is set.
     assert parts_of_a_long_prompt(False) == [32, 32]
+    assert parts_of_a_long_prompt(False, idle_step_tokens=48) == [48, 16]
     # Beside a decoding sequence, 31 left: [0, 16) costs 16 * (1 + 8 / 16) = 24, [0, 24) 42;
     # [16, 24) costs 8 * (1 + 20 / 16) = 18 and [16, 32) 40; from then on one chunk a step.
-    assert parts_of_a_long_prompt(True) == [16, *[8] * 6]
+    for idle_step_tokens in (None, 48):
+        assert parts_of_a_long_prompt(True, idle_step_tokens) == [16, *[8] * 6]
 
 
 def _reference_stop_matcher(stops):
