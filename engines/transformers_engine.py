@@ -34,6 +34,7 @@ from llmgrpc.engines.cpu_threads import usable_cores
 from llmgrpc.engines.lora import LoraModule
 from llmgrpc.engines.model_folder import check_tokenizer_files, read_model_config
 from llmgrpc.engines.onednn import use_onednn_linears
+from llmgrpc.engines.transformers_attention import attention_implementation
 from llmgrpc.engines.transformers_lora import LoraSlots
 from llmgrpc.engines.transformers_plain import DynamicCacheRunner
 from llmgrpc.engines.transformers_runner import HuggingFaceRunner
@@ -85,7 +86,7 @@ class TransformersEngine(BatchedEngine):
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         else:
             dtype = DTYPES[dtype_name]
-        attention = options.get("attn_implementation", "sdpa")
+        attention = attention_implementation(options.get("attn_implementation", "sdpa"), device)
 
         report("loading weights", 0, 0)
         # The server passes trust_remote_code only where the operator allows it (allow_trust_remote_code).

@@ -17,6 +17,7 @@ from llmgrpc.engines.chat import Chat, hugging_face_chat_ids
 from llmgrpc.engines.constraints import tokenizer_from_hugging_face
 from llmgrpc.engines.model_runner import ModelRunner
 from llmgrpc.engines.prefix_cache import KvEventLog, PrefixStore
+from llmgrpc.engines.transformers_attention import BOOLEAN_MASKS
 from llmgrpc.engines.transformers_lora import LoraSlots
 
 # Per layer: keys and values of one sequence, [1, heads, tokens, head dim] each.
@@ -106,7 +107,7 @@ class HuggingFaceRunner(ModelRunner):
         # a model's own code (trust_remote_code) may not take the argument.
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # A 4-D mask goes to the attention as is: SDPA takes booleans, eager attention adds it.
-        self._additive_masks = model.config._attn_implementation != "sdpa"
+        self._additive_masks = model.config._attn_implementation not in BOOLEAN_MASKS
         self._token_texts: dict[int, str] = {}
         self.prefix_tokens_per_token = _prefix_tokens_per_token(model.config)
 
