@@ -191,7 +191,7 @@ class GenerationRequest:
     parse_special_tokens: read special-token spellings in prompt ("<|eot_id|>") as those
     tokens; otherwise they are text (a chat's contents always are, see engines.chat).
     cache_prompt: the engine may start from KV it holds for a prefix of the prompt (KV computed
-    under the same adapter only).
+    under the same adapter only), and keep this request's KV for later ones; false: neither.
     adapter: the LoRA adapter to generate with, by name; empty: the base model."""
 
     request_id: str

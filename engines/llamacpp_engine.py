@@ -126,6 +126,7 @@ class LlamaCppRunner(ModelRunner):
         self._slot_of: dict[int, int] = {}
         self._held: dict[int, list[int]] = {}  # per sequence: the tokens its slot holds KV for
         self._adapter_of: dict[int, str] = {}  # per sequence: the adapter it runs under ("": the base)
+        self._uncached: set[int] = set()  # sequences asked not to use the cache (cache_prompt false)
         self._spoiled: set[int] = set()  # sequences whose KV a failed llama_decode left unknown
 
     def _end_of_generation_ids(self) -> set[int]:
@@ -217,6 +218,8 @@ class LlamaCppRunner(ModelRunner):
         self._slot_of[sequence_id] = slot
         self._held[sequence_id] = list(prompt_ids[:kept])
         self._adapter_of[sequence_id] = request.adapter
+        if not request.cache_prompt:
+            self._uncached.add(sequence_id)
         return kept
 
     def prefill(self, sequences: list[tuple[int, list[int]]]) -> np.ndarray:
@@ -279,8 +282,9 @@ class LlamaCppRunner(ModelRunner):
         adapter = self._adapter_of.pop(sequence_id, "")
         if slot is None:
             return
-        if sequence_id in self._spoiled:
+        if sequence_id in self._spoiled or sequence_id in self._uncached:
             self._spoiled.discard(sequence_id)
+            self._uncached.discard(sequence_id)
             held = []
         if not held or not self.slots.enabled:
             llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)

@@ -101,6 +101,7 @@ class HuggingFaceRunner(ModelRunner):
         self._held: dict[int, list[int]] = {}  # per sequence: the tokens its KV is of
         self._prompt_length: dict[int, int] = {}
         self._adapter_of: dict[int, str] = {}  # per sequence: the adapter its KV is computed under
+        self._uncached: set[int] = set()  # sequences asked not to use the cache (cache_prompt false)
         self.lora: LoraSlots | None = None  # set when the model serves LoRA adapters
         self.prefix_store = PrefixStore(prefix_cache_tokens, KvEventLog())
         # Models of the library compute logits only where asked (not at every prompt token);
@@ -162,6 +163,7 @@ class HuggingFaceRunner(ModelRunner):
         self._adapter_of[sequence_id] = request.adapter
         self._prompt_length[sequence_id] = len(prompt_ids)
         if not request.cache_prompt:
+            self._uncached.add(sequence_id)
             return 0
         run, length = self.prefix_store.longest_prefix(prompt_ids, request.adapter)
         if run is None or length <= 0:
@@ -234,7 +236,8 @@ class HuggingFaceRunner(ModelRunner):
         held = self._held.pop(sequence_id, [])
         adapter = self._adapter_of.pop(sequence_id, "")
         self._prompt_length.pop(sequence_id, None)
-        if not held:
+        if not held or sequence_id in self._uncached:
+            self._uncached.discard(sequence_id)
             return
         if row_kv is None:
             cache = self._prefilling.get(sequence_id)

@@ -69,6 +69,17 @@ def test_a_shared_long_prefix_is_served_from_the_cache_and_changes_nothing(clien
     assert output == cold(client, cached_model, second)
 
 
+def test_a_request_that_opts_out_leaves_nothing_in_the_cache(client: Client, cached_model):
+    prompt = words(5, 300)
+    cold(client, cached_model, prompt)
+    # The same prompt again finds nothing: the opted-out request kept none of its KV.
+    _, cached = run(client, cached_model, prompt)
+    assert cached < 10
+    # Served with the cache, it is kept as usual.
+    _, cached = run(client, cached_model, prompt + words(6, 3))
+    assert cached >= 299
+
+
 def test_the_next_turn_of_a_conversation_reuses_the_last_answer_too(client: Client, cached_model):
     history = words(4, 300)
     for turn in range(3):

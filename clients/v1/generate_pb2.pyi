@@ -188,9 +188,10 @@ class GenerateRequest(_message.Message):
     """
     cache_prompt: _builtins.bool
     """Reuse the KV cache of a prompt prefix the engine already holds (from an
-    earlier request), prefilling only the rest. Default true; false prefills
-    the whole prompt and leaves usage.cached_prompt_tokens at 0. The output is
-    the same either way.
+    earlier request), prefilling only the rest, and keep this request's KV for
+    later ones. Default true; false prefills the whole prompt, leaves
+    usage.cached_prompt_tokens at 0 and keeps nothing of the request in the
+    cache. The output is the same either way.
     """
     adapter: _builtins.str
     """The LoRA adapter to generate with, by the name it was loaded under
