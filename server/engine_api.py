@@ -137,9 +137,8 @@ class EngineApiServicer(pb_grpc.VllmEngineServicer):
             except asyncio.CancelledError:
                 if not call.aborted:
                     raise  # the caller left
-                task = asyncio.current_task()
-                if task is not None and hasattr(task, "uncancel"):
-                    task.uncancel()
+                if hasattr(call.task, "uncancel"):  # Python 3.11 on
+                    call.task.uncancel()
                 raise Cancelled(f"request {generation.request_id} was aborted by Abort") from None
 
     async def _generate(self, generation: EngineGeneration, context) -> AsyncIterator[pb.GenerateResponse]:
