@@ -16,8 +16,7 @@ from itertools import count
 import pytest
 from conftest import RunningServer
 from rpc_helpers import wait_until
-from smg_gateway import Gateway, StreamInFlight, engine_stub
-from smg_grpc_proto.generated import vllm_engine_pb2 as pb
+from smg_gateway import Gateway, StreamInFlight
 
 from llmgrpc.clients import Client
 from llmgrpc.server.settings import Settings
@@ -27,10 +26,9 @@ INSTRUCT = "tiny-llama-3.1-instruct"
 UID = "fleet"
 CHAT = "/v1/chat/completions"
 
-# Cache-aware routing made deterministic. llmgrpc has no KV events yet (SubscribeKvEvents is
-# UNIMPLEMENTED), so smg keeps its own token tree of what it sent where: a prompt matching a
-# worker's part of the tree by more than --cache-threshold goes to that worker; any other goes to
-# the least-loaded one (requests in flight through smg).
+# Cache-aware routing made deterministic. smg follows each worker's KV events (SubscribeKvEvents):
+# a prompt matching the blocks a worker has cached by more than --cache-threshold goes to that
+# worker; any other goes to the least-loaded one (requests in flight through smg).
 # - --cache-threshold 0.5: a shared system text of several hundred tokens matches well above it,
 #   a different one only by the chat template's few header tokens.
 # - --worker-warmup-secs 0, --worker-warmup-thin-ratio 0, --worker-warmup-divert-every 0: no
@@ -127,14 +125,10 @@ def running(server: RunningServer) -> int:
     return server.engine_stats(UID).running_requests
 
 
-@pytest.fixture(scope="module")
-def endless(servers):
-    """endless(system, question): a chat that does not end by itself (its end-of-text tokens banned)."""
-    info = engine_stub(servers[0][0].endpoint).GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-    banned = {str(token): -100.0 for token in info.eos_token_ids}
-    return lambda system, question: chat(
-        system, question, max_tokens=15000, temperature=1.0, logit_bias=banned
-    )
+def endless(system: str, question: str) -> dict:
+    """A chat that does not end by itself: ignore_eos (vLLM's extension, which smg forwards; it
+    does not forward logit_bias, so banning the end-of-text tokens would not reach the worker)."""
+    return chat(system, question, max_tokens=15000, temperature=1.0, ignore_eos=True)
 
 
 @contextmanager
@@ -159,9 +153,7 @@ def test_requests_sharing_a_long_prefix_go_to_one_server(servers, gateway):
     assert routed(servers, gateway, shared, questions[:2])[holder] == 2
 
 
-def test_a_killed_worker_fails_its_streams_and_smg_routes_around_it_until_it_is_back(
-    servers, gateway, endless
-):
+def test_a_killed_worker_fails_its_streams_and_smg_routes_around_it_until_it_is_back(servers, gateway):
     shared = system_text(f"Topic {next(_topics)}")
     # smg learns where the prefix is cached from the worker's KV events, which trail its answer:
     # a second request that follows the first shows smg knows, before the streams go.
