@@ -17,6 +17,10 @@ class BatchedEngine(Engine):
     Subclasses implement ``load`` and build themselves with ``cls(runner, ...)``.
     """
 
+    # Where the batcher cuts prompts while sequences decode (a part is one chunk or several in a
+    # row; the first waiting prompt gets at least one a step): the engine's measured choice.
+    CHUNK_TOKENS = 32
+
     def __init__(
         self,
         runner: ModelRunner,
@@ -37,7 +41,7 @@ class BatchedEngine(Engine):
         """The batcher's chunk and step budgets for these engine options (keyword arguments)."""
         budget = int(options.get("max_num_batched_tokens") or ContinuousBatcher.DEFAULT_STEP_TOKENS)
         return {
-            "prefill_chunk_tokens": min(ContinuousBatcher.ENGINE_CHUNK_TOKENS, budget),
+            "prefill_chunk_tokens": min(cls.CHUNK_TOKENS, budget),
             "max_num_batched_tokens": budget,
             "idle_step_tokens": max(budget, ContinuousBatcher.IDLE_STEP_TOKENS),
         }

@@ -74,10 +74,9 @@ class ContinuousBatcher:
 
     # Prompts are cut at multiples of this many tokens, whatever runs beside them.
     PREFILL_CHUNK_TOKENS = 512
-    # The engines' step budget and chunk, unless engine_options.max_num_batched_tokens says
-    # otherwise (measured: docs/engines.md, "The step budget").
+    # The engines' step budget, unless engine_options.max_num_batched_tokens says otherwise
+    # (measured: docs/engines.md, "The step budget"); each engine has its chunk (CHUNK_TOKENS).
     DEFAULT_STEP_TOKENS = 128
-    ENGINE_CHUNK_TOKENS = 32
     # The engines' step with nothing decoding: no stream's next token waits on it, and bigger
     # parts cost less per token (docs/engines.md, "The step budget").
     IDLE_STEP_TOKENS = 512

@@ -146,8 +146,13 @@ class PrefixStore:
     """Finished sequences' KV, least recently used first out, at most capacity_tokens in all.
 
     A run whose tokens begin another's is dropped for it (the next turn of a conversation
-    replaces the last), and a run another already covers is not stored twice.
+    replaces the last), and a run another already covers, but for fewer than MIN_NEW_TOKENS at
+    its end, is not stored: its KV would be copied whole for a few tokens more (a 12,000-token
+    prompt sent again and answered in 4 tokens, on the tiny model: 6 ms of copying and 2 ms of
+    hashing on the batcher's thread, in every stream's step).
     """
+
+    MIN_NEW_TOKENS = BLOCK_TOKENS
 
     def __init__(self, capacity_tokens: int, events: KvEventLog):
         self.capacity_tokens = capacity_tokens
@@ -171,10 +176,13 @@ class PrefixStore:
         return best, min(length, len(prompt_ids) - 1)
 
     def covers(self, tokens: Sequence[int], adapter: str = "") -> bool:
-        """Whether a run already holds all of tokens (it is then the most recently used): storing
-        them again would copy their KV for nothing."""
+        """Whether a run already holds all of tokens but fewer than MIN_NEW_TOKENS at their end
+        (it is then the most recently used): storing them would copy their KV for next to nothing."""
         for run in self._runs:
-            if run.adapter == adapter and common_prefix_length(run.tokens, tokens) == len(tokens):
+            if run.adapter != adapter:
+                continue
+            shared = common_prefix_length(run.tokens, tokens)
+            if shared == len(tokens) or (shared and len(tokens) - shared < self.MIN_NEW_TOKENS):
                 self._runs.remove(run)
                 self._runs.append(run)
                 return True

@@ -35,6 +35,22 @@ def test_a_run_that_extends_another_replaces_it_and_a_covered_one_is_not_stored_
     assert store.tokens == 80 and store.longest_prefix(list(range(70)))[0].kv == "turn 2"
 
 
+def test_a_run_adding_less_than_a_block_to_a_cached_one_is_not_copied():
+    """A long prompt sent again and answered in a few tokens: its KV is not copied out again."""
+    store = PrefixStore(capacity_tokens=1000, events=KvEventLog())
+    prompt = list(range(200))
+    store.store([*prompt, 1, 2, 3], lambda: "first answer")
+    copies = []
+    store.store([*prompt, 4, 5, 6], lambda: copies.append("second answer"))
+    assert copies == [] and store.tokens == 203
+    # A whole block more is worth keeping: its KV serves the next turn.
+    store.store([*prompt, *range(300, 300 + BLOCK_TOKENS)], lambda: "next turn")
+    assert store.longest_prefix([*prompt, *range(300, 300 + BLOCK_TOKENS), 9])[0].kv == "next turn"
+    # A short run sharing nothing is stored as before.
+    store.store([900, 901], lambda: "short")
+    assert store.longest_prefix([900, 901, 902])[0].kv == "short"
+
+
 def test_runs_of_another_adapter_are_never_served():
     store = PrefixStore(capacity_tokens=1000, events=KvEventLog())
     store.store(list(range(50)), lambda: "base")
