@@ -17,8 +17,9 @@ class BatchedEngine(Engine):
     Subclasses implement ``load`` and build themselves with ``cls(runner, ...)``.
     """
 
-    # Where the batcher cuts prompts while sequences decode (a part is one chunk or several in a
-    # row; the first waiting prompt gets at least one a step): the engine's measured choice.
+    # The batcher cuts every prompt at multiples of this many tokens (a step's part is one chunk
+    # or several in a row; the first waiting prompt gets at least one a step): each engine's
+    # measured choice.
     CHUNK_TOKENS = 32
 
     def __init__(
