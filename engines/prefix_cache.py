@@ -182,7 +182,7 @@ class PrefixStore:
             if run.adapter != adapter:
                 continue
             shared = common_prefix_length(run.tokens, tokens)
-            if shared == len(tokens) or (shared and len(tokens) - shared < self.MIN_NEW_TOKENS):
+            if shared and len(tokens) - shared < self.MIN_NEW_TOKENS:
                 self._runs.remove(run)
                 self._runs.append(run)
                 return True
@@ -194,9 +194,9 @@ class PrefixStore:
         a run already covers."""
         if not 0 < len(tokens) <= self.capacity_tokens:
             return
+        tokens = np.asarray(tokens, dtype=np.int64)  # once, not once per run compared
         if self.covers(tokens, adapter):
             return
-        tokens = np.asarray(tokens, dtype=np.int64)
         extended = []
         for run in self._runs:
             if run.adapter != adapter:
