@@ -219,7 +219,9 @@ def run_together(client: Client, uid: str, prompts: list, **sampling) -> list[li
 def test_concurrent_greedy_streams_equal_each_alone(client: Client, gguf_q8):
     uid = gguf_q8.model_uid
     prompts = [f"Request number {i}: the quick brown fox" for i in range(SLOTS)]
-    sampling = dict(max_tokens=48, temperature=0, ignore_eos=True)
+    # Long enough that the streams overlap: the prompts are cached by then, and 48 tokens each
+    # were once all done before the next request reached the engine (the peak batch left at 1).
+    sampling = dict(max_tokens=256, temperature=0, ignore_eos=True)
     alone = [collect(client.generate(uid, prompt, **sampling))[0] for prompt in prompts]
     assert client.get_model(uid).peak_batch_size == 1
     together = run_together(client, uid, prompts, **sampling)
