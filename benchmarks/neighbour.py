@@ -132,6 +132,7 @@ async def measure(
                 continue
             gaps: list[float] = []
             outcomes: Counter[str] = Counter()
+            neighbour_seconds = 0.0
             for _ in range(runs):
                 until, results = processes.Event(), processes.Queue()
                 noisy = None
@@ -140,10 +141,12 @@ async def measure(
                         target=neighbour, args=(endpoint, request.SerializeToString(), until, results)
                     )
                     noisy.start()
+                    started = time.perf_counter()
                     await asyncio.sleep(1.0)  # let the neighbour's first call get going
                 gaps += await victim(victim_stub, model_uid, tokens)
                 if noisy is not None:
                     until.set()
+                    neighbour_seconds += time.perf_counter() - started
                     outcomes.update(await asyncio.to_thread(results.get, timeout=120))
                     noisy.join()
             report[name] = {
@@ -151,6 +154,8 @@ async def measure(
                 "itl_p99_ms": round(percentile(gaps, 99) * 1000, 2),
                 "itl_max_ms": round(max(gaps) * 1000, 2),
                 "neighbour_calls": dict(outcomes),
+                # How fast the neighbour was served (from its first second, alone, to the victim's end).
+                "neighbour_calls_per_s": round(sum(outcomes.values()) / max(neighbour_seconds, 1e-9), 1),
             }
         return report
 

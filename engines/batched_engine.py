@@ -4,6 +4,7 @@ batcher (engines.batching): the Transformers and llama.cpp engines."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from llmgrpc.engines.base import Chunk, Engine, EngineStats, GenerationRequest, Tokens
 from llmgrpc.engines.batching import ContinuousBatcher
@@ -30,21 +31,30 @@ class BatchedEngine(Engine):
         prefill_chunk_tokens: int | None = None,
         max_num_batched_tokens: int | None = None,
         idle_step_tokens: int | None = None,
+        prefill_time_ratio: float | None = None,
     ):
         self.runner = runner
         self.device = device
         self.batcher = ContinuousBatcher(
-            runner, max_batch_size, prefill_chunk_tokens, max_num_batched_tokens, idle_step_tokens
+            runner,
+            max_batch_size,
+            prefill_chunk_tokens,
+            max_num_batched_tokens,
+            idle_step_tokens,
+            prefill_time_ratio,
         )
 
     @classmethod
-    def step_budget(cls, options: dict) -> dict[str, int]:
-        """The batcher's chunk and step budgets for these engine options (keyword arguments)."""
+    def step_budget(cls, options: dict) -> dict[str, Any]:
+        """The batcher's chunk, step budgets and prefill pace for these engine options (keyword
+        arguments)."""
         budget = int(options.get("max_num_batched_tokens") or ContinuousBatcher.DEFAULT_STEP_TOKENS)
+        ratio = options.get("prefill_time_ratio")
         return {
             "prefill_chunk_tokens": min(cls.CHUNK_TOKENS, budget),
             "max_num_batched_tokens": budget,
             "idle_step_tokens": max(budget, ContinuousBatcher.IDLE_STEP_TOKENS),
+            "prefill_time_ratio": ContinuousBatcher.PREFILL_TIME_RATIO if ratio is None else float(ratio),
         }
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:

@@ -13,7 +13,10 @@ token budget (``max_num_batched_tokens``, vLLM's word): the decoding sequences' 
 first, and prompt parts take what is left, so a long prompt is prefilled a budget's worth
 at a time between the decode steps of the sequences already running (a part deep in a long
 prompt counting also the positions it attends to, where the runner says what they cost). A
-step in which nothing decodes has a budget of its own, larger: it delays no stream.
+step in which nothing decodes has a budget of its own, larger: it delays no stream. While
+sequences decode, prompt parts are also paced in time: over the steps they take at most
+``prefill_time_ratio`` times the time decoding takes, so a part that costs several decode steps
+(deep in a long prompt, where attention reads all of it) is followed by decode-only steps.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
+import sys
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -45,6 +51,10 @@ from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger(__name__)
 
+
+# How much nicer than the decode loop the tokenizer threads run (docs/engines.md, "The step
+# budget": a 12,288-token prompt's tokenizing once slowed a stream's steps beside it 5- to 15-fold).
+TOKENIZER_NICENESS = 10
 
 # What a caller's queue receives: a chunk, or the error that ends its stream.
 _Output = tuple[asyncio.Queue, "Chunk | BaseException"]
@@ -80,6 +90,9 @@ class ContinuousBatcher:
     # The engines' step with nothing decoding: no stream's next token waits on it, and bigger
     # parts cost less per token (docs/engines.md, "The step budget").
     IDLE_STEP_TOKENS = 512
+    # While sequences decode, prompt parts take at most this many times the decoding's time, over
+    # the steps (engine_options.prefill_time_ratio; docs/engines.md, "The step budget").
+    PREFILL_TIME_RATIO = 1.0
     # Prompts tokenized at once, off the batcher's thread: a huge one occupies one thread.
     TOKENIZER_THREADS = 2
 
@@ -90,15 +103,21 @@ class ContinuousBatcher:
         prefill_chunk_tokens: int | None = None,
         max_num_batched_tokens: int | None = None,
         idle_step_tokens: int | None = None,
+        prefill_time_ratio: float | None = None,
     ):
         """prefill_chunk_tokens: where prompts are cut; max_num_batched_tokens: a step's token
         budget (default: one chunk); idle_step_tokens: the budget of a step in which no sequence
-        decodes (default, and at least: max_num_batched_tokens)."""
+        decodes (default, and at least: max_num_batched_tokens); prefill_time_ratio: the time
+        prompt parts may take per second of decoding while sequences decode (default: none, the
+        first waiting prompt's next chunk goes in every step)."""
         self.runner = runner
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens or self.PREFILL_CHUNK_TOKENS
         self.max_num_batched_tokens = max_num_batched_tokens or self.prefill_chunk_tokens
         self.idle_step_tokens = max(idle_step_tokens or 0, self.max_num_batched_tokens)
+        self.prefill_time_ratio = prefill_time_ratio
+        # Seconds of prompt parts the decoding sequences allow now (below 0: parts wait).
+        self._prefill_credit = 0.0
         self.peak_batch_size = 0
         self.prefix_cache_queries = self.prefix_cache_hits = 0  # in tokens
         self._ids = itertools.count(1)
@@ -112,7 +131,7 @@ class ContinuousBatcher:
         # Output of the current step, per caller's event loop (batcher thread only; see _send).
         self._outgoing: dict[asyncio.AbstractEventLoop, list[_Output]] = {}
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(
-            self.TOKENIZER_THREADS, thread_name_prefix="tokenize"
+            self.TOKENIZER_THREADS, thread_name_prefix="tokenize", initializer=_lower_tokenizer_priority
         )
         # Builds nothing until a request asks for a format.
         self._grammars = GrammarCompiler(runner.grammar_tokenizer, runner.vocab_size)
@@ -316,6 +335,7 @@ class ContinuousBatcher:
     def _step(self) -> None:
         decoded = 0
         if self._active:
+            started = time.perf_counter()
             batch = list(self._active.values())
             decoded = len(batch)
             self.peak_batch_size = max(self.peak_batch_size, len(batch))
@@ -323,11 +343,25 @@ class ContinuousBatcher:
             masks = self._masks(batch)
             for sequence, row in zip(batch, logits, strict=True):
                 self._advance(sequence, row, masks.get(sequence.id))
-        if self._prefilling:
-            if decoded:
-                self._prefill_next_parts(self.max_num_batched_tokens - decoded, decoding=True)
-            else:
-                self._prefill_next_parts(self.idle_step_tokens)
+            self._allow_prefill(time.perf_counter() - started)
+        if not self._prefilling:
+            return
+        if not decoded:
+            self._prefill_credit = 0.0  # no stream waits: nothing owed
+            self._prefill_next_parts(self.idle_step_tokens)
+        elif self._prefill_credit >= 0:
+            started = time.perf_counter()
+            self._prefill_next_parts(self.max_num_batched_tokens - decoded, decoding=True)
+            if self.prefill_time_ratio is not None:
+                self._prefill_credit -= time.perf_counter() - started
+
+    def _allow_prefill(self, decode_seconds: float) -> None:
+        """Credit prompt parts with their share of a decode step's time. At most one step's share
+        is saved up, so parts never come in a burst; a part that cost more than the credit leaves
+        it below 0, and the next steps decode only until it is paid back."""
+        if self.prefill_time_ratio is not None:
+            share = self.prefill_time_ratio * decode_seconds
+            self._prefill_credit = min(self._prefill_credit + share, share)
 
     def _part_cost(self, start: int, end: int, decoding: bool) -> float:
         """What the prompt tokens [start, end) take of a step's budget: their count, and while
@@ -466,3 +500,17 @@ class ContinuousBatcher:
 def _put_each(items: list[_Output]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _lower_tokenizer_priority() -> None:
+    """Run this tokenizer thread TOKENIZER_NICENESS steps nicer than the process (Linux: each
+    thread has its own). Tokenizing a long prompt takes a core for tens of milliseconds, and on a
+    host with few cores the decode loop's compute threads then wait for it at every step."""
+    if not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        niceness = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(niceness + TOKENIZER_NICENESS, 19))
+    except OSError:  # a sandbox that forbids it: tokenize at the process's priority
+        pass

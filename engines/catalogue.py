@@ -64,6 +64,18 @@ MAX_NUM_BATCHED_TOKENS = _whole(
     1,
     MAX_CONTEXT_TOKENS,
 )
+# The prefill pace of the same engines: how long prompt parts may take beside decoding requests.
+PREFILL_TIME_RATIO = EngineOption(
+    "prefill_time_ratio",
+    float,
+    "while requests decode, the time prompt parts may take per unit of time spent decoding, over "
+    "the steps: a part that costs several decode steps (deep in a long prompt) is followed by "
+    "decode-only steps; higher prefills a prompt beside streams sooner and slows them more "
+    "(default 1)",
+    minimum=0,
+    maximum=100,
+    exclusive_minimum=True,
+)
 # The prefix cache switch of the engines that keep one (Transformers, llama.cpp).
 PREFIX_CACHE = EngineOption(
     "prefix_cache",
@@ -185,6 +197,7 @@ TRANSFORMERS = EngineInfo(
             choices=("onednn", "torch"),
         ),
         MAX_NUM_BATCHED_TOKENS,
+        PREFILL_TIME_RATIO,
         PREFIX_CACHE,
         _whole(
             "prefix_cache_tokens",
@@ -246,6 +259,7 @@ LLAMA_CPP = EngineInfo(
             "each request's attention independent of the others)",
         ),
         MAX_NUM_BATCHED_TOKENS,
+        PREFILL_TIME_RATIO,
         PREFIX_CACHE,
         _whole(
             "cache_slots",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from status_details import bad_request, reason
 
 from llmgrpc.clients import Client
 from llmgrpc.engines.base import FinishReason, GenerationRequest, SamplingParams
-from llmgrpc.engines.batching import ContinuousBatcher
+from llmgrpc.engines.batching import TOKENIZER_NICENESS, ContinuousBatcher
 from llmgrpc.engines.text import StopStringMatcher
 
 TESTS = Path(__file__).parent
@@ -209,6 +211,26 @@ def test_the_batcher_cuts_each_prompt_at_fixed_offsets_and_feeds_one_part_per_st
     assert runner.live == set()
 
 
+async def _generated_ids(batcher: ContinuousBatcher, prompt: str, max_tokens: int) -> list[int]:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    request = GenerationRequest("r", params, prompt=prompt)
+    return [token for chunk in [c async for c in batcher.generate(request)] for token in chunk.token_ids]
+
+
+def _serve_beside_a_stream(batcher, runner: CountingRunner, prompt: str, stream_tokens: int) -> list[int]:
+    """Generate one token for prompt once a stream ("a", stream_tokens long) decodes beside it."""
+
+    async def scenario():
+        stream = asyncio.ensure_future(_generated_ids(batcher, "a", stream_tokens))
+        while not runner.decoded_ids:  # the stream decodes before the prompt comes
+            await asyncio.sleep(0.001)
+        ids = await _generated_ids(batcher, prompt, 1)
+        stream.cancel()
+        return ids
+
+    return asyncio.run(scenario())
+
+
 def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
     """With prefix_tokens_per_token set, a part fed beside a decoding sequence counts its tokens
     times (1 + the positions each attends to, on average, over prefix_tokens_per_token): a
@@ -242,23 +264,12 @@ def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
             idle_step_tokens=idle_step_tokens,
         )
 
-        async def run(prompt: str, max_tokens: int):
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-            request = GenerationRequest("r", params, prompt=prompt)
-            return [chunk async for chunk in batcher.generate(request)]
-
-        async def scenario():
-            if not beside_a_decoding_one:
-                return await run("b" * 64, 1)
-            victim = asyncio.ensure_future(run("a", 900))
-            while not runner.decoded_ids:  # the victim decodes before the long prompt comes
-                await asyncio.sleep(0.001)
-            await run("b" * 64, 1)
-            victim.cancel()
-
         long_id[0] = 1 if not beside_a_decoding_one else 2
         try:
-            asyncio.run(scenario())
+            if beside_a_decoding_one:
+                _serve_beside_a_stream(batcher, runner, "b" * 64, stream_tokens=900)
+            else:
+                asyncio.run(_generated_ids(batcher, "b" * 64, 1))
         finally:
             batcher.close()
         return runner.parts
@@ -270,6 +281,77 @@ def test_while_others_decode_a_prompt_part_pays_for_the_prefix_it_attends_to():
     # [16, 24) costs 8 * (1 + 20 / 16) = 18 and [16, 32) 40; from then on one chunk a step.
     for idle_step_tokens in (None, 48):
         assert parts_of_a_long_prompt(True, idle_step_tokens) == [16, *[8] * 6]
+
+
+def test_beside_decoding_sequences_prompt_parts_are_paced_to_the_time_ratio():
+    """A part that costs many decode steps' time is followed by decode-only steps until the
+    decoding sequences' share pays it back (prefill_time_ratio 1: parts take at most as long as
+    decoding, over the steps); without a ratio one part goes in every step. Either way the
+    prompt is served."""
+
+    class SlowParts(CountingRunner):
+        def __init__(self):
+            super().__init__(context_length=1000)
+            self.calls: list[str] = []
+
+        def prefill(self, sequences):
+            if any(sequence_id != victim_id for sequence_id, _ in sequences):
+                self.calls.append("part")
+                time.sleep(0.02)  # 20 decode steps' worth
+            return super().prefill(sequences)
+
+        def decode(self, last_tokens):
+            self.calls.append("decode")
+            time.sleep(0.001)
+            return super().decode(last_tokens)
+
+    victim_id = 1
+
+    def decode_steps_between_parts(ratio: float | None) -> list[int]:
+        runner = SlowParts()
+        batcher = ContinuousBatcher(
+            runner,
+            max_batch_size=2,
+            prefill_chunk_tokens=8,
+            max_num_batched_tokens=8,
+            prefill_time_ratio=ratio,
+        )
+
+        try:
+            # The long prompt is served: "b" is 1, then 2.
+            assert _serve_beside_a_stream(batcher, runner, "b" * 48, stream_tokens=5000) == [2]
+        finally:
+            batcher.close()
+        parts = [index for index, call in enumerate(runner.calls) if call == "part"]
+        assert len(parts) == 6  # 48 tokens in parts of 8
+        return [later - earlier - 1 for earlier, later in itertools.pairwise(parts)]
+
+    assert decode_steps_between_parts(None) == [1] * 5
+    # 20 ms of part against about 1 ms of decoding a step: many decode-only steps between (fewer
+    # than 20 only where a loaded machine stretches the decode steps' sleeps).
+    assert min(decode_steps_between_parts(1.0)) >= 5
+
+
+def test_tokenizer_threads_run_nicer_than_the_decode_loop():
+    """Prompts are tokenized at a lower CPU priority than the process (Linux): a long prompt's
+    tokenizing then never takes a core from the decode loop's compute threads."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("threads have a niceness of their own on Linux")
+
+    class PriorityRecorder(CountingRunner):
+        def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
+            self.niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            return super().tokenize(text, parse_special)
+
+    runner = PriorityRecorder()
+    batcher = ContinuousBatcher(runner, max_batch_size=1)
+    try:
+        ids = asyncio.run(batcher.tokenize("abc"))
+    finally:
+        batcher.close()
+    assert list(ids.token_ids) == [0, 1, 2]
+    process = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert runner.niceness == min(process + TOKENIZER_NICENESS, 19)
 
 
 def _reference_stop_matcher(stops):
