@@ -512,5 +512,5 @@ def _lower_tokenizer_priority() -> None:
     try:
         niceness = os.getpriority(os.PRIO_PROCESS, thread)
         os.setpriority(os.PRIO_PROCESS, thread, min(niceness + TOKENIZER_NICENESS, 19))
-    except OSError:  # a sandbox that forbids it: tokenize at the process's priority
+    except OSError:  # a container that forbids it: tokenize at the process's priority
         pass
