@@ -19,7 +19,8 @@ class BatchedEngine(Engine):
     """
 
     # The batcher cuts every prompt at multiples of this many tokens (a step's part is one chunk
-    # or several in a row; the first waiting prompt gets at least one a step): each engine's
+    # or several in a row; the first waiting prompt gets at least one in each step that feeds
+    # parts, every step unless prefill_time_ratio holds them back): each engine's
     # measured choice.
     CHUNK_TOKENS = 32
 

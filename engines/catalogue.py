@@ -59,8 +59,8 @@ LIBRARY_DTYPE = EngineOption(
 MAX_NUM_BATCHED_TOKENS = _whole(
     "max_num_batched_tokens",
     "tokens one step computes: the decoding requests' first, then prompt parts (in chunks of "
-    "32) take the rest; bounds how long a long prompt delays the others' next token "
-    "(default 128)",
+    "8 on Transformers, 32 on llama.cpp) take the rest; bounds how long a long prompt delays the "
+    "others' next token (default 128)",
     1,
     MAX_CONTEXT_TOKENS,
 )

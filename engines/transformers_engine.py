@@ -74,9 +74,9 @@ class TransformersEngine(BatchedEngine):
     """A transformers causal LM behind the continuous batcher."""
 
     # Deep in a long prompt a part's attention costs more than a decode step however small the
-    # part, and the first chunk of the waiting prompt goes in every step: smaller chunks keep
-    # the streams beside it quicker (the tiny model, 12,000 tokens in: 8 tokens 6 ms, 32 tokens
-    # 11 ms, a decode step 1.5 ms; docs/engines.md, "The step budget").
+    # part, and the first chunk of the waiting prompt goes in every step that feeds parts:
+    # smaller chunks keep the streams beside it quicker (the tiny model, 12,000 tokens in: 8
+    # tokens 6 ms, 32 tokens 11 ms, a decode step 1.5 ms; docs/engines.md, "The step budget").
     CHUNK_TOKENS = 8
 
     @classmethod
