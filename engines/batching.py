@@ -52,9 +52,13 @@ from llmgrpc.engines.text import IncrementalDetokenizer, StopStringMatcher
 log = logging.getLogger(__name__)
 
 
-# How much nicer than the decode loop the tokenizer threads run (docs/engines.md, "The step
-# budget": a 12,288-token prompt's tokenizing once slowed a stream's steps beside it 5- to 15-fold).
+# How much nicer than the decode loop long texts are tokenized (docs/engines.md, "The step budget":
+# a 12,288-token prompt's tokenizing once slowed a stream's steps beside it 5- to 15-fold).
 TOKENIZER_NICENESS = 10
+# Texts of at least this many characters are long (about 6 ms to tokenize on one core). Shorter
+# ones keep the process's priority: a nicer thread can wait hundreds of milliseconds for a core
+# while the decode loop's threads keep both busy, and a short request's first token waits on it.
+LONG_TEXT_CHARACTERS = 16_384
 
 # What a caller's queue receives: a chunk, or the error that ends its stream.
 _Output = tuple[asyncio.Queue, "Chunk | BaseException"]
@@ -131,7 +135,10 @@ class ContinuousBatcher:
         # Output of the current step, per caller's event loop (batcher thread only; see _send).
         self._outgoing: dict[asyncio.AbstractEventLoop, list[_Output]] = {}
         self._tokenizers = concurrent.futures.ThreadPoolExecutor(
-            self.TOKENIZER_THREADS, thread_name_prefix="tokenize", initializer=_lower_tokenizer_priority
+            self.TOKENIZER_THREADS, thread_name_prefix="tokenize"
+        )
+        self._long_text_tokenizers = concurrent.futures.ThreadPoolExecutor(
+            self.TOKENIZER_THREADS, thread_name_prefix="tokenize-long", initializer=_lower_tokenizer_priority
         )
         # Builds nothing until a request asks for a format.
         self._grammars = GrammarCompiler(runner.grammar_tokenizer, runner.vocab_size)
@@ -160,7 +167,7 @@ class ContinuousBatcher:
             raise Unavailable("the engine is shutting down")
         # Tokenizing costs time in proportion to the prompt (seconds for megabytes): it runs
         # here, before the sequence is queued, so no decoding stream ever waits for it.
-        await loop.run_in_executor(self._tokenizers, self._prepare, sequence)
+        await loop.run_in_executor(self._tokenizers_for(_text_characters(request)), self._prepare, sequence)
         with self._lock:
             if self._closed:
                 raise Unavailable("the engine is shutting down")
@@ -184,6 +191,10 @@ class ContinuousBatcher:
                     self._aborted.add(sequence.id)
                     self._wake.notify()
 
+    def _tokenizers_for(self, characters: int) -> concurrent.futures.ThreadPoolExecutor:
+        """The pool that tokenizes a text of this many characters: the nicer one for long texts."""
+        return self._long_text_tokenizers if characters >= LONG_TEXT_CHARACTERS else self._tokenizers
+
     async def tokenize(self, text: str, parse_special: bool = False) -> Tokens:
         """text's tokens as a prompt's, in the tokenizer pool (a huge text occupies one thread)."""
         runner = self.runner
@@ -192,12 +203,14 @@ class ContinuousBatcher:
             ids = runner.tokenize(text, parse_special)
             return Tokens(ids, [runner.token_text(token) for token in ids])
 
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, tokenize)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizers_for(len(text)), tokenize)
 
     async def detokenize(self, token_ids: list[int]) -> str:
         self._check_vocabulary("token_ids", token_ids)
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenizers, self.runner.detokenize, token_ids
+            self._tokenizers_for(len(token_ids) * 4),  # about 4 characters a token
+            self.runner.detokenize,
+            token_ids,
         )
 
     def _check_vocabulary(self, field_name: str, token_ids) -> None:
@@ -217,6 +230,7 @@ class ContinuousBatcher:
             self._wake.notify()
         self._thread.join(timeout=30)
         self._tokenizers.shutdown(wait=False)
+        self._long_text_tokenizers.shutdown(wait=False)
 
     def _prepare(self, sequence: _Sequence) -> None:
         """Tokenize and check a new request (raising if it is invalid) and set up its state."""
@@ -500,6 +514,15 @@ class ContinuousBatcher:
 def _put_each(items: list[_Output]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _text_characters(request: GenerationRequest) -> int:
+    """The characters a request's prompt has to tokenize (none for token ids)."""
+    if request.prompt_token_ids is not None:
+        return 0
+    if request.chat is not None:
+        return sum(len(message.content) for message in request.chat.messages)
+    return len(request.prompt or "")
 
 
 def _lower_tokenizer_priority() -> None:

@@ -28,7 +28,7 @@ from status_details import bad_request, reason
 
 from llmgrpc.clients import Client
 from llmgrpc.engines.base import FinishReason, GenerationRequest, SamplingParams
-from llmgrpc.engines.batching import TOKENIZER_NICENESS, ContinuousBatcher
+from llmgrpc.engines.batching import LONG_TEXT_CHARACTERS, TOKENIZER_NICENESS, ContinuousBatcher
 from llmgrpc.engines.text import StopStringMatcher
 
 TESTS = Path(__file__).parent
@@ -332,26 +332,29 @@ def test_beside_decoding_sequences_prompt_parts_are_paced_to_the_time_ratio():
     assert min(decode_steps_between_parts(1.0)) >= 5
 
 
-def test_tokenizer_threads_run_nicer_than_the_decode_loop():
-    """Prompts are tokenized at a lower CPU priority than the process (Linux): a long prompt's
-    tokenizing then never takes a core from the decode loop's compute threads."""
+def test_long_texts_are_tokenized_nicer_than_the_decode_loop_and_short_ones_are_not():
+    """Long prompts are tokenized at a lower CPU priority than the process (Linux): their
+    tokenizing then never takes a core from the decode loop's compute threads. Short ones keep
+    the process's priority: a nicer thread may wait long for a core beside busy decoding."""
     if not sys.platform.startswith("linux"):
         pytest.skip("threads have a niceness of their own on Linux")
 
     class PriorityRecorder(CountingRunner):
         def tokenize(self, text: str, parse_special: bool = False) -> list[int]:
-            self.niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            self.niceness[len(text)] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
             return super().tokenize(text, parse_special)
 
     runner = PriorityRecorder()
+    runner.niceness = {}
     batcher = ContinuousBatcher(runner, max_batch_size=1)
     try:
         ids = asyncio.run(batcher.tokenize("abc"))
+        asyncio.run(batcher.tokenize("a" * LONG_TEXT_CHARACTERS))
     finally:
         batcher.close()
     assert list(ids.token_ids) == [0, 1, 2]
     process = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert runner.niceness == min(process + TOKENIZER_NICENESS, 19)
+    assert runner.niceness == {3: process, LONG_TEXT_CHARACTERS: min(process + TOKENIZER_NICENESS, 19)}
 
 
 def _reference_stop_matcher(stops):
